@@ -1,0 +1,55 @@
+"""Florence-2 BART decoder with the Gemma vocabulary (SPEC §5), for the florenz-0.4b / -1.0b presets.
+
+Post-LN layers: causal self-attention, cross-attention to the encoder, exact-GELU MLP; learned positions with
+offset 2, `layernorm_embedding`, no embedding scaling. The lm_head is tied to `embed_tokens` and the final
+logit softcap of 30 is applied by the composition (florenz.py), as for the Gemma presets.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import DecoderConfig
+from .encoder import BartAttention, LearnedPositions
+from .modules import Layout
+
+
+class BartDecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        d, eps = cfg.hidden, cfg.layer_norm_eps
+        self.dropout = cfg.dropout
+        self.self_attn = BartAttention(d, cfg.heads, dropout=cfg.dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(d, eps=eps)
+        self.encoder_attn = BartAttention(d, cfg.heads, d_kv=cfg.encoder_width, dropout=cfg.dropout)
+        self.encoder_attn_layer_norm = nn.LayerNorm(d, eps=eps)
+        self.fc1 = nn.Linear(d, cfg.ffn)
+        self.fc2 = nn.Linear(cfg.ffn, d)
+        self.final_layer_norm = nn.LayerNorm(d, eps=eps)
+
+    def forward(self, x, layout: Layout, enc_BSd, enc_layout: Layout):
+        drop = lambda t: F.dropout(t, self.dropout, self.training)  # noqa: E731
+        x = self.self_attn_layer_norm(x + drop(self.self_attn(x, layout, causal=True)))
+        x = self.encoder_attn_layer_norm(x + drop(self.encoder_attn(x, layout, enc_BSd, enc_layout)))
+        h = drop(self.fc2(drop(F.gelu(self.fc1(x)))))
+        return self.final_layer_norm(x + h)
+
+
+class BartDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.embed_positions = LearnedPositions(cfg.max_positions, cfg.hidden)
+        self.layernorm_embedding = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(BartDecoderLayer(cfg) for _ in range(cfg.layers))
+
+    def forward(self, ids_BL: torch.Tensor, layout: Layout, enc_BSd: torch.Tensor, enc_layout: Layout):
+        x = self.embed_tokens(ids_BL)
+        x = x + self.embed_positions(layout.positions(ids_BL.shape[1], ids_BL.device)).to(x.dtype)
+        x = F.dropout(self.layernorm_embedding(x), self.cfg.dropout, self.training)
+        for layer in self.layers:
+            x = layer(x, layout, enc_BSd, enc_layout)
+        return x

@@ -1,0 +1,90 @@
+"""Florence-2 multimodal BART encoder (SPEC §3) and the BART attention shared with the BART decoder.
+
+Input is [image tokens ; prompt token embeddings]; learned positions (offset 2) run over the whole
+concatenation; `layernorm_embedding`; post-LN layers with exact GELU; no embedding scaling.
+
+Shape legend: B batch, L sequence length (image tokens + prompt), d width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import EncoderConfig
+from .modules import Layout, attend
+
+
+class BartAttention(nn.Module):
+    """Multi-head attention with biases (q, k, v, out_proj); self- or cross-attention."""
+
+    def __init__(self, d: int, heads: int, d_kv: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.scale = (d // heads) ** -0.5
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d_kv or d, d)
+        self.v_proj = nn.Linear(d_kv or d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x_BLd, layout: Layout, kv_BSd=None, kv_layout: Layout | None = None, causal=False):
+        kv = x_BLd if kv_BSd is None else kv_BSd
+        out = attend(
+            self.q_proj(x_BLd), self.k_proj(kv), self.v_proj(kv), heads=self.heads, kv_heads=self.heads,
+            q_layout=layout, k_layout=kv_layout or layout, scale=self.scale, causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out_proj(out)
+
+
+class LearnedPositions(nn.Embedding):
+    """BART's learned positions: row p + 2 holds position p."""
+
+    OFFSET = 2
+
+    def __init__(self, max_positions: int, d: int):
+        super().__init__(max_positions + self.OFFSET, d)
+
+    def forward(self, positions_BL):  # type: ignore[override]
+        if int(positions_BL.max()) + self.OFFSET >= self.num_embeddings:
+            raise ValueError(f"sequence of {int(positions_BL.max()) + 1} positions exceeds the "
+                             f"{self.num_embeddings - self.OFFSET} learned positions")
+        return super().forward(positions_BL + self.OFFSET)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.dropout = cfg.dropout
+        self.self_attn = BartAttention(cfg.d_model, cfg.heads, dropout=cfg.dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.fc1 = nn.Linear(cfg.d_model, cfg.ffn)
+        self.fc2 = nn.Linear(cfg.ffn, cfg.d_model)
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+
+    def forward(self, x, layout: Layout):
+        h = F.dropout(self.self_attn(x, layout), self.dropout, self.training)
+        x = self.self_attn_layer_norm(x + h)
+        h = F.dropout(F.gelu(self.fc1(x)), self.dropout, self.training)  # activation dropout
+        h = F.dropout(self.fc2(h), self.dropout, self.training)
+        return self.final_layer_norm(x + h)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_positions = LearnedPositions(cfg.max_positions, cfg.d_model)
+        self.layernorm_embedding = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
+
+    def forward(self, inputs_BLd: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Run the encoder over already-embedded tokens (image tokens + prompt embeddings)."""
+        pos = layout.positions(inputs_BLd.shape[1], inputs_BLd.device)
+        x = self.layernorm_embedding(inputs_BLd + self.embed_positions(pos).to(inputs_BLd.dtype))
+        x = F.dropout(x, self.cfg.dropout, self.training)
+        for layer in self.layers:
+            x = layer(x, layout)
+        return x

@@ -1,0 +1,169 @@
+"""The Florenz model: DaViT -> image tokens -> BART encoder -> Gemma-2 (gated cross-attention) or BART decoder.
+
+    model = Florenz(get_config("tiny"))
+    out = model(pixel_values, input_ids, decoder_input_ids, attention_mask=..., labels=...)
+    out.logits  # (B, L, V), softcapped: 30 * tanh(z / 30)
+
+Padded batches pass masks (True = real token). Packed batches pass `prompt_cu_seqlens` / `decoder_cu_seqlens`
+with input_ids (1, T) and decoder_input_ids (1, T'), one image per segment; each packed decoder segment then
+cross-attends only to its own [image tokens ; prompt] encoder segment.
+
+Shape legend: B batch, N image tokens, P prompt length, S = N + P encoder length, L decoder length, d width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .bart_decoder import BartDecoder
+from .config import FlorenzConfig
+from .encoder import Encoder
+from .gemma_decoder import GemmaDecoder
+from .modules import Layout
+from .vision import DaViT, ImageTokenProjector, check_pixels
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class FlorenzOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    encoder_states: torch.Tensor | None = None
+
+
+class Florenz(nn.Module):
+    def __init__(self, cfg: FlorenzConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.vision_tower = DaViT(cfg.vision)
+        self.projector = ImageTokenProjector(cfg)
+        self.encoder = Encoder(cfg.encoder)
+        self.decoder = GemmaDecoder(cfg.decoder) if cfg.decoder.kind == "gemma2" else BartDecoder(cfg.decoder)
+
+    # ---- parts ----------------------------------------------------------------------------------------
+    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, N, d) encoder image tokens."""
+        check_pixels(pixel_values, self.cfg)
+        return self.projector(self.vision_tower(pixel_values))
+
+    def encode(self, pixel_values, input_ids, attention_mask=None, prompt_cu_seqlens=None):
+        """Encoder states and their layout. Padded: (B, S, d); packed: (1, sum S_i, d)."""
+        _check_ids("input_ids", input_ids, self.cfg.encoder.vocab_size)
+        img_BNd = self.image_tokens(pixel_values)
+        txt = self.encoder.embed_tokens(input_ids).to(img_BNd.dtype)
+        if prompt_cu_seqlens is None:
+            if img_BNd.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"{img_BNd.shape[0]} images but {input_ids.shape[0]} prompts")
+            x = torch.cat([img_BNd, txt], dim=1)
+            mask = None
+            if attention_mask is not None:
+                _check_mask("attention_mask", attention_mask, input_ids)
+                img_mask = torch.ones(img_BNd.shape[:2], dtype=torch.bool, device=x.device)
+                mask = torch.cat([img_mask, attention_mask.bool()], dim=1)  # image tokens are never masked
+            layout = Layout(mask=mask)
+        else:
+            bounds = prompt_cu_seqlens.tolist()
+            if len(bounds) - 1 != img_BNd.shape[0]:
+                raise ValueError(f"{img_BNd.shape[0]} images but {len(bounds) - 1} packed prompts")
+            pieces = []
+            for i in range(len(bounds) - 1):
+                pieces += [img_BNd[i], txt[0, bounds[i]:bounds[i + 1]]]
+            x = torch.cat(pieces)[None]
+            lengths = [img_BNd.shape[1] + bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
+            layout = Layout.from_lengths(lengths, device=x.device)
+        return self.encoder(x, layout), layout
+
+    def decode(self, decoder_input_ids, enc_states, enc_layout: Layout, decoder_attention_mask=None,
+               decoder_cu_seqlens=None) -> torch.Tensor:
+        """Final decoder hidden states (B, L, d) (before the tied lm_head)."""
+        _check_ids("decoder_input_ids", decoder_input_ids, self.cfg.decoder.vocab_size)
+        if decoder_cu_seqlens is not None:
+            lengths = (decoder_cu_seqlens[1:] - decoder_cu_seqlens[:-1]).tolist()
+            layout = Layout(cu_seqlens=decoder_cu_seqlens.to(torch.int32), max_seqlen=max(lengths))
+        else:
+            if decoder_attention_mask is not None:
+                _check_mask("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
+            layout = Layout(mask=None if decoder_attention_mask is None else decoder_attention_mask.bool())
+        return self.decoder(decoder_input_ids, layout, enc_states, enc_layout)
+
+    def logits(self, hidden_BLd: torch.Tensor) -> torch.Tensor:
+        """Tied lm_head + final logit softcap."""
+        return ops.softcap(F.linear(hidden_BLd, self.decoder.embed_tokens.weight), self.cfg.decoder.final_softcap)
+
+    # ---- the whole model ------------------------------------------------------------------------------
+    def forward(self, pixel_values, input_ids, decoder_input_ids, *, attention_mask=None,
+                decoder_attention_mask=None, prompt_cu_seqlens=None, decoder_cu_seqlens=None,
+                labels=None) -> FlorenzOutput:
+        if (prompt_cu_seqlens is None) != (decoder_cu_seqlens is None):
+            raise ValueError("packed input needs both prompt_cu_seqlens and decoder_cu_seqlens")
+        enc, enc_layout = self.encode(pixel_values, input_ids, attention_mask, prompt_cu_seqlens)
+        hidden = self.decode(decoder_input_ids, enc, enc_layout, decoder_attention_mask, decoder_cu_seqlens)
+        logits = self.logits(hidden)
+        loss = None
+        if labels is not None:
+            if labels.shape != decoder_input_ids.shape:
+                raise ValueError(f"labels {tuple(labels.shape)} and decoder_input_ids "
+                                 f"{tuple(decoder_input_ids.shape)} differ in shape")
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return FlorenzOutput(logits=logits, loss=loss, encoder_states=enc)
+
+
+def _check_ids(name: str, ids: torch.Tensor, vocab: int) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{name} must be an integer tensor (B, L), got {shape}")
+    if ids.shape[1] == 0:
+        raise ValueError(f"{name} is empty (length 0): every sequence needs at least one token")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"{name} has ids outside [0, {vocab}): min {int(ids.min())}, max {int(ids.max())}")
+
+
+def _check_mask(name: str, mask: torch.Tensor, ids: torch.Tensor) -> None:
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(ids.shape)}")
+
+
+# ---- what trains (SPEC §7) -------------------------------------------------------------------------
+
+_GEMMA_TRAINABLE = ("encoder_attn", "encoder_attn_gate", "post_encoder_attention_layernorm", "embed_tokens")
+
+
+def is_trainable(name: str, decoder_kind: str) -> bool:
+    """SPEC §7, for continued pre-training and fine-tuning alike (the rule is the same).
+
+    Frozen everywhere: the vision tower and the image-token pipeline. Trained: the encoder. Decoder: everything
+    for the BART presets; for the Gemma presets only the cross-attention, its gate and norm, and embed_tokens
+    (with the tied lm_head).
+    """
+    if name.startswith(("vision_tower.", "projector.")):
+        return False
+    if name.startswith("encoder."):
+        return True
+    if decoder_kind == "bart":
+        return True
+    return any(part in _GEMMA_TRAINABLE for part in name.split("."))
+
+
+def apply_trainable_policy(model: Florenz) -> dict[str, int]:
+    """Set requires_grad per SPEC §7; returns {'trainable': n, 'frozen': n} parameter counts."""
+    counts = {"trainable": 0, "frozen": 0}
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_trainable(name, model.cfg.decoder.kind))
+        counts["trainable" if p.requires_grad else "frozen"] += p.numel()
+    return counts
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (a tensor shared by two names counts once)."""
+    seen, total = set(), 0
+    for p in model.parameters():  # .parameters() already de-duplicates shared Parameters
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

@@ -1,0 +1,213 @@
+"""One functional API for every attention call in the engine, with pluggable backends.
+
+Shape legend: B batch, H query heads, Hk key/value heads, L query length, S key length, D head dim,
+T total packed query tokens, Tk total packed key tokens, N number of packed segments.
+
+    attention(q, k, v, *, scale, softcap=0.0, causal=False, window=None,
+              key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
+              max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0, backend=None) -> out
+
+Layouts
+  padded: q (B, H, L, D), k and v (B, Hk, S, D), out (B, H, L, D). `key_padding_mask` (B, S) bool, True = a
+          real key. Query rows belonging to padding are computed like any other row and are the caller's to
+          ignore; a row with no visible key returns zeros (never NaN).
+  packed: q (T, H, D), k and v (Tk, Hk, D), out (T, H, D); `cu_seqlens_q` (N+1,) and `cu_seqlens_k` (N+1,)
+          int32 cumulative lengths (first 0, last T / Tk). Query segment i attends only to key segment i
+          (block-diagonal), which is what packed self-attention and packed cross-attention both need.
+          Self-attention passes the same cu_seqlens for both. max_seqlen_* are hints for kernels.
+
+Semantics (the reference backend `torch` is the definition)
+  scores = (q @ k^T) * scale; with softcap c > 0: scores = c * tanh(scores / c); masks; softmax in fp32,
+  cast back to q's dtype; out = probs @ v. GQA: query head h reads key/value head h // (H // Hk).
+  causal: bottom-right aligned. Query i of a segment with L queries and S keys sits at key position
+          p(i) = i + S - L and sees keys j <= p(i) (for S == L: the usual j <= i; for one decode query:
+          all S keys).
+  window W (requires causal): additionally p(i) - j < W, i.e. the query itself and the W - 1 keys before it,
+          W keys at most. This is the convention of transformers' Gemma-2 (`kv_idx > q_idx - W`).
+          window=None or 0 means no window.
+
+Backends: `torch` (reference, always present). Later issues register triton / cuda / flash-attn / flex
+backends with `register_backend`; choose one per call (`backend=`), with `set_backend`, or with the
+FLORENZ_ATTN_BACKEND environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+AttentionFn = Callable[..., torch.Tensor]
+_BACKENDS: dict[str, AttentionFn] = {}
+_default_backend: str | None = None
+
+
+def register_backend(name: str, fn: AttentionFn) -> None:
+    _BACKENDS[name] = fn
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def set_backend(name: str | None) -> None:
+    """Set the process-wide default backend (None: back to FLORENZ_ATTN_BACKEND or `torch`)."""
+    global _default_backend
+    if name is not None and name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {available_backends()}")
+    _default_backend = name
+
+
+def get_backend() -> str:
+    name = _default_backend or os.environ.get("FLORENZ_ATTN_BACKEND") or "torch"
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r} (FLORENZ_ATTN_BACKEND?); "
+                         f"available: {available_backends()}")
+    return name
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    softcap: float = 0.0,
+    causal: bool = False,
+    window: int | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Softcapped, optionally causal / windowed, GQA attention over padded or packed batches (see module doc)."""
+    _check_inputs(q, k, v, causal, window, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
+    fn = _BACKENDS[backend or get_backend()]
+    return fn(
+        q, k, v, scale=scale, softcap=softcap, causal=causal, window=window or None,
+        key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
+    )
+
+
+def _check_inputs(q, k, v, causal, window, key_padding_mask, cu_q, cu_k) -> None:
+    packed = cu_q is not None or cu_k is not None
+    if packed and (cu_q is None or cu_k is None):
+        raise ValueError("packed attention needs both cu_seqlens_q and cu_seqlens_k")
+    want = 3 if packed else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != want:
+            layout = "(T, H, D)" if packed else "(B, H, L, D)"
+            raise ValueError(f"attention: {name} must be {layout} for this layout, got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    hq, hk = q.shape[1], k.shape[1]  # heads sit in dim 1 in both layouts
+    if hq % hk:
+        raise ValueError(f"attention: {hq} query heads are not a multiple of {hk} key/value heads")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention: head dims differ, q {q.shape[-1]} vs k {k.shape[-1]}")
+    if window and not causal:
+        raise ValueError("attention: a sliding window is only defined for causal attention")
+    if packed:
+        if key_padding_mask is not None:
+            raise ValueError("attention: key_padding_mask is for the padded layout; packed input uses cu_seqlens")
+        if cu_q.numel() != cu_k.numel():
+            raise ValueError(f"attention: cu_seqlens_q has {cu_q.numel()} entries, cu_seqlens_k {cu_k.numel()}")
+        if int(cu_q[-1]) != q.shape[0] or int(cu_k[-1]) != k.shape[0]:
+            raise ValueError(f"attention: cu_seqlens end at {int(cu_q[-1])}/{int(cu_k[-1])} but q has "
+                             f"{q.shape[0]} and k has {k.shape[0]} tokens")
+    else:
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"attention: batch sizes differ, q {q.shape[0]} vs k {k.shape[0]}")
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):
+            raise ValueError(f"attention: key_padding_mask must be (B, S) = {(k.shape[0], k.shape[2])}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+
+
+def visibility_mask(L: int, S: int, *, causal: bool, window: int | None, device=None) -> torch.Tensor | None:
+    """(L, S) bool, True where query i may see key j under the causal/window convention above; None = all."""
+    if not causal:
+        return None
+    pos_q = torch.arange(L, device=device)[:, None] + (S - L)
+    pos_k = torch.arange(S, device=device)[None, :]
+    visible = pos_k <= pos_q
+    if window:
+        visible &= (pos_q - pos_k) < window
+    return visible
+
+
+def _attention_dense(q_BHLD, k_BHSD, v_BHSD, *, scale, softcap, visible_BLS, dropout_p):
+    """The reference math on one padded block; `visible_BLS` broadcastable to (B, H, L, S) or None."""
+    groups = q_BHLD.shape[1] // k_BHSD.shape[1]
+    if groups > 1:  # GQA: query head h uses kv head h // groups (repeat_interleave keeps that order)
+        k_BHSD = k_BHSD.repeat_interleave(groups, dim=1)
+        v_BHSD = v_BHSD.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q_BHLD, k_BHSD.transpose(-1, -2)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if visible_BLS is not None:
+        scores = scores.masked_fill(~visible_BLS, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if visible_BLS is not None:  # rows that see nothing: softmax gave NaN; define them as zeros
+        probs = probs.masked_fill(~visible_BLS.any(-1, keepdim=True), 0.0)
+    probs = probs.to(q_BHLD.dtype)
+    if dropout_p:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, v_BHSD)
+
+
+def _attention_torch(q, k, v, *, scale, softcap, causal, window, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                     max_seqlen_q, max_seqlen_k, dropout_p):
+    if cu_seqlens_q is None:
+        L, S = q.shape[2], k.shape[2]
+        visible = visibility_mask(L, S, causal=causal, window=window, device=q.device)
+        if key_padding_mask is not None:
+            pad = key_padding_mask[:, None, None, :].bool()
+            visible = pad if visible is None else (visible[None, None] & pad)
+        return _attention_dense(q, k, v, scale=scale, softcap=softcap, visible_BLS=visible, dropout_p=dropout_p)
+    # packed: one segment at a time (the reference favours obviousness over speed)
+    out = torch.empty_like(q)
+    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(bq) - 1):
+        qs, ks = slice(bq[i], bq[i + 1]), slice(bk[i], bk[i + 1])
+        L, S = qs.stop - qs.start, ks.stop - ks.start
+        if L == 0:
+            continue
+        if S == 0:
+            out[qs] = 0
+            continue
+        visible = visibility_mask(L, S, causal=causal, window=window, device=q.device)
+        seg = _attention_dense(
+            q[qs].transpose(0, 1)[None], k[ks].transpose(0, 1)[None], v[ks].transpose(0, 1)[None],
+            scale=scale, softcap=softcap, visible_BLS=visible, dropout_p=dropout_p,
+        )
+        out[qs] = seg[0].transpose(0, 1)
+    return out
+
+
+register_backend("torch", _attention_torch)
+
+
+# ---- helpers shared by the model ----------------------------------------------------------------
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """c * tanh(x / c); identity for cap == 0."""
+    return torch.tanh(x / cap) * cap if cap else x
+
+
+def cu_seqlens_from_lengths(lengths: list[int] | torch.Tensor, device=None) -> torch.Tensor:
+    lengths = torch.as_tensor(lengths, dtype=torch.int32, device=device)
+    return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Position of each packed token inside its own segment: [0..len0-1, 0..len1-1, ...]."""
+    total = int(cu_seqlens[-1])
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
+    return torch.arange(total, device=cu_seqlens.device) - starts
