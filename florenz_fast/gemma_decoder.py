@@ -38,7 +38,9 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        # built on the CPU explicitly: this buffer is in no checkpoint, so it must be real even on a meta model
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        inv_freq = 1.0 / (theta ** exponent)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def cos_sin(self, positions_BL: torch.Tensor, dtype: torch.dtype):
