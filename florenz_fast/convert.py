@@ -160,10 +160,10 @@ def export_state_dict(model: Florenz, layout: str = "released") -> dict[str, tor
     out = {}
     for key, t in model.state_dict().items():
         out[external_name(key, layout)] = t.t() if _needs_transpose(key, layout) else t
-    if layout in ("released", "microsoft"):
-        out["language_model.lm_head.weight"] = model.decoder.embed_tokens.weight
-    elif layout == "native":
-        out["lm_head.weight"] = model.decoder.embed_tokens.weight
+    head = {"released": "language_model.lm_head.weight", "microsoft": "language_model.lm_head.weight",
+            "native": "lm_head.weight"}.get(layout)
+    if head is not None:
+        out[head] = out[external_name("decoder.embed_tokens.weight", layout)]
     return out
 
 
