@@ -261,7 +261,7 @@ def save_pretrained(model: Florenz, out_dir, *, max_shard_bytes: int = 5 * 2**30
     """config.json + safetensors (sharded above max_shard_bytes), written atomically."""
     out_dir = Path(out_dir)
     save_state_dict(model.state_dict(), out_dir, max_shard_bytes=max_shard_bytes,
-                    metadata={"format": "florenz-fast", "preset": model.cfg.name})
+                    metadata={"writer": "florenz-fast", "preset": model.cfg.name})
     tmp = out_dir / (CONFIG_NAME + ".tmp")
     tmp.write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
     tmp.replace(out_dir / CONFIG_NAME)
