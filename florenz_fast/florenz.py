@@ -45,6 +45,9 @@ class Florenz(nn.Module):
         self.projector = ImageTokenProjector(cfg)
         self.encoder = Encoder(cfg.encoder)
         self.decoder = GemmaDecoder(cfg.decoder) if cfg.decoder.kind == "gemma2" else BartDecoder(cfg.decoder)
+        if not self.decoder.embed_tokens.weight.is_meta:
+            self.apply(_init_weights)
+
 
     # ---- parts ----------------------------------------------------------------------------------------
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -112,6 +115,21 @@ class Florenz(nn.Module):
                                  f"{tuple(decoder_input_ids.shape)} differ in shape")
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         return FlorenzOutput(logits=logits, loss=loss, encoder_states=enc)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """From-scratch initialisation: normal(0, 0.02) matrices and tables, zero biases, unit LayerNorms.
+
+    Gemma RMSNorm weights and the cross-attention gates keep their zeros (from the module constructors);
+    real runs start from `prepare`d pretrained weights, this is for tests and tiny experiments.
+    """
+    if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 def _check_ids(name: str, ids: torch.Tensor, vocab: int) -> None:

@@ -49,7 +49,7 @@ class Rotary(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     @staticmethod
-    def apply(q, k, cos, sin):
+    def rotate(q, k, cos, sin):
         def rot(x):
             x1, x2 = x.chunk(2, dim=-1)
             return torch.cat([-x2, x1], dim=-1)
@@ -127,7 +127,7 @@ class GemmaDecoder(nn.Module):
         # sqrt(hidden) rounded to the activation dtype first, as Gemma-2 does (matters in bf16)
         x = x * torch.tensor(self.cfg.hidden ** 0.5, dtype=x.dtype)
         cos, sin = self.rotary.cos_sin(layout.positions(ids_BL.shape[1], ids_BL.device), x.dtype)
-        rope = lambda q, k: Rotary.apply(q, k, cos, sin)  # noqa: E731
+        rope = lambda q, k: Rotary.rotate(q, k, cos, sin)  # noqa: E731
         for layer in self.layers:
             x = layer(x, layout, enc_BSd, enc_layout, rope)
         return self.norm(x)
