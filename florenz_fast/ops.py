@@ -87,7 +87,10 @@ def attention(
 ) -> torch.Tensor:
     """Softcapped, optionally causal / windowed, GQA attention over padded or packed batches (see module doc)."""
     _check_inputs(q, k, v, causal, window, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
-    fn = _BACKENDS[backend or get_backend()]
+    name = backend or get_backend()
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {available_backends()}")
+    fn = _BACKENDS[name]
     return fn(
         q, k, v, scale=scale, softcap=softcap, causal=causal, window=window or None,
         key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
@@ -118,6 +121,9 @@ def _check_inputs(q, k, v, causal, window, key_padding_mask, cu_q, cu_k) -> None
             raise ValueError("attention: key_padding_mask is for the padded layout; packed input uses cu_seqlens")
         if cu_q.numel() != cu_k.numel():
             raise ValueError(f"attention: cu_seqlens_q has {cu_q.numel()} entries, cu_seqlens_k {cu_k.numel()}")
+        for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+            if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
+                raise ValueError(f"attention: {name} must start at 0 and never decrease, got {cu.tolist()}")
         if int(cu_q[-1]) != q.shape[0] or int(cu_k[-1]) != k.shape[0]:
             raise ValueError(f"attention: cu_seqlens end at {int(cu_q[-1])}/{int(cu_k[-1])} but q has "
                              f"{q.shape[0]} and k has {k.shape[0]} tokens")
@@ -152,7 +158,8 @@ def _attention_dense(q_BHLD, k_BHSD, v_BHSD, *, scale, softcap, visible_BLS, dro
         scores = torch.tanh(scores / softcap) * softcap
     if visible_BLS is not None:
         scores = scores.masked_fill(~visible_BLS, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    # at least fp32 (fp16/bf16 scores are upcast), and fp64 stays fp64 so the reference can be run exactly
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
     if visible_BLS is not None:  # rows that see nothing: softmax gave NaN; define them as zeros
         probs = probs.masked_fill(~visible_BLS.any(-1, keepdim=True), 0.0)
     probs = probs.to(q_BHLD.dtype)
