@@ -406,7 +406,7 @@ def test_load_into_state_dict_target(tmp_path: Path) -> None:
     assert target["b"].device.type == "cpu" and target["b"].dtype == torch.float32 and target["b"].tolist() == [3, 4, 5]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_save_and_load(tmp_path: Path) -> None:
     src, path = _saved_tiny(tmp_path)
     save_state_dict({k: v.cuda() for k, v in src.state_dict().items()}, tmp_path / "from_cuda")
