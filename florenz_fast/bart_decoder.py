@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DecoderConfig
-from .encoder import BartAttention, LearnedPositions
+from .encoder import BartAttention, BartStack
 from .modules import Layout
 
 
@@ -37,19 +37,14 @@ class BartDecoderLayer(nn.Module):
         return self.final_layer_norm(x + h)
 
 
-class BartDecoder(nn.Module):
+class BartDecoder(BartStack):
     def __init__(self, cfg: DecoderConfig):
-        super().__init__()
+        super().__init__(cfg.vocab_size, cfg.hidden, cfg.max_positions, cfg.layer_norm_eps, cfg.dropout)
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        self.embed_positions = LearnedPositions(cfg.max_positions, cfg.hidden)
-        self.layernorm_embedding = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(BartDecoderLayer(cfg) for _ in range(cfg.layers))
 
     def forward(self, ids_BL: torch.Tensor, layout: Layout, enc_BSd: torch.Tensor, enc_layout: Layout):
-        x = self.embed_tokens(ids_BL)
-        x = x + self.embed_positions(layout.positions(ids_BL.shape[1], ids_BL.device)).to(x.dtype)
-        x = F.dropout(self.layernorm_embedding(x), self.cfg.dropout, self.training)
+        x = self.add_positions(self.embed_tokens(ids_BL), layout)
         for layer in self.layers:
             x = layer(x, layout, enc_BSd, enc_layout)
         return x

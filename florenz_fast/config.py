@@ -194,19 +194,13 @@ def _bart_decoder(enc: dict) -> DecoderConfig:
 
 
 def _preset(name: str) -> FlorenzConfig:
-    if name == "florenz-0.4b":
+    if name in ("florenz-0.4b", "florenz-1.0b"):  # Florence-2 base / large with the BART decoder
+        davit, enc = (_DAVIT_BASE, _ENC_BASE) if name == "florenz-0.4b" else (_DAVIT_LARGE, _ENC_LARGE)
         return FlorenzConfig(
             name=name, image_size=768,
-            vision=VisionConfig(**_DAVIT_BASE, projection_dim=768),
-            encoder=EncoderConfig(**_ENC_BASE, vocab_size=_BART_ENC_VOCAB),
-            decoder=_bart_decoder(_ENC_BASE),
-        )
-    if name == "florenz-1.0b":
-        return FlorenzConfig(
-            name=name, image_size=768,
-            vision=VisionConfig(**_DAVIT_LARGE, projection_dim=1024),
-            encoder=EncoderConfig(**_ENC_LARGE, vocab_size=_BART_ENC_VOCAB),
-            decoder=_bart_decoder(_ENC_LARGE),
+            vision=VisionConfig(**davit, projection_dim=enc["d_model"]),
+            encoder=EncoderConfig(**enc, vocab_size=_BART_ENC_VOCAB),
+            decoder=_bart_decoder(enc),
         )
     if name in ("florenz-3.5b", "florenz-11.2b"):
         gemma = (

@@ -71,20 +71,31 @@ class EncoderLayer(nn.Module):
         return self.final_layer_norm(x + h)
 
 
-class Encoder(nn.Module):
-    def __init__(self, cfg: EncoderConfig):
+class BartStack(nn.Module):
+    """What the BART encoder and decoder share: token table, learned positions, `layernorm_embedding`."""
+
+    def __init__(self, vocab_size: int, d: int, max_positions: int, eps: float, dropout: float):
         super().__init__()
+        self.dropout = dropout
+        self.embed_tokens = nn.Embedding(vocab_size, d)
+        self.embed_positions = LearnedPositions(max_positions, d)
+        self.layernorm_embedding = nn.LayerNorm(d, eps=eps)
+
+    def add_positions(self, x_BLd: torch.Tensor, layout: Layout) -> torch.Tensor:
+        pos = layout.positions(x_BLd.shape[1], x_BLd.device)
+        x = self.layernorm_embedding(x_BLd + self.embed_positions(pos).to(x_BLd.dtype))
+        return F.dropout(x, self.dropout, self.training)
+
+
+class Encoder(BartStack):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__(cfg.vocab_size, cfg.d_model, cfg.max_positions, cfg.layer_norm_eps, cfg.dropout)
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.embed_positions = LearnedPositions(cfg.max_positions, cfg.d_model)
-        self.layernorm_embedding = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
 
     def forward(self, inputs_BLd: torch.Tensor, layout: Layout) -> torch.Tensor:
         """Run the encoder over already-embedded tokens (image tokens + prompt embeddings)."""
-        pos = layout.positions(inputs_BLd.shape[1], inputs_BLd.device)
-        x = self.layernorm_embedding(inputs_BLd + self.embed_positions(pos).to(inputs_BLd.dtype))
-        x = F.dropout(x, self.cfg.dropout, self.training)
+        x = self.add_positions(inputs_BLd, layout)
         for layer in self.layers:
             x = layer(x, layout)
         return x
