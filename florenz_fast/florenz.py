@@ -25,9 +25,8 @@ from .config import FlorenzConfig
 from .encoder import Encoder
 from .gemma_decoder import GemmaDecoder
 from .modules import Layout
+from .text import IGNORE_INDEX
 from .vision import DaViT, ImageTokenProjector, check_pixels
-
-IGNORE_INDEX = -100
 
 
 @dataclass
