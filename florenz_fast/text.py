@@ -227,3 +227,80 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_value: int) -> tuple[torch.Tens
 def pad_labels(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
     """Right-pad label lists with -100 to (B, L) int64."""
     return pad_batch(seqs, IGNORE_INDEX)[0]
+
+
+# ------------------------------------------------------------------- small tokenizers trained offline
+
+def _train_bpe(tok, texts: Sequence[str], specials: list[str], vocab_size: int, **trainer_kw) -> None:
+    from tokenizers import trainers
+
+    if vocab_size <= len(specials):
+        raise ValueError(f"vocab_size {vocab_size} leaves no room beyond the special tokens {specials}")
+    # BpeTrainer gives the special tokens ids 0..len-1 in list order, as the real vocabularies have them.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  **trainer_kw)
+    tok.train_from_iterator(list(texts), trainer=trainer)
+
+
+def _save_tokenizer(tok, directory: str | Path) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "tokenizer.json.tmp"
+    tok.save(str(tmp))
+    tmp.replace(directory / "tokenizer.json")  # never a half-written tokenizer.json
+    return directory
+
+
+def train_decoder_tokenizer(directory: str | Path, texts: Sequence[str], vocab_size: int = 512) -> TextTokenizer:
+    """Train a small Gemma-2-like tokenizer on `texts`, write `directory/tokenizer.json`, return it loaded.
+
+    SentencePiece-style BPE (spaces read as "▁", merges inside "▁word" pieces), special ids `<pad>`=0,
+    `<eos>`=1, `<bos>`=2, `<unk>`=3 as SPEC §6 requires, and byte fallback (`<0x00>`..`<0xFF>`, 256 of the
+    `vocab_size` ids) so any text round-trips, including characters never seen in `texts`. The vocabulary
+    holds at most `vocab_size` entries; training is deterministic for the same `texts`.
+    """
+    import json as _json
+
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+    specials = [tok for tok, _ in sorted(DECODER_SPECIALS.values(), key=lambda t: t[1])] + ["<unk>"]
+    trained = vocab_size - 256
+    if trained < len(specials) + 1:
+        raise ValueError(f"decoder vocab_size {vocab_size} is too small: 256 byte tokens + {len(specials)} specials")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    # Characters beyond the budget are left to byte fallback rather than crowding out every merge.
+    _train_bpe(tok, texts, specials, trained, limit_alphabet=max(1, trained - len(specials)))
+    spec = _json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):  # the trainer cannot add byte tokens itself; append them, then switch fallback on
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    spec["model"]["fuse_unk"] = True
+    tok = Tokenizer.from_str(_json.dumps(spec))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    if tok.get_vocab_size(with_added_tokens=True) > vocab_size:
+        raise ValueError(f"decoder tokenizer came out with {tok.get_vocab_size()} entries > {vocab_size}")
+    return load_decoder_tokenizer(_save_tokenizer(tok, directory))
+
+
+def train_encoder_tokenizer(directory: str | Path, texts: Sequence[str], vocab_size: int = 512) -> TextTokenizer:
+    """Train a small BART-like (byte-level BPE) tokenizer on `texts`, write `directory/tokenizer.json`, load it.
+
+    Special ids `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3 (SPEC §3); the 256-symbol byte alphabet is always
+    included, so any text round-trips and `vocab_size` must exceed 260. Deterministic for the same `texts`.
+    """
+    from tokenizers import decoders, models, pre_tokenizers, processors
+
+    specials = [tok for tok, _ in sorted(ENCODER_SPECIALS.values(), key=lambda t: t[1])] + ["<unk>"]
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"encoder vocab_size {vocab_size} is too small: 256 byte symbols + {len(specials)} specials")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    _train_bpe(tok, texts, specials, vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    if tok.get_vocab_size(with_added_tokens=True) > vocab_size:
+        raise ValueError(f"encoder tokenizer came out with {tok.get_vocab_size()} entries > {vocab_size}")
+    return load_encoder_tokenizer(_save_tokenizer(tok, directory))
