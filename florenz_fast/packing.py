@@ -368,7 +368,9 @@ class Loader:
     identical batch sequence. The state is JSON-serialisable if the pipeline's is. Resuming with a
     different `world` continues the same global sequence (global batch g + r + k * world for rank r).
     The pipeline must continue from its loaded state when iterated (an iterator that is its own `__iter__`,
-    or whose `__iter__` starts from its current state).
+    or whose `__iter__` starts from its current state, like florenz_fast.data.DataPipeline), and its
+    `state_dict()` must return a snapshot (a fresh copy): in packed mode the loader takes one before each
+    example it reads into a non-empty batch, since that example may overflow and open the next round.
     """
 
     def __init__(self, pipeline, *, mode: str, n_image_tokens: int, max_encoder_tokens: int | None = None,
