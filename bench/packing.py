@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 from florenz_fast import ops  # noqa: E402
 from florenz_fast.config import apply_overrides, get_config  # noqa: E402
 from florenz_fast.florenz import Florenz, apply_trainable_policy  # noqa: E402
-from florenz_fast.packing import Batch, Loader, Packer, collate_padded  # noqa: E402
+from florenz_fast.packing import Batch, ListPipeline, Loader, Packer, collate_padded  # noqa: E402
 
 
 @dataclass
@@ -86,28 +86,6 @@ class Sample:  # the fields of florenz_fast.data.EncodedExample
     prompt_ids: list[int]
     labels: list[int]
     key: str
-
-
-class ListPipeline:
-    """A finite list as a resumable pipeline (what the Loader reads)."""
-
-    def __init__(self, examples):
-        self.examples, self.index = examples, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.index >= len(self.examples):
-            raise StopIteration
-        self.index += 1
-        return self.examples[self.index - 1]
-
-    def state_dict(self):
-        return {"index": self.index}
-
-    def load_state_dict(self, state):
-        self.index = state["index"]
 
 
 KEYS = ("caption-en", "caption-de", "translation-de", "translation-fr", "translation-es", "translation-ru",

@@ -497,3 +497,25 @@ class Loader:
                 d["fill"] = real / d["budget"] if s.batches else None
             out[side] = d
         return out
+
+
+class ListPipeline:
+    """A finite list of examples as a resumable pipeline (what the Loader reads): evaluation sets, benchmarks, tests."""
+
+    def __init__(self, examples):
+        self.examples, self.index = examples, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.index >= len(self.examples):
+            raise StopIteration
+        self.index += 1
+        return self.examples[self.index - 1]
+
+    def state_dict(self) -> dict:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.index = state["index"]

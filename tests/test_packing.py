@@ -15,7 +15,7 @@ import torch
 
 from florenz_fast.config import get_config
 from florenz_fast.florenz import Florenz
-from florenz_fast.packing import (Batch, Loader, Packer, collate_packed, collate_padded)
+from florenz_fast.packing import Batch, ListPipeline, Loader, Packer, collate_packed, collate_padded
 from florenz_fast.text import IGNORE_INDEX, shift_right
 
 TOL = 1e-5
@@ -375,26 +375,6 @@ def test_finite_pipeline_keeps_the_last_batch_but_drops_an_incomplete_round():
 
 
 # ----------------------------------------------------------------------------------------- efficiency
-
-class ListPipeline:
-    def __init__(self, examples):
-        self.examples, self.index = examples, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.index >= len(self.examples):
-            raise StopIteration
-        self.index += 1
-        return self.examples[self.index - 1]
-
-    def state_dict(self):
-        return {"index": self.index}
-
-    def load_state_dict(self, state):
-        self.index = state["index"]
-
 
 def test_efficiency_on_a_hand_example():
     # 5 image tokens; prompts 3, 1, 6, 2 and labels 4, 2, 9, 5
