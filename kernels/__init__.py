@@ -8,7 +8,22 @@ on its own in other models. ``florenz_fast.ops`` is the one place the engine pic
 It is installed as ``florenz_kernels`` (package_dir mapping in setup.py), never as a top-level
 ``kernels`` module, which would shadow the Hugging Face ``kernels`` package.
 
-No kernels yet; this module deliberately imports nothing so the package imports everywhere.
+Kernels:
+  softcap_attention  Gemma-2 softcapped attention, forward + backward: causal, sliding window, GQA, packed
+                     (cu_seqlens) and padded layouts; ops `florenz::softcap_attention_fwd` / `_bwd`.
+                     `from florenz_kernels.softcap_attention import softcap_attention`.
+
+Importing the package itself stays free of torch and triton: submodules load on first attribute access
+(`florenz_kernels.softcap_attention` is the submodule). Triton decides interpreted vs compiled when a kernel
+module is imported, so set TRITON_INTERPRET=1 before touching a kernel module on a CPU-only machine.
 """
 
-__all__: list[str] = []
+import importlib
+
+__all__: list[str] = ["softcap_attention"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,1120 @@
+"""Softcapped (Gemma-2) attention in Triton: forward and backward, causal + sliding window + GQA + varlen.
+
+    softcap_attention(q, k, v, *, softcap=0.0, scale=None, causal=True, window=None,
+                      cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                      key_padding_mask=None) -> (out, lse)
+
+Shape legend: B batch, H query heads, Hk key/value heads (H % Hk == 0), L queries, S keys, D head dim
+(1..256, the same for q, k and v), T / Tk packed query / key tokens, N packed segments.
+
+Layouts
+  padded: q (B, H, L, D), k and v (B, Hk, S, D) -> out (B, H, L, D), lse (B, H, L).
+          `key_padding_mask` (B, S) bool, True = a real key (padded layout only).
+  packed: q (T, H, D), k and v (Tk, Hk, D), `cu_seqlens_q` / `cu_seqlens_k` (N+1,) int32 cumulative lengths
+          -> out (T, H, D), lse (H, T). Query segment n sees only key segment n (block-diagonal).
+          max_seqlen_q / max_seqlen_k size the launch grid; computed from cu_seqlens when None (a host
+          sync, and a graph break under torch.compile: pass them when compiling).
+  Any strides with a contiguous last dim (e.g. the (B, L, H, D) -> (B, H, L, D) transpose views that
+  transformers hands over); `out` has q's strides, dq/dk/dv those of q/k/v.
+
+Semantics (identical to florenz_fast.ops' `torch` backend, which defines them)
+  s = scale * q.k (scale defaults to D^-0.5); softcap c > 0: s = c * tanh(s / c), applied before masking;
+  softmax in fp32; out = P @ v in the input dtype, accumulated in fp32. GQA: query head h reads kv head
+  h // (H // Hk); K/V are never expanded and dK/dV are reduced per kv head inside one program (deterministic,
+  no atomics anywhere, so every backward is bitwise reproducible).
+  causal: bottom-right aligned: query i of a segment with L queries and S keys sits at p(i) = i + S - L and
+          sees keys j <= p(i). window W (needs causal): additionally p(i) - j < W (the query and the W - 1 keys
+          before it; transformers' Gemma-2 `kv_idx > q_idx - W`). window None or 0: no window.
+  A row that sees no key returns zeros and lse = -inf (gradients through it are zero).
+  lse = log(sum_j exp(s_ij)) over the visible keys, natural log, fp32; it is differentiable (d lse / d s = P).
+
+Kernels (flash-attention 2 structure, never materialising L x S)
+  _fwd_kernel   grid (query blocks, B*H): online softmax in the exp2 domain; the key range of a query block is
+                split into [masked window edge | unmasked interior | masked diagonal/tail] so the interior blocks
+                pay no mask arithmetic.
+  _bwd_preprocess  delta = rowsum(dO * O) - dlse.
+  _bwd_dkdv_kernel grid (key blocks, B*Hk): one flat loop over (query head of its GQA group, query block that
+                sees the key block); dK, dV accumulate in fp32 registers. Fused for D <= 128; for D = 256 two
+                passes of the same kernel (COMPUTE_DK / COMPUTE_DV), since the two fp32 accumulators spill.
+  _bwd_dq_kernel grid (query blocks, B*H): loops over the visible key blocks; dQ in fp32 registers.
+  Softcap backward: d(c tanh(x/c))/dx = 1 - tanh^2, with tanh recomputed from the recomputed scores.
+  tanh: `tanh.approx.f32` (one MUFU op, max rel. error 2^-11, what FlashAttention-2's softcap uses) for bf16
+  inputs on the GPU, whose score rounding (2^-9) dominates it; otherwise an exp formula with an odd Taylor
+  series below |x| = 0.125 (fp32-accurate; the Triton interpreter has neither libdevice tanh nor inline asm).
+
+Registered as torch.library ops `florenz::softcap_attention_fwd` / `florenz::softcap_attention_bwd` (fake
+implementations for torch.compile, autograd via register_autograd; activation-checkpointing policies can name
+`torch.ops.florenz.softcap_attention_fwd.default`).
+
+CPU: set TRITON_INTERPRET=1 *before importing this module* (Triton reads it when the kernels are decorated);
+the interpreter runs fp32 and fp16 correctly (its bf16 tl.dot is wrong: Triton trap, see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "softcap_attention",
+    "softcap_attention_reference",
+    "register_transformers_attention",
+    "INTERPRET",
+]
+
+# Triton decides interpreted vs compiled when a function is decorated (triton 3.6 and 3.8 alike).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# FLORENZ_NO_AUTOTUNE=1: use the first config of each list (GPU test runs: one compile per kernel variant).
+_NO_AUTOTUNE = os.environ.get("FLORENZ_NO_AUTOTUNE", "0") not in ("", "0")
+
+_LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+_LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+MAX_HEAD_DIM = 256
+
+
+# ---- device functions -----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x, FAST: tl.constexpr):
+    if FAST:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        # (1 - e) / (1 + e) with e = exp(-2|x|) loses relative accuracy as |x| -> 0 (1 - e cancels); below
+        # 0.125 the odd series to x^9 is exact to ~1e-12 instead.
+        ax = tl.abs(x)
+        e = tl.exp(-2.0 * ax)
+        t_big = (1.0 - e) / (1.0 + e)
+        x2 = ax * ax
+        t_small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+            -0.05396825396825397 + x2 * 0.021869488536155203))))
+        t = tl.where(ax < 0.125, t_small, t_big)
+        t = tl.where(x < 0.0, -t, t)
+    return t
+
+
+@triton.jit
+def _exp(x, NATURAL: tl.constexpr):
+    # scores live in log2 units (s_scale / s_cap carry log2(e): one FMA per exp2 on the GPU) for 16-bit inputs;
+    # for fp32 they stay natural and are converted after the subtraction: pre-scaling scores of magnitude ~20
+    # by log2(e) costs an ulp of 23 (1e-6) per score and put the fp32 backward outside 2x of the fp32 reference
+    if NATURAL:
+        y = tl.math.exp2(x * _LOG2E)
+    else:
+        y = tl.math.exp2(x)
+    return y
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, lo, hi, pos_m, offs_n0, offs_d,
+               S, window, s_scale, scale_over_cap, s_cap,
+               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+               SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kT_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            kT = tl.load(kT_ptrs, mask=(offs_n[None, :] < S) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        elif EVEN_D:
+            kT = tl.load(kT_ptrs)
+        else:
+            kT = tl.load(kT_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        qk = tl.dot(q, kT, input_precision=DOT_PREC)
+        if SOFTCAP:
+            s = _tanh(qk * scale_over_cap, FAST_TANH) * s_cap
+        else:
+            s = qk * s_scale
+        if MASKED:
+            vis = offs_n[None, :] < S
+            if IS_CAUSAL:
+                vis = vis & (offs_n[None, :] <= pos_m[:, None])
+            if HAS_WINDOW:
+                vis = vis & ((pos_m[:, None] - offs_n[None, :]) < window)
+            if HAS_KPM:
+                kp = tl.load(kpm_base + offs_n, mask=offs_n < S, other=0)
+                vis = vis & (kp[None, :] != 0)
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet stays 0
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        p = _exp(s - m_use[:, None], DOT_PREC == "ieee")
+        alpha = _exp(m_i - m_use, DOT_PREC == "ieee")
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(offs_n[:, None] < S) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KPM,
+                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_kpmb,
+                seqlen_q, seqlen_k, H, GROUPS, window, s_scale, scale_over_cap, s_cap, SEQ_BUCKET,
+                IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // GROUPS
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        L = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        S = tl.load(CU_K + b + 1) - k_start
+        q_tok = q_start.to(tl.int64)
+        k_tok = k_start.to(tl.int64)
+    else:
+        L = seqlen_q
+        S = seqlen_k
+        q_tok = 0
+        k_tok = 0
+    start_m = pid_m * BLOCK_M
+    if start_m >= L:
+        return
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_tok * stride_qm
+    k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh + k_tok * stride_kn
+    v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh + k_tok * stride_vn
+    o_base = O + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_tok * stride_om
+    lse_base = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_tok
+    kpm_base = KPM + b64 * stride_kpmb
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+    # Key range [lo, hi) of this query block, and its fully visible interior [full_lo, full_hi) (block aligned).
+    # Every quantity is clamped to >= 0 before `//`: Triton rounds toward zero, the interpreter toward -inf.
+    off = S - L  # bottom-right alignment: p(i) = i + off
+    pos_m = offs_m + off
+    p_first = start_m + off
+    p_last = tl.minimum(start_m + BLOCK_M, L) - 1 + off
+    if IS_CAUSAL:
+        hi = tl.minimum(S, p_last + 1)
+        full_hi = (tl.maximum(tl.minimum(S, p_first + 1), 0) // BLOCK_N) * BLOCK_N
+    else:
+        hi = S
+        full_hi = (S // BLOCK_N) * BLOCK_N
+    if HAS_WINDOW:
+        lo = (tl.maximum(p_first - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_lo = ((tl.maximum(p_last - window + 1, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    else:
+        lo = 0
+        full_lo = 0
+    if HAS_KPM:  # any key may be masked: every block takes the masked path
+        full_lo = lo
+        full_hi = lo
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if HAS_WINDOW:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, lo, full_lo,
+                                   pos_m, offs_n0, offs_d, S, window, s_scale, scale_over_cap, s_cap,
+                                   True, IS_CAUSAL, HAS_WINDOW, HAS_KPM, SOFTCAP, FAST_TANH, EVEN_D, HEAD_DIM,
+                                   BLOCK_N, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, full_lo, full_hi,
+                               pos_m, offs_n0, offs_d, S, window, s_scale, scale_over_cap, s_cap,
+                               False, IS_CAUSAL, HAS_WINDOW, HAS_KPM, SOFTCAP, FAST_TANH, EVEN_D, HEAD_DIM,
+                               BLOCK_N, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, full_hi, hi,
+                               pos_m, offs_n0, offs_d, S, window, s_scale, scale_over_cap, s_cap,
+                               True, IS_CAUSAL, HAS_WINDOW, HAS_KPM, SOFTCAP, FAST_TANH, EVEN_D, HEAD_DIM,
+                               BLOCK_N, DOT_PREC)
+
+    empty = l_i == 0.0  # no visible key: zeros and lse = -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if DOT_PREC == "ieee":  # natural units (see _exp)
+        lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe) * _LN2)
+    else:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(lse_base + offs_m, lse, mask=offs_m < L)
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA, CU_Q, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+                    stride_lb, stride_lh, seqlen_q, H,
+                    IS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        L = tl.load(CU_Q + b + 1) - q_start
+        q_tok = q_start.to(tl.int64)
+    else:
+        L = seqlen_q
+        q_tok = 0
+    start_m = pid_m * BLOCK_M
+    if start_m >= L:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + q_tok * stride_om + offs_m[:, None] * stride_om
+                + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + q_tok * stride_dom + offs_m[:, None] * stride_dom
+                 + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + b64 * stride_lb + h64 * stride_lh + q_tok + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, stride_qh, stride_qm, stride_doh,
+                stride_dom, stride_lh, lo, hi, GROUPS, offs_n, offs_m0, offs_d, L, off, window, scale_over_cap,
+                s_cap, s_scale,
+                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr):
+    if MASKED and HAS_KPM:
+        kp = tl.load(kpm_base + offs_n, mask=offs_n < L + off, other=0)
+    # One flat loop over (query head of the GQA group, query block): as an outer `for g` loop around the query
+    # loops it cost ~100-300 more bytes of register spills at D=256 on sm_90 (static report).
+    n_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
+    for it in range(0, GROUPS * n_blocks):
+        g = it // n_blocks
+        start_m = lo + (it - g * n_blocks) * BLOCK_M
+        g64 = g.to(tl.int64)
+        offs_m = start_m + offs_m0
+        q_ptrs = q_base + g64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+        do_ptrs = do_base + g64 * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :]
+        lse_ptrs = lse_base + g64 * stride_lh + offs_m
+        delta_ptrs = delta_base + g64 * stride_lh + offs_m
+        if MASKED:
+            row_ok = offs_m < L
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            lse2 = tl.load(lse_ptrs, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_ptrs, mask=row_ok, other=0.0)
+        else:
+            if EVEN_D:
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+            else:
+                q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+                do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            lse2 = tl.load(lse_ptrs)
+            delta = tl.load(delta_ptrs)
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows that saw nothing: P = 0
+        if DOT_PREC != "ieee":
+            lse2 = lse2 * _LOG2E
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+        if SOFTCAP:
+            tT = _tanh(qkT * scale_over_cap, FAST_TANH)
+            sT = tT * s_cap
+        else:
+            sT = qkT * s_scale
+        pT = _exp(sT - lse2[None, :], DOT_PREC == "ieee")
+        if MASKED:
+            pos_m = offs_m + off
+            vis = (offs_m[None, :] < L)
+            if IS_CAUSAL:
+                vis = vis & (offs_n[:, None] <= pos_m[None, :])
+            if HAS_WINDOW:
+                vis = vis & ((pos_m[None, :] - offs_n[:, None]) < window)
+            if HAS_KPM:
+                vis = vis & (kp[:, None] != 0)
+            pT = tl.where(vis, pT, 0.0)
+        if COMPUTE_DV:
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        if COMPUTE_DK:
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dsT = pT * (dpT - delta[None, :])
+            if SOFTCAP:
+                dsT = dsT * (1.0 - tT * tT)
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, KPM,
+                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
+                     stride_dvb, stride_dvh, stride_dvn, stride_lb, stride_lh, stride_kpmb,
+                     seqlen_q, seqlen_k, Hk, GROUPS, window, scale, s_scale, scale_over_cap, s_cap,
+                     SEQ_BUCKET,
+                     IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                     HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, COMPUTE_DK: tl.constexpr,
+                     COMPUTE_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hk
+    kvh = pid_bh % Hk
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        L = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        S = tl.load(CU_K + b + 1) - k_start
+        q_tok = q_start.to(tl.int64)
+        k_tok = k_start.to(tl.int64)
+    else:
+        L = seqlen_q
+        S = seqlen_k
+        q_tok = 0
+        k_tok = 0
+    start_n = pid_n * BLOCK_N
+    if start_n >= S:
+        return
+    b64 = b.to(tl.int64)
+    kvh64 = kvh.to(tl.int64)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b64 * stride_kb + kvh64 * stride_kh + k_tok * stride_kn + offs_n[:, None] * stride_kn
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + kvh64 * stride_vh + k_tok * stride_vn + offs_n[:, None] * stride_vn
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    kpm_base = KPM + b64 * stride_kpmb
+
+    # Query range [lo, hi) that sees this key block, and its fully visible interior [full_lo, full_hi).
+    # Query rows >= L would pollute dK/dV, so the interior also ends at a whole block inside L; key rows >= S
+    # only produce dK/dV rows that are never stored.
+    off = S - L
+    n_last = tl.minimum(start_n + BLOCK_N, S) - 1
+    if IS_CAUSAL:
+        lo = (tl.maximum(start_n - off, 0) // BLOCK_M) * BLOCK_M
+        full_lo = ((tl.maximum(n_last - off, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        full_lo = 0
+    if HAS_WINDOW:
+        hi = tl.minimum(L, tl.maximum(n_last + window - off, 0))
+        full_hi = (tl.maximum(tl.minimum(start_n + window - off, L), 0) // BLOCK_M) * BLOCK_M
+    else:
+        hi = L
+        full_hi = (L // BLOCK_M) * BLOCK_M
+    if HAS_KPM:
+        full_lo = lo
+        full_hi = lo
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    h0 = (kvh * GROUPS).to(tl.int64)  # first query head of this kv head's group; GQA is reduced in-loop
+    q_base = Q + b64 * stride_qb + h0 * stride_qh + q_tok * stride_qm
+    do_base = DO + b64 * stride_dob + h0 * stride_doh + q_tok * stride_dom
+    lse_base = LSE + b64 * stride_lb + h0 * stride_lh + q_tok
+    delta_base = DELTA + b64 * stride_lb + h0 * stride_lh + q_tok
+    if IS_CAUSAL:
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, stride_qh, stride_qm,
+                             stride_doh, stride_dom, stride_lh, lo, full_lo, GROUPS, offs_n, offs_m0, offs_d, L,
+                             off, window, scale_over_cap, s_cap, s_scale, True, IS_CAUSAL, HAS_WINDOW,
+                             HAS_KPM, SOFTCAP, FAST_TANH, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC, COMPUTE_DK,
+                             COMPUTE_DV)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, stride_qh, stride_qm,
+                         stride_doh, stride_dom, stride_lh, full_lo, full_hi, GROUPS, offs_n, offs_m0, offs_d, L,
+                         off, window, scale_over_cap, s_cap, s_scale, False, IS_CAUSAL, HAS_WINDOW,
+                         HAS_KPM, SOFTCAP, FAST_TANH, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC, COMPUTE_DK, COMPUTE_DV)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, stride_qh, stride_qm,
+                         stride_doh, stride_dom, stride_lh, full_hi, hi, GROUPS, offs_n, offs_m0, offs_d, L,
+                         off, window, scale_over_cap, s_cap, s_scale, True, IS_CAUSAL, HAS_WINDOW,
+                         HAS_KPM, SOFTCAP, FAST_TANH, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC, COMPUTE_DK, COMPUTE_DV)
+    if COMPUTE_DK:
+        dk = dk * scale
+        tl.store(DK + b64 * stride_dkb + kvh64 * stride_dkh + k_tok * stride_dkn + offs_n[:, None] * stride_dkn
+                 + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+    if COMPUTE_DV:
+        tl.store(DV + b64 * stride_dvb + kvh64 * stride_dvh + k_tok * stride_dvn + offs_n[:, None] * stride_dvn
+                 + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, lo, hi, pos_m, offs_n0, offs_d,
+              S, window, s_scale, scale_over_cap, s_cap,
+              MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+              SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            kv_mask = (offs_n[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if SOFTCAP:
+            t = _tanh(qk * scale_over_cap, FAST_TANH)
+            s = t * s_cap
+        else:
+            s = qk * s_scale
+        p = _exp(s - lse2[:, None], DOT_PREC == "ieee")
+        if MASKED:
+            vis = offs_n[None, :] < S
+            if IS_CAUSAL:
+                vis = vis & (offs_n[None, :] <= pos_m[:, None])
+            if HAS_WINDOW:
+                vis = vis & ((pos_m[:, None] - offs_n[None, :]) < window)
+            if HAS_KPM:
+                kp = tl.load(kpm_base + offs_n, mask=offs_n < S, other=0)
+                vis = vis & (kp[None, :] != 0)
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, KPM,
+                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                   stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm, stride_lb, stride_lh,
+                   stride_kpmb, seqlen_q, seqlen_k, H, GROUPS, window, scale, s_scale, scale_over_cap, s_cap,
+                   SEQ_BUCKET,
+                   IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                   SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // GROUPS
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        L = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        S = tl.load(CU_K + b + 1) - k_start
+        q_tok = q_start.to(tl.int64)
+        k_tok = k_start.to(tl.int64)
+    else:
+        L = seqlen_q
+        S = seqlen_k
+        q_tok = 0
+        k_tok = 0
+    start_m = pid_m * BLOCK_M
+    if start_m >= L:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = (offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + q_tok * stride_qm + offs_m[:, None] * stride_qm
+                + offs_d[None, :], mask=row_mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + q_tok * stride_dom + offs_m[:, None] * stride_dom
+                 + offs_d[None, :], mask=row_mask, other=0.0)
+    lse2 = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + q_tok + offs_m, mask=offs_m < L,
+                   other=float("inf"))
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows that saw nothing: P = 0
+    if DOT_PREC != "ieee":
+        lse2 = lse2 * _LOG2E
+    delta = tl.load(DELTA + b64 * stride_lb + h64 * stride_lh + q_tok + offs_m, mask=offs_m < L, other=0.0)
+    k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh + k_tok * stride_kn
+    v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh + k_tok * stride_vn
+    kpm_base = KPM + b64 * stride_kpmb
+
+    off = S - L  # same key ranges as the forward
+    pos_m = offs_m + off
+    p_first = start_m + off
+    p_last = tl.minimum(start_m + BLOCK_M, L) - 1 + off
+    if IS_CAUSAL:
+        hi = tl.minimum(S, p_last + 1)
+        full_hi = (tl.maximum(tl.minimum(S, p_first + 1), 0) // BLOCK_N) * BLOCK_N
+    else:
+        hi = S
+        full_hi = (S // BLOCK_N) * BLOCK_N
+    if HAS_WINDOW:
+        lo = (tl.maximum(p_first - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_lo = ((tl.maximum(p_last - window + 1, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    else:
+        lo = 0
+        full_lo = 0
+    if HAS_KPM:
+        full_lo = lo
+        full_hi = lo
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if HAS_WINDOW:
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, lo, full_lo, pos_m,
+                       offs_n0, offs_d, S, window, s_scale, scale_over_cap, s_cap, True, IS_CAUSAL,
+                       HAS_WINDOW, HAS_KPM, SOFTCAP, FAST_TANH, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, full_lo, full_hi, pos_m,
+                   offs_n0, offs_d, S, window, s_scale, scale_over_cap, s_cap, False, IS_CAUSAL,
+                   HAS_WINDOW, HAS_KPM, SOFTCAP, FAST_TANH, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, full_hi, hi, pos_m,
+                   offs_n0, offs_d, S, window, s_scale, scale_over_cap, s_cap, True, IS_CAUSAL,
+                   HAS_WINDOW, HAS_KPM, SOFTCAP, FAST_TANH, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+    dq = dq * scale
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + q_tok * stride_dqm + offs_m[:, None] * stride_dqm
+             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_mask)
+
+
+# ---- configs: per kernel, head-dim class, dtype width and device capability ------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Candidates were chosen with the static resource report (no spills,
+# shared memory inside the device's per-block limit; see tests/test_softcap_attention.py and the README).
+
+_CPU_CONFIG = {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dk": (16, 32, 4, 1),
+               "dv": (16, 32, 4, 1), "pre": (32, 0, 4, 1)}
+
+# kind -> block_d class -> element bytes -> "sm90" (Hopper and newer) / "sm80" (Ampere, Ada) -> candidates.
+# Every entry compiles without register spills for its target (tests/test_softcap_attention.py::test_static_*);
+# neighbours that spilled are noted so nobody re-adds them blindly. fp32 uses exact fp32 dots (FMA, no tensor
+# cores: tf32 would miss the fp32 accuracy rule) and only small tiles stay spill-free there (at D=256 every
+# tile from 32 x 32 up spilled, with tf32x3 too); fp32 is the correctness path, bf16/fp16 the fast one.
+_GPU_CONFIGS = {
+    "fwd": {
+        64: {2: {"sm90": [(128, 64, 8, 3), (128, 128, 8, 2)], "sm80": [(128, 64, 8, 3), (64, 64, 4, 3)]},
+             4: {"sm90": [(32, 32, 4, 2)], "sm80": [(32, 32, 4, 2)]}},
+        # D=128 sm_80: (128, 64, 8, 3) and (128, 128, 8, 2) spill 16 B
+        128: {2: {"sm90": [(128, 64, 8, 3), (128, 128, 8, 2)], "sm80": [(64, 64, 4, 3)]},
+              4: {"sm90": [(16, 16, 4, 1)], "sm80": [(16, 16, 4, 1)]}},
+        # D=256 sm_90: (128, 64, 8, 2) spills 8 B, (64, 64, 4, 2) 104 B; sm_80: every BLOCK_M=128 tile spills
+        256: {2: {"sm90": [(128, 32, 8, 2), (128, 32, 8, 3)], "sm80": [(64, 64, 8, 2), (64, 32, 8, 2)]},
+              4: {"sm90": [(16, 16, 4, 1)], "sm80": [(16, 16, 4, 1)]}},
+    },
+    "dq": {
+        64: {2: {"sm90": [(128, 64, 8, 2), (128, 32, 8, 2)], "sm80": [(128, 64, 8, 2), (128, 32, 8, 2)]},
+             4: {"sm90": [(16, 16, 4, 1)], "sm80": [(32, 32, 4, 2)]}},
+        # fp32 D=128 sm_90: (16, 16, 4, 1) spills 8 B, (16, 32, 4, 1) 256 B
+        128: {2: {"sm90": [(128, 64, 8, 2), (128, 32, 8, 2)], "sm80": [(64, 64, 4, 2), (128, 32, 8, 2)]},
+              4: {"sm90": [(16, 16, 8, 1)], "sm80": [(16, 16, 4, 1)]}},
+        # D=256 sm_90: (64, 64, 8, 2) spills 192 B, (64, 32, 4, 2) 96 B
+        # sm_80: (64, 32, 4, 2) spills 8 B in the key-padding-mask variant
+        256: {2: {"sm90": [(128, 32, 8, 2), (128, 32, 8, 3)], "sm80": [(64, 64, 8, 2)]},
+              4: {"sm90": [(16, 16, 4, 1)], "sm80": [(16, 16, 4, 1)]}},
+    },
+    "dkdv": {  # fused dK + dV (D <= 128)
+        64: {2: {"sm90": [(64, 128, 8, 2), (32, 128, 8, 2)], "sm80": [(64, 128, 8, 2), (32, 128, 8, 2)]},
+             4: {"sm90": [(16, 16, 4, 1)], "sm80": [(32, 32, 4, 2)]}},
+        # D=128 sm_90: (64, 128, 8, 2) spills 112 B, (64, 64, 8, 2) 48 B
+        128: {2: {"sm90": [(32, 128, 8, 2)], "sm80": [(64, 64, 8, 2), (32, 64, 4, 2)]},
+              4: {"sm90": [(16, 16, 4, 1)], "sm80": [(16, 16, 4, 1)]}},
+    },
+    "dk": {  # D=256 sm_90: (32, 128, 8, 2) and (32, 64, 8, 3) spill 8 B, (64, 64, 8, 1) 784 B
+        256: {2: {"sm90": [(32, 64, 8, 2), (16, 128, 8, 2)], "sm80": [(32, 64, 8, 2), (64, 64, 8, 1)]},
+              4: {"sm90": [(16, 16, 4, 1)], "sm80": [(16, 32, 4, 2)]}},
+    },
+    "dv": {
+        # sm_80: (32, 128, 8, 2) spills 8 B in the key-padding-mask variant
+        256: {2: {"sm90": [(64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2)], "sm80": [(64, 64, 8, 2)]},
+              4: {"sm90": [(16, 16, 4, 1)], "sm80": [(16, 16, 4, 1)]}},
+    },
+    "pre": {d: {e: {"sm90": [(bm, 0, 4, 1)], "sm80": [(bm, 0, 4, 1)]}
+                for e, bm in ((2, 128 * 64 // d), (4, 64 * 64 // d))} for d in (64, 128, 256)},
+}
+
+# per-block shared memory of the device (opt-in maximum): H100 228 KB (227 usable), A100 164 KB (163 usable),
+# consumer Ampere/Ada 100 KB (99 usable)
+SHARED_LIMIT = {(9, 0): 232448, (8, 0): 166912, (8, 6): 101376, (8, 9): 101376, (12, 0): 101376}
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _d_class(block_d: int) -> int:
+    return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+
+
+def _smem_estimate(kind, bm, bn, stages, block_d, elem):
+    """Rough bytes of shared memory (operand tiles times pipeline stages); only used to drop configs on small
+    devices before compiling. The static checks read the real number off the compiled kernel."""
+    if kind == "fwd":
+        return bm * block_d * elem + stages * 2 * bn * block_d * elem + bm * bn * elem
+    if kind == "dq":
+        return 2 * bm * block_d * elem + stages * 2 * bn * block_d * elem + bm * bn * elem
+    if kind == "dkdv":
+        return 2 * bn * block_d * elem + stages * 2 * bm * block_d * elem + bm * bn * elem
+    return 0
+
+
+def config_tuples(kind: str, head_dim: int, dtype: torch.dtype, capability=(9, 0)) -> list[tuple]:
+    """The autotune candidates for one kernel: [(BLOCK_M, BLOCK_N, num_warps, num_stages), ...]."""
+    if INTERPRET:
+        return [_CPU_CONFIG[kind]]
+    block_d = _block_d(head_dim)
+    elem = torch.empty((), dtype=dtype).element_size()
+    arch = "sm90" if capability[0] >= 9 else "sm80"
+    cands = _GPU_CONFIGS[kind][_d_class(block_d)][2 if elem <= 2 else 4][arch]
+    if tuple(capability) in ((8, 0), (9, 0)):  # checked exactly by the static tests
+        return cands[:1] if _NO_AUTOTUNE else list(cands)
+    limit = SHARED_LIMIT.get(tuple(capability), 101376)
+    fits = [c for c in cands if _smem_estimate(kind, c[0], c[1], c[3], block_d, elem) <= limit]
+    if not fits:  # smallest tile, one stage
+        bm, bn, w, _ = min(cands, key=lambda c: c[0] * c[1])
+        fits = [(bm, bn, w, 1)]
+    return fits[:1] if _NO_AUTOTUNE else fits
+
+
+def _to_config(kind, c):
+    kw = {"BLOCK_M": c[0]} if kind == "pre" else {"BLOCK_M": c[0], "BLOCK_N": c[1]}
+    return triton.Config(kw, num_warps=c[2], num_stages=c[3])
+
+
+def _all_configs(kind):
+    seen = {_CPU_CONFIG[kind]}
+    for by_elem in _GPU_CONFIGS[kind].values():
+        for by_arch in by_elem.values():
+            for cands in by_arch.values():
+                seen.update(cands)
+    return [_to_config(kind, c) for c in sorted(seen)]
+
+
+def _pruner(kind, tensor_arg):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        t = args[tensor_arg]
+        kind_ = kind
+        if kind == "dkdv" and not (args["COMPUTE_DK"] and args["COMPUTE_DV"]):
+            kind_ = "dk" if args["COMPUTE_DK"] else "dv"
+        cap = torch.cuda.get_device_capability(t.device) if t.is_cuda and not INTERPRET else (9, 0)
+        return [_to_config(kind_, c) for c in config_tuples(kind_, args["HEAD_DIM"], t.dtype, cap)]
+    return prune
+
+
+_KEY = ["SEQ_BUCKET", "HEAD_DIM", "IS_VARLEN", "IS_CAUSAL", "HAS_WINDOW", "HAS_KPM", "SOFTCAP"]
+_fwd = triton.autotune(configs=_all_configs("fwd"), key=_KEY + ["GROUPS"],
+                       prune_configs_by={"early_config_prune": _pruner("fwd", "Q")})(_fwd_kernel)
+_dq = triton.autotune(configs=_all_configs("dq"), key=_KEY + ["GROUPS"],
+                      prune_configs_by={"early_config_prune": _pruner("dq", "Q")})(_bwd_dq_kernel)
+_dkdv = triton.autotune(configs=_all_configs("dkdv"), key=_KEY + ["GROUPS", "COMPUTE_DK", "COMPUTE_DV"],
+                        prune_configs_by={"early_config_prune": _pruner("dkdv", "Q")})(_bwd_dkdv_kernel)
+_pre = triton.autotune(configs=_all_configs("pre"), key=["HEAD_DIM", "IS_VARLEN"],
+                       prune_configs_by={"early_config_prune": _pruner("pre", "O")})(_bwd_preprocess)
+
+
+# ---- launchers -------------------------------------------------------------------------------------------
+
+
+def _dot_prec(dtype):
+    # fp32 inputs: exact fp32 products (Triton's default for an fp32 dot on the GPU is tf32, ~1e-3)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _fast_tanh(dtype):
+    return dtype == torch.bfloat16 and not INTERPRET
+
+
+def _bucket(n: int) -> int:
+    return min(triton.next_power_of_2(max(int(n), 1)), 1 << 16)
+
+
+class _Geometry:
+    """Everything the launchers need about one call: batch/segment count, lengths, per-tensor strides."""
+
+    def __init__(self, q, k, cu_q, max_q, max_k):
+        self.varlen = cu_q is not None
+        if self.varlen:
+            self.B = cu_q.numel() - 1
+            self.H, self.Hk, self.D = q.shape[1], k.shape[1], q.shape[2]
+            self.L, self.S = int(max_q), int(max_k)
+        else:
+            self.B, self.H, self.L, self.D = q.shape
+            self.Hk, self.S = k.shape[1], k.shape[2]
+        self.groups = self.H // self.Hk
+        self.block_d = _block_d(self.D)
+
+    def strides(self, t):
+        """(batch, head, token) strides; the packed layout has no batch stride (segments index tokens)."""
+        if self.varlen:
+            return 0, t.stride(1), t.stride(0)
+        return t.stride(0), t.stride(1), t.stride(2)
+
+    def lse_empty(self, q):
+        if self.varlen:
+            lse = torch.empty(self.H, q.shape[0], device=q.device, dtype=torch.float32)
+            return lse, (0, lse.stride(0))
+        lse = torch.empty(self.B, self.H, self.L, device=q.device, dtype=torch.float32)
+        return lse, (lse.stride(0), lse.stride(1))
+
+    def lse_strides(self, lse):
+        return (0, lse.stride(0)) if self.varlen else (lse.stride(0), lse.stride(1))
+
+
+def _scalars(scale, softcap, dtype):
+    """(s_scale, scale_over_cap, s_cap): scores are s = qk * s_scale, or tanh(qk * scale_over_cap) * s_cap, in
+    log2 units for 16-bit inputs and natural units for fp32 (see _exp)."""
+    unit = 1.0 if dtype == torch.float32 else 1.4426950408889634
+    if softcap:
+        return scale * unit, scale / softcap, softcap * unit
+    return scale * unit, 1.0, 1.0
+
+
+def _prep(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _kpm_arg(kpm, q):
+    if kpm is None:
+        return q, 0  # never read (HAS_KPM=False): any pointer
+    kpm = kpm.to(torch.uint8).contiguous()
+    return kpm, kpm.stride(0)
+
+
+def _forward(q, k, v, cu_q, cu_k, kpm, max_q, max_k, scale, softcap, causal, window):
+    q, k, v = _prep(q), _prep(k), _prep(v)
+    g = _Geometry(q, k, cu_q, max_q, max_k)
+    out = torch.empty_like(q)
+    lse, (slb, slh) = g.lse_empty(q)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    kpm_t, s_kpm = _kpm_arg(kpm, q)
+    cq = cu_q if cu_q is not None else q
+    ck = cu_k if cu_k is not None else q
+    sl2, soc, cl2 = _scalars(scale, softcap, q.dtype)
+    grid = lambda meta: (triton.cdiv(g.L, meta["BLOCK_M"]), g.B * g.H)  # noqa: E731
+    _fwd[grid](q, k, v, out, lse, cq, ck, kpm_t, *g.strides(q), *g.strides(k), *g.strides(v), *g.strides(out),
+               slb, slh, s_kpm, g.L, g.S, g.H, g.groups, int(window or 0), sl2, soc, cl2, _bucket(g.L),
+               IS_VARLEN=g.varlen, IS_CAUSAL=bool(causal), HAS_WINDOW=bool(window), HAS_KPM=kpm is not None,
+               SOFTCAP=bool(softcap), FAST_TANH=_fast_tanh(q.dtype), HEAD_DIM=g.D, BLOCK_D=g.block_d,
+               DOT_PREC=_dot_prec(q.dtype))
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, kpm, max_q, max_k, scale, softcap, causal, window):
+    q, k, v, out, do = _prep(q), _prep(k), _prep(v), _prep(out), _prep(do)
+    g = _Geometry(q, k, cu_q, max_q, max_k)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+    slb, slh = g.lse_strides(lse)
+    delta = torch.empty_like(lse)
+    cq = cu_q if cu_q is not None else q
+    ck = cu_k if cu_k is not None else q
+    _pre[lambda meta: (triton.cdiv(g.L, meta["BLOCK_M"]), g.B * g.H)](
+        out, do, delta, cq, *g.strides(out), *g.strides(do), slb, slh, g.L, g.H,
+        IS_VARLEN=g.varlen, HEAD_DIM=g.D, BLOCK_D=g.block_d)
+    if dlse is not None:  # d lse_i / d s_ij = P_ij: folds into delta (ds = P * (dP - delta + dlse))
+        delta = delta - dlse.to(torch.float32)
+    kpm_t, s_kpm = _kpm_arg(kpm, q)
+    sl2, soc, cl2 = _scalars(scale, softcap, q.dtype)
+    flags = dict(IS_VARLEN=g.varlen, IS_CAUSAL=bool(causal), HAS_WINDOW=bool(window), HAS_KPM=kpm is not None,
+                 SOFTCAP=bool(softcap), FAST_TANH=_fast_tanh(q.dtype), HEAD_DIM=g.D, BLOCK_D=g.block_d,
+                 DOT_PREC=_dot_prec(q.dtype))
+    # D > 128: dK and dV in two passes of the same kernel (one fp32 accumulator each). Fused, the two
+    # 64 x 256 fp32 accumulators spill on sm_90 at every block shape tried (static report); the split costs one
+    # extra Q.K^T recompute (8 instead of 7 matmul passes over the scores in the whole backward).
+    passes = [(True, True)] if g.block_d <= 128 else [(True, False), (False, True)]
+    for compute_dk, compute_dv in passes:
+        _dkdv[lambda meta: (triton.cdiv(g.S, meta["BLOCK_N"]), g.B * g.Hk)](
+            q, k, v, do, lse, delta, dk, dv, cq, ck, kpm_t, *g.strides(q), *g.strides(k), *g.strides(v),
+            *g.strides(do), *g.strides(dk), *g.strides(dv), slb, slh, s_kpm, g.L, g.S, g.Hk, g.groups,
+            int(window or 0), scale, sl2, soc, cl2, _bucket(g.S), COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv,
+            **flags)
+    _dq[lambda meta: (triton.cdiv(g.L, meta["BLOCK_M"]), g.B * g.H)](
+        q, k, v, do, lse, delta, dq, cq, ck, kpm_t, *g.strides(q), *g.strides(k), *g.strides(v),
+        *g.strides(do), *g.strides(dq), slb, slh, s_kpm, g.L, g.S, g.H, g.groups, int(window or 0), scale,
+        sl2, soc, cl2, _bucket(g.L), **flags)
+    return dq, dk, dv
+
+
+# ---- torch.library ops -----------------------------------------------------------------------------------
+
+
+def _check_runnable(q):
+    if q.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("florenz softcap_attention: tensors are on the CPU but the Triton kernels were built "
+                           "for the GPU; set TRITON_INTERPRET=1 before importing florenz_kernels.softcap_attention "
+                           "to run them in the interpreter")
+
+
+@torch.library.custom_op("florenz::softcap_attention_fwd", mutates_args=())
+def softcap_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
+                          cu_seqlens_k: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                          max_seqlen_q: int, max_seqlen_k: int, scale: float, softcap: float, causal: bool,
+                          window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_runnable(q)
+    return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, key_padding_mask, max_seqlen_q, max_seqlen_k, scale,
+                    softcap, causal, window)
+
+
+@softcap_attention_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, key_padding_mask, max_seqlen_q, max_seqlen_k, scale, softcap, causal,
+      window):
+    out = torch.empty_like(q)
+    if cu_seqlens_q is not None:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("florenz::softcap_attention_bwd", mutates_args=())
+def softcap_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                          lse: torch.Tensor, dlse: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+                          cu_seqlens_k: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                          max_seqlen_q: int, max_seqlen_k: int, scale: float, softcap: float, causal: bool,
+                          window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_runnable(q)
+    return _backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, key_padding_mask, max_seqlen_q,
+                     max_seqlen_k, scale, softcap, causal, window)
+
+
+@softcap_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, key_padding_mask, max_seqlen_q, max_seqlen_k,
+      scale, softcap, causal, window):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, kpm, max_q, max_k, scale, softcap, causal, window = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, kpm)
+    ctx.args = (max_q, max_k, scale, softcap, causal, window)
+
+
+def _backward_formula(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, kpm = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = softcap_attention_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, kpm, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+softcap_attention_fwd.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+# ---- public API ------------------------------------------------------------------------------------------
+
+
+def softcap_attention(q, k, v, *, softcap: float = 0.0, scale: float | None = None, causal: bool = True,
+                      window: int | None = None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                      max_seqlen_k=None, key_padding_mask=None):
+    """Fused softcapped attention; returns (out, lse). Shapes and conventions: module docstring."""
+    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if packed and (cu_seqlens_q is None or cu_seqlens_k is None):
+        raise ValueError("softcap_attention: packed input needs both cu_seqlens_q and cu_seqlens_k")
+    want = 3 if packed else 4
+    if q.dim() != want or k.dim() != want or v.dim() != want:
+        raise ValueError(f"softcap_attention: q, k, v must be {'(T, H, D)' if packed else '(B, H, L, D)'}, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"softcap_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"softcap_attention: q, k, v must share one of fp16/bf16/fp32, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] != k.shape[-1] or q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"softcap_attention: head dims q {q.shape[-1]} / k {k.shape[-1]} must match and be "
+                         f"<= {MAX_HEAD_DIM}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"softcap_attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]}")
+    if window and not causal:
+        raise ValueError("softcap_attention: a sliding window is only defined for causal attention")
+    if window is not None and window < 0:
+        raise ValueError(f"softcap_attention: window must be >= 0, got {window}")
+    if packed:
+        if key_padding_mask is not None:
+            raise ValueError("softcap_attention: key_padding_mask is for the padded layout")
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+            raise ValueError("softcap_attention: cu_seqlens_q and cu_seqlens_k differ in length")
+        cu_seqlens_q = cu_seqlens_q.to(device=q.device, dtype=torch.int32).contiguous()
+        cu_seqlens_k = cu_seqlens_k.to(device=q.device, dtype=torch.int32).contiguous()
+        if max_seqlen_q is None:
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.numel() > 1 else 0
+        if max_seqlen_k is None:
+            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if cu_seqlens_k.numel() > 1 else 0
+    else:
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"softcap_attention: batch sizes differ, q {q.shape[0]} vs k {k.shape[0]}")
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):
+            raise ValueError(f"softcap_attention: key_padding_mask must be (B, S) = {(k.shape[0], k.shape[2])}")
+        max_seqlen_q, max_seqlen_k = q.shape[2], k.shape[2]
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return softcap_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, key_padding_mask, int(max_seqlen_q),
+                                 int(max_seqlen_k), float(scale), float(softcap or 0.0), bool(causal),
+                                 int(window or 0))
+
+
+def softcap_attention_reference(q, k, v, *, softcap: float = 0.0, scale: float | None = None, causal: bool = True,
+                                window: int | None = None, cu_seqlens_q=None, cu_seqlens_k=None,
+                                key_padding_mask=None, **_ignored):
+    """Pure-torch (out, lse) with the same conventions, in max(input dtype, fp32) for the softmax; materialises
+    the scores (tests and small shapes only)."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+
+    def block(q_BHLD, k_BHSD, v_BHSD, kpm_BS):
+        L, S = q_BHLD.shape[2], k_BHSD.shape[2]
+        groups = q_BHLD.shape[1] // k_BHSD.shape[1]
+        k_BHSD = k_BHSD.repeat_interleave(groups, 1)
+        v_BHSD = v_BHSD.repeat_interleave(groups, 1)
+        s = torch.matmul(q_BHLD, k_BHSD.transpose(-1, -2)) * scale
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
+        s = s.to(torch.promote_types(s.dtype, torch.float32))
+        vis = torch.ones(L, S, dtype=torch.bool, device=q.device)
+        if causal:
+            pos_q = torch.arange(L, device=q.device)[:, None] + (S - L)
+            pos_k = torch.arange(S, device=q.device)[None, :]
+            vis = pos_k <= pos_q
+            if window:
+                vis &= (pos_q - pos_k) < window
+        vis = vis[None, None]
+        if kpm_BS is not None:
+            vis = vis & kpm_BS[:, None, None, :].bool()
+        s = s.masked_fill(~vis, float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        p = torch.exp(s - lse[..., None].masked_fill(torch.isinf(lse[..., None]), 0.0)).masked_fill(~vis, 0.0)
+        out = torch.matmul(p.to(q_BHLD.dtype), v_BHSD)
+        return out, lse
+
+    if cu_seqlens_q is None:
+        return block(q, k, v, key_padding_mask)
+    T, H, D = q.shape
+    out = q.new_zeros(T, H, D)
+    lse = torch.full((H, T), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for n in range(len(bq) - 1):
+        qs, ks = slice(bq[n], bq[n + 1]), slice(bk[n], bk[n + 1])
+        if qs.stop == qs.start or ks.stop == ks.start:
+            continue
+        o, l_ = block(q[qs].transpose(0, 1)[None], k[ks].transpose(0, 1)[None], v[ks].transpose(0, 1)[None], None)
+        out[qs] = o[0].transpose(0, 1)
+        lse[:, qs] = l_[0]
+    return out, lse
+
+
+# ---- static checks (no GPU): compile every config for a target, read registers / spills / shared memory ----
+
+_KERNELS = {"fwd": "_fwd_kernel", "dq": "_bwd_dq_kernel", "dkdv": "_bwd_dkdv_kernel", "dk": "_bwd_dkdv_kernel",
+            "dv": "_bwd_dkdv_kernel", "pre": "_bwd_preprocess"}
+_FLOAT_ARGS = {"scale", "s_scale", "scale_over_cap", "s_cap"}
+_F32_PTRS = {"LSE", "DELTA"}
+_PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA", "CU_Q", "CU_K", "KPM"}
+
+
+def _cuobjdump():
+    import shutil
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else shutil.which("cuobjdump")
+
+
+def static_resource_report(kind: str, head_dim: int, dtype: torch.dtype, capability: tuple[int, int], config: tuple,
+                           *, varlen=False, causal=True, window=True, kpm=False, softcap=True,
+                           split=None) -> dict:
+    """Compile one kernel config for `capability` on this (GPU-less) machine with triton.compile and read the
+    cubin's resource usage: {'registers', 'local' (spill/stack bytes), 'shared', 'hmma'/'hgmma' counts}.
+    Needs TRITON_INTERPRET unset when this module was imported."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = globals()[_KERNELS[kind]]
+    if not isinstance(fn, triton.runtime.jit.JITFunction):
+        raise RuntimeError("static_resource_report needs the compiled (non-interpreted) kernels")
+    ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    const = dict(IS_VARLEN=varlen, IS_CAUSAL=causal, HAS_WINDOW=window, HAS_KPM=kpm, SOFTCAP=softcap,
+                 FAST_TANH=(dtype == torch.bfloat16), HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+                 DOT_PREC=_dot_prec(dtype), BLOCK_M=config[0], BLOCK_N=config[1])
+    if kind in ("dkdv", "dk", "dv"):  # fused, or dK / dV alone (the D > 128 split)
+        const.update(COMPUTE_DK=kind in ("dkdv", "dk"), COMPUTE_DV=kind in ("dkdv", "dv"))
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in fn.constexprs or name in const or fn.params[i].is_constexpr:
+            if name not in const:
+                continue
+            signature[name] = "constexpr"
+            constexprs[name] = const[name]
+        elif name in _PTRS:
+            signature[name] = ("*fp32" if name in _F32_PTRS else "*i32" if name.startswith("CU_")
+                               else "*u8" if name == "KPM" else "*" + ty)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _FLOAT_ARGS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride_") and not name.startswith("stride_l") and name != "stride_kpmb":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
+    compiled = triton.compile(src, target=target, options={"num_warps": config[2], "num_stages": config[3]})
+    report = {"kind": kind, "head_dim": head_dim, "dtype": ty, "sm": target.arch, "config": tuple(config),
+              "shared": compiled.metadata.shared, "registers": None, "local": None}
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        res = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin], capture_output=True, text=True,
+                             check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "--dump-sass", cubin], capture_output=True, text=True,
+                              check=True).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", res)
+    report.update(registers=int(m.group(1)), stack=int(m.group(2)), local=int(m.group(4)), raw=res.strip())
+    report["hgmma"] = sass.count("HGMMA")
+    report["hmma"] = sass.count("HMMA")
+    report["spill_insts"] = len(re.findall(r"\b(?:LDL|STL)\b", sass))
+    return report
+
+
+# ---- integration with transformers (other models) ---------------------------------------------------------
+
+
+def _transformers_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                            sliding_window=None, is_causal=None, **kwargs):
+    """transformers AttentionInterface function: query (B, H, L, D), key/value (B, Hk, S, D) -> ((B, L, H, D),
+    None). `attention_mask` is what the mask function registered with it returns: None or the (B, S) bool
+    key-padding mask (transformers' `flash_attention_mask`); causality and the window come from the module."""
+    if dropout and module.training:
+        raise NotImplementedError("florenz softcap attention has no attention dropout")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    kpm = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError("florenz softcap attention expects the 2D padding mask of its registered mask "
+                             f"function, got shape {tuple(attention_mask.shape)}")
+        kpm = attention_mask[:, -key.shape[2]:].bool()
+    out, _ = softcap_attention(query, key, value, softcap=float(softcap or 0.0), scale=scaling, causal=bool(causal),
+                               window=int(sliding_window) if (causal and sliding_window) else None,
+                               key_padding_mask=kpm)
+    return out.transpose(1, 2), None  # out has q's strides: for transformers' (B, L, H, D) storage this is free
+
+
+def register_transformers_attention(name: str = "florenz_softcap") -> str:
+    """Register this kernel with transformers' AttentionInterface (and the matching 2D padding-mask function
+    with its AttentionMaskInterface) so `from_pretrained(..., attn_implementation=name)` or
+    `config._attn_implementation = name` runs it. Returns `name`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(name, _transformers_attention)
+    AttentionMaskInterface.register(name, flash_attention_mask)
+    return name
