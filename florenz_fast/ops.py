@@ -218,3 +218,33 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
     return torch.arange(total, device=cu_seqlens.device) - starts
+
+
+# ---- `triton` backend: florenz_kernels.softcap_attention (imported on first use) ------------------------
+
+
+def _attention_triton(q, k, v, *, scale, softcap, causal, window, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                      max_seqlen_q, max_seqlen_k, dropout_p):
+    """The fused Triton kernel (forward + backward, torch.library op `florenz::softcap_attention_fwd`); same
+    conventions as the `torch` backend. Not covered: attention dropout and float64 (use `torch` for those)."""
+    if dropout_p:
+        raise NotImplementedError("attention backend 'triton' has no attention dropout; use backend='torch'")
+    from florenz_kernels.softcap_attention import softcap_attention
+
+    out, _ = softcap_attention(q, k, v, softcap=softcap, scale=scale, causal=causal, window=window,
+                               cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                               max_seqlen_k=max_seqlen_k, key_padding_mask=key_padding_mask)
+    return out
+
+
+def _triton_importable() -> bool:
+    import importlib.util
+
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in ("triton", "florenz_kernels"))
+    except (ImportError, ValueError):
+        return False
+
+
+if _triton_importable():
+    register_backend("triton", _attention_triton)
