@@ -226,9 +226,19 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
 def _attention_triton(q, k, v, *, scale, softcap, causal, window, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                       max_seqlen_q, max_seqlen_k, dropout_p):
     """The fused Triton kernel (forward + backward, torch.library op `florenz::softcap_attention_fwd`); same
-    conventions as the `torch` backend. Not covered: attention dropout and float64 (use `torch` for those)."""
-    if dropout_p:
-        raise NotImplementedError("attention backend 'triton' has no attention dropout; use backend='torch'")
+    conventions as the `torch` backend.
+
+    Calls outside what the kernel covers run on the `torch` reference instead, so that the backend can be
+    switched on for a whole model: attention dropout (the BART encoder in training), float64, head dims above
+    256 (DaViT's channel attention, whose "head dim" is the number of image patches), and CPU tensors unless
+    TRITON_INTERPRET=1.
+    """
+    if (dropout_p or q.dtype == torch.float64 or q.shape[-1] > 256
+            or (not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1")):
+        return _attention_torch(q, k, v, scale=scale, softcap=softcap, causal=causal, window=window,
+                                key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q,
+                                cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                dropout_p=dropout_p)
     from florenz_kernels.softcap_attention import softcap_attention
 
     out, _ = softcap_attention(q, k, v, softcap=softcap, scale=scale, causal=causal, window=window,

@@ -319,8 +319,20 @@ def test_invalid_inputs_raise():
         sa.softcap_attention(q.double(), k.double(), k.double())
     with pytest.raises(ValueError, match="key_padding_mask must be"):
         sa.softcap_attention(q, k, k, key_padding_mask=torch.ones(1, 4, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="dropout"):
-        ops.attention(q, k, k, scale=1.0, dropout_p=0.1, backend="triton")
+
+
+def test_ops_backend_falls_back_to_the_reference_outside_the_kernel():
+    """Dropout, float64 and head dims > 256 (DaViT channel attention) run on the `torch` reference, exactly."""
+    g = torch.Generator().manual_seed(5)
+    cases = [(torch.float32, 16, 0.25), (torch.float64, 16, 0.0), (torch.float32, 320, 0.0)]
+    for dtype, dim, p in cases:
+        q = torch.randn(1, 4, 9, dim, generator=g, dtype=dtype).to(DEVICE)
+        k = torch.randn(1, 2, 9, dim, generator=g, dtype=dtype).to(DEVICE)
+        outs = []
+        for backend in ("triton", "torch"):
+            torch.manual_seed(11)  # the same dropout mask for both
+            outs.append(ops.attention(q, k, k, scale=0.3, softcap=5.0, causal=True, dropout_p=p, backend=backend))
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
 # ---- torch.library: opcheck, torch.compile, the ops backend --------------------------------------------------
