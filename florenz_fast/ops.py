@@ -241,6 +241,13 @@ def _attention_triton(q, k, v, *, scale, softcap, causal, window, key_padding_ma
                                 dropout_p=dropout_p)
     from florenz_kernels.softcap_attention import softcap_attention
 
+    # The kernel takes one dtype. Under autocast, RoPE's fp32 cos/sin promote q and k to fp32 while v comes
+    # out of its projection in bf16; run at the autocast dtype, as the matmuls of the reference would.
+    dev = q.device.type
+    dt = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+          else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+
     out, _ = softcap_attention(q, k, v, softcap=softcap, scale=scale, causal=causal, window=window,
                                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                                max_seqlen_k=max_seqlen_k, key_padding_mask=key_padding_mask)
