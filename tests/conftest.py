@@ -1,4 +1,4 @@
-"""Shared pytest set-up: tests marked `gpu` run only where CUDA is available."""
+"""Shared pytest set-up: tests marked `gpu` run only where CUDA is available; a one-thread fixture."""
 
 from __future__ import annotations
 
@@ -13,3 +13,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """One intra-op thread for a module of tiny tensors: on the 2-core machines, torch's 2 threads fighting
+    another busy process made tests/test_ops.py take 24 s instead of 4.4 s (measured). Restored afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

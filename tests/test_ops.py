@@ -24,14 +24,7 @@ import torch
 from florenz_fast import ops
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # Every tensor here is tiny; on the 2-core dev box with another process busy, torch's 2 intra-op threads
-    # made this file take 24 s instead of 4.4 s (measured). Restored afterwards for the other test files.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tiny tensors (tests/conftest.py)
 
 
 # ---- the naive reference ------------------------------------------------------------------------

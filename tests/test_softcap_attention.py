@@ -46,13 +46,7 @@ if DEVICE == "cpu" and not sa.INTERPRET:
                 allow_module_level=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # tiny tensors: torch's intra-op threads only fight the interpreter for the 2 cores
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tiny tensors (tests/conftest.py)
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
