@@ -28,7 +28,7 @@ from .checkpoint import CheckpointError, load_into, open_checkpoint, save_state_
 from .config import FlorenzConfig
 from .florenz import Florenz
 
-LAYOUTS = ("ours", "released", "microsoft", "native")
+LAYOUTS = ("ours", "released", "microsoft", "native", "gemma2")
 
 # Our vision-tower names are transformers' native ones; Microsoft's (and so the released Florenz checkpoints)
 # wrap each sub-layer in PreNorm/Residual helpers, hence the `.fn.` levels.
@@ -75,6 +75,8 @@ def external_name(key: str, layout: str) -> str:
         return _replace_prefix(key, _MICROSOFT_PREFIX)
     if layout == "native":
         return _replace_prefix(key, _NATIVE_PREFIX)
+    if layout == "gemma2":  # a Hugging Face Gemma2ForCausalLM: our decoder is its `model`
+        return _replace_prefix(key, [("decoder.", "model.")])
     raise ValueError(f"unknown layout {layout!r}; known: {LAYOUTS}")
 
 
@@ -83,7 +85,7 @@ def _aliases(key: str, layout: str) -> list[str]:
     if key == "decoder.embed_tokens.weight":
         return {"released": ["language_model.lm_head.weight"], "microsoft": ["language_model.lm_head.weight",
                 "language_model.model.shared.weight"], "native": ["lm_head.weight",
-                "model.language_model.shared.weight"]}.get(layout, [])
+                "model.language_model.shared.weight"], "gemma2": ["lm_head.weight"]}.get(layout, [])
     if key == "encoder.embed_tokens.weight":
         return {"microsoft": ["language_model.model.shared.weight"],
                 "native": ["model.language_model.shared.weight"]}.get(layout, [])
@@ -117,13 +119,12 @@ class _View(Mapping):
         return len(self.names)
 
 
-def _load_part(model: Florenz, source, layout: str, prefixes: tuple[str, ...], *, ignore: Callable[[str], bool],
+def _load_part(model: Florenz, source, layout: str, ours: list[str], *, ignore: Callable[[str], bool],
                dtype=None, device=None) -> None:
-    """Load every tensor of `model` under `prefixes` from `source` (in `layout`) - all or nothing.
+    """Load the tensors `ours` (our state-dict names) of `model` from `source` (in `layout`) - all or nothing.
 
     Checkpoint keys that belong to no loaded part must satisfy `ignore`, else they are reported as unexpected.
     """
-    ours = [k for k in model.state_dict() if k.startswith(prefixes)]
     names, missing = {}, []
     for key in ours:
         candidates = [external_name(key, layout), *_aliases(key, layout)]
@@ -143,6 +144,10 @@ def _load_part(model: Florenz, source, layout: str, prefixes: tuple[str, ...], *
         )
     transposed = {k for k in names if _needs_transpose(k, layout)}
     load_into(model, _View(source, names, transposed), strict=False, dtype=dtype, device=device)
+
+
+def _keys_under(model: Florenz, prefixes: tuple[str, ...]) -> list[str]:
+    return [k for k in model.state_dict() if k.startswith(prefixes)]
 
 
 def _short(keys: list[str], n: int = 20) -> str:
@@ -169,8 +174,8 @@ def export_state_dict(model: Florenz, layout: str = "released") -> dict[str, tor
 
 def import_florenz_released(model: Florenz, path, *, dtype=None, device=None) -> None:
     """Load a released Florenz checkpoint (names as in florenz_checkpoint_keys.json) into `model`."""
-    _load_part(model, _as_source(path), "released", ("vision_tower.", "projector.", "encoder.", "decoder."),
-               ignore=lambda k: False, dtype=dtype, device=device)
+    _load_part(model, _as_source(path), "released",
+               _keys_under(model, ("vision_tower.", "projector.", "encoder.", "decoder.")), ignore=lambda k: False, dtype=dtype, device=device)
 
 
 # ---- Florence-2 -----------------------------------------------------------------------------------------
@@ -196,7 +201,7 @@ def import_florence2(model: Florenz, path, *, with_decoder: bool | None = None, 
     layout = detect_florence2_layout(source)
     dec = model.cfg.decoder
     if with_decoder is None:
-        with_decoder = dec.kind == "bart" and _vocab_of(source, layout) == dec.vocab_size
+        with_decoder = dec.kind == "bart" and rows_of(source, "decoder.embed_tokens.weight", layout) == dec.vocab_size
     parts = ("vision_tower.", "projector.", "encoder.") + (("decoder.",) if with_decoder else ())
     for bias_key in ("language_model.final_logits_bias", "model.language_model.final_logits_bias",
                      "final_logits_bias"):
@@ -208,12 +213,13 @@ def import_florence2(model: Florenz, path, *, with_decoder: bool | None = None, 
         return (not with_decoder and (k.startswith(decoder_prefix) or k in ("lm_head.weight",
                 "language_model.lm_head.weight"))) or k.endswith("final_logits_bias")
 
-    _load_part(model, source, layout, parts, ignore=ignore, dtype=dtype, device=device)
+    _load_part(model, source, layout, _keys_under(model, parts), ignore=ignore, dtype=dtype, device=device)
     return layout
 
 
-def _vocab_of(source, layout: str) -> int | None:
-    for key in (external_name("decoder.embed_tokens.weight", layout), *_aliases("decoder.embed_tokens.weight", layout)):
+def rows_of(source, key_ours: str, layout: str) -> int | None:
+    """Rows (dim 0) of our tensor `key_ours` as stored in `source` (main name or a tied alias); None if absent."""
+    for key in (external_name(key_ours, layout), *_aliases(key_ours, layout)):
         if key in source:
             return int((source.shape(key) if hasattr(source, "shape") else source[key].shape)[0])
     return None
@@ -232,24 +238,8 @@ def import_gemma2(model: Florenz, path, *, dtype=None, device=None) -> None:
     """
     if model.cfg.decoder.kind != "gemma2":
         raise ValueError(f"preset {model.cfg.name!r} has a {model.cfg.decoder.kind} decoder, not Gemma-2")
-    source = _as_source(path)
-    ours = [k for k in model.state_dict() if k.startswith("decoder.")
-            and not any(part.startswith(_GEMMA_OWN) for part in k.split("."))]
-    names, missing = {}, []
-    for key in ours:
-        candidates = ["model." + key[len("decoder."):]]
-        if key == "decoder.embed_tokens.weight":
-            candidates.append("lm_head.weight")
-        found = next((c for c in candidates if c in source), None)
-        (missing.append(candidates[0]) if found is None else names.__setitem__(key, found))
-    unexpected = sorted(k for k in source.keys() if k not in names.values() and k != "lm_head.weight")
-    if missing or unexpected:
-        raise CheckpointError(f"cannot import Gemma-2 checkpoint {getattr(source, 'path', path)} into "
-                              f"{model.cfg.name!r}:"
-                              + (f"\n  missing keys ({len(missing)}): {_short(missing)}" if missing else "")
-                              + (f"\n  unexpected keys ({len(unexpected)}): {_short(unexpected)}"
-                                 if unexpected else ""))
-    load_into(model, _View(source, names, set()), strict=False, dtype=dtype, device=device)
+    ours = [k for k in _keys_under(model, ("decoder.",)) if not any(p.startswith(_GEMMA_OWN) for p in k.split("."))]
+    _load_part(model, _as_source(path), "gemma2", ours, ignore=lambda k: False, dtype=dtype, device=device)
 
 
 # ---- our own format -------------------------------------------------------------------------------------

@@ -177,10 +177,5 @@ def apply_trainable_policy(model: Florenz) -> dict[str, int]:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (a tensor shared by two names counts once)."""
-    seen, total = set(), 0
-    for p in model.parameters():  # .parameters() already de-duplicates shared Parameters
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+    """Unique parameters (a tensor shared by two names counts once: .parameters() de-duplicates)."""
+    return sum(p.numel() for p in model.parameters())

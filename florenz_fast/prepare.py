@@ -27,7 +27,8 @@ import torch
 
 from .checkpoint import open_checkpoint
 from .config import apply_overrides, get_config
-from .convert import detect_florence2_layout, external_name, import_florence2, import_gemma2, save_pretrained
+from .convert import (detect_florence2_layout, external_name, import_florence2, import_gemma2, rows_of,
+                      save_pretrained)
 from .florenz import Florenz
 from .text import TextTokenizer, load_decoder_tokenizer, load_encoder_tokenizer
 
@@ -35,14 +36,11 @@ CROSS_INIT_STD = 0.02
 
 
 def _rows(source, key_ours: str, layout: str) -> int:
-    key = external_name(key_ours, layout)
-    if key not in source and layout == "native":
-        key = "model.language_model.shared.weight"
-    if key not in source and layout == "microsoft":
-        key = "language_model.model.shared.weight"
-    if key not in source:
-        raise ValueError(f"{source.path}: no {key_ours} ({key}) in this Florence-2 checkpoint")
-    return int(source.shape(key)[0])
+    rows = rows_of(source, key_ours, layout)
+    if rows is None:
+        raise ValueError(f"{source.path}: no {key_ours} ({external_name(key_ours, layout)}) in this Florence-2 "
+                         "checkpoint")
+    return rows
 
 
 def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
