@@ -168,7 +168,10 @@ class Batch:
 
     def loss_by_key(self, logits: torch.Tensor) -> dict[str, tuple[float, int]]:
         """{task-language key: (sum of token losses, token count)} for logging; detached."""
-        sums, counts = self.per_sample_token_losses(logits.detach())
+        return self.group_by_key(*self.per_sample_token_losses(logits.detach()))
+
+    def group_by_key(self, sums: torch.Tensor, counts: torch.Tensor) -> dict[str, tuple[float, int]]:
+        """Per-sample (loss sum, token count), as from per_sample_token_losses, added up per key."""
         out: dict[str, tuple[float, int]] = {}
         for key, s, c in zip(self.keys, sums.tolist(), counts.tolist()):
             s0, c0 = out.get(key, (0.0, 0))

@@ -304,10 +304,7 @@ def train(cfg: TrainConfig) -> dict:
             scaler.scale(loss).backward()
             stats += torch.tensor([sums.sum().item(), float(counts.sum()), float(batch.num_samples)],
                                   device=world.device)
-            for key, s_, c_ in zip(batch.keys, sums.tolist(), counts.tolist()):
-                acc = by_key.setdefault(key, [0.0, 0.0])
-                acc[0] += s_
-                acc[1] += c_
+            _add_by_key(by_key, batch.group_by_key(sums.detach(), counts))
             encoder_tokens += batch.num_encoder_tokens
         scaler.unscale_(optimizer)
         grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
@@ -379,11 +376,15 @@ def _merge_across_ranks(by_key: dict[str, list[float]], world: World) -> dict[st
     torch.distributed.all_gather_object(gathered, by_key)
     merged: dict[str, list[float]] = {}
     for part in gathered:
-        for key, (s, c) in part.items():
-            acc = merged.setdefault(key, [0.0, 0.0])
-            acc[0] += s
-            acc[1] += c
+        _add_by_key(merged, part)
     return merged
+
+
+def _add_by_key(into: dict[str, list[float]], part: dict) -> None:
+    for key, (s, c) in part.items():
+        acc = into.setdefault(key, [0.0, 0.0])
+        acc[0] += s
+        acc[1] += c
 
 
 def _profiler(cfg: TrainConfig, out: Path, world: World):
