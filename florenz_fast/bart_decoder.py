@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .config import DecoderConfig
 from .encoder import BartAttention, BartStack
-from .modules import Layout
+from .modules import Layout, project_kv_all_layers
 
 
 class BartDecoderLayer(nn.Module):
@@ -29,10 +29,11 @@ class BartDecoderLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.ffn, d)
         self.final_layer_norm = nn.LayerNorm(d, eps=eps)
 
-    def forward(self, x, layout: Layout, enc_BSd, enc_layout: Layout):
+    def forward(self, x, layout: Layout, enc_BSd, enc_layout: Layout, cross_kv=None):
         drop = lambda t: F.dropout(t, self.dropout, self.training)  # noqa: E731
         x = self.self_attn_layer_norm(x + drop(self.self_attn(x, layout, causal=True)))
-        x = self.encoder_attn_layer_norm(x + drop(self.encoder_attn(x, layout, enc_BSd, enc_layout)))
+        cross = self.encoder_attn(x, layout, enc_BSd, enc_layout, projected_kv=cross_kv)
+        x = self.encoder_attn_layer_norm(x + drop(cross))
         h = drop(self.fc2(drop(F.gelu(self.fc1(x)))))
         return self.final_layer_norm(x + h)
 
@@ -42,9 +43,15 @@ class BartDecoder(BartStack):
         super().__init__(cfg.vocab_size, cfg.hidden, cfg.max_positions, cfg.layer_norm_eps, cfg.dropout)
         self.cfg = cfg
         self.layers = nn.ModuleList(BartDecoderLayer(cfg) for _ in range(cfg.layers))
+        self.fuse_cross_kv = True  # as in GemmaDecoder
+
+    def cross_kv(self, enc_BSd: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's cross-attention (k, v), each (B, S, d), from one GEMM (also the generation cache)."""
+        return project_kv_all_layers(enc_BSd, [layer.encoder_attn for layer in self.layers])
 
     def forward(self, ids_BL: torch.Tensor, layout: Layout, enc_BSd: torch.Tensor, enc_layout: Layout):
         x = self.add_positions(self.embed_tokens(ids_BL), layout)
-        for layer in self.layers:
-            x = layer(x, layout, enc_BSd, enc_layout)
+        cross = self.cross_kv(enc_BSd) if self.fuse_cross_kv else [None] * len(self.layers)
+        for layer, kv in zip(self.layers, cross):
+            x = layer(x, layout, enc_BSd, enc_layout, cross_kv=kv)
         return x

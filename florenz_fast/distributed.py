@@ -106,6 +106,9 @@ def wrap_model(model: Florenz, world: World, *, parallel: str, activation_checkp
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        # each layer's weights are whole only inside its own forward: the decoder's all-layer cross K/V GEMM
+        # reads every layer's k/v weights at once, so under FSDP2 each layer projects its own
+        model.decoder.fuse_cross_kv = False
         for layers in _layer_lists(model):
             for layer in layers:
                 fully_shard(layer)

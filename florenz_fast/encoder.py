@@ -28,10 +28,13 @@ class BartAttention(nn.Module):
         self.v_proj = nn.Linear(d_kv or d, d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x_BLd, layout: Layout, kv_BSd=None, kv_layout: Layout | None = None, causal=False):
+    def forward(self, x_BLd, layout: Layout, kv_BSd=None, kv_layout: Layout | None = None, causal=False,
+                projected_kv=None):
+        """`projected_kv`: (k, v) already projected from kv_BSd (the decoder's all-layer cross K/V GEMM)."""
         kv = x_BLd if kv_BSd is None else kv_BSd
+        k, v = projected_kv if projected_kv is not None else (self.k_proj(kv), self.v_proj(kv))
         out = attend(
-            self.q_proj(x_BLd), self.k_proj(kv), self.v_proj(kv), heads=self.heads, kv_heads=self.heads,
+            self.q_proj(x_BLd), k, v, heads=self.heads, kv_heads=self.heads,
             q_layout=layout, k_layout=kv_layout or layout, scale=self.scale, causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
         )

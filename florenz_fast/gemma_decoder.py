@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DecoderConfig
-from .modules import Layout, attend
+from .modules import Layout, attend, project_kv_all_layers
 
 
 class RMSNorm(nn.Module):
@@ -67,10 +67,13 @@ class GemmaAttention(nn.Module):
         self.v_proj = nn.Linear(d_kv or cfg.hidden, Hk * D, bias=False)
         self.o_proj = nn.Linear(H * D, cfg.hidden, bias=False)
 
-    def forward(self, x_BLd, layout: Layout, kv_BSd=None, kv_layout=None, causal=False, window=None, rope=None):
+    def forward(self, x_BLd, layout: Layout, kv_BSd=None, kv_layout=None, causal=False, window=None, rope=None,
+                projected_kv=None):
+        """`projected_kv`: (k, v) already projected from kv_BSd (the decoder's all-layer cross K/V GEMM)."""
         kv = x_BLd if kv_BSd is None else kv_BSd
+        k, v = projected_kv if projected_kv is not None else (self.k_proj(kv), self.v_proj(kv))
         out = attend(
-            self.q_proj(x_BLd), self.k_proj(kv), self.v_proj(kv), heads=self.cfg.heads,
+            self.q_proj(x_BLd), k, v, heads=self.cfg.heads,
             kv_heads=self.cfg.kv_heads, q_layout=layout, k_layout=kv_layout or layout, rope=rope,
             scale=self.cfg.query_pre_attn_scalar ** -0.5, softcap=self.cfg.attn_softcap, causal=causal,
             window=window,
@@ -104,10 +107,10 @@ class GemmaDecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = norm()
         self.post_feedforward_layernorm = norm()
 
-    def forward(self, x, layout: Layout, enc_BSd, enc_layout: Layout, rope):
+    def forward(self, x, layout: Layout, enc_BSd, enc_layout: Layout, rope, cross_kv=None):
         h = x + self.post_attention_layernorm(
             self.self_attn(self.input_layernorm(x), layout, causal=True, window=self.window, rope=rope))
-        cross = self.encoder_attn(h, layout, kv_BSd=enc_BSd, kv_layout=enc_layout)
+        cross = self.encoder_attn(h, layout, kv_BSd=enc_BSd, kv_layout=enc_layout, projected_kv=cross_kv)
         h = h + torch.tanh(self.encoder_attn_gate).to(h.dtype) * self.post_encoder_attention_layernorm(cross)
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
@@ -120,6 +123,13 @@ class GemmaDecoder(nn.Module):
         self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, i) for i in range(cfg.layers))
         self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        # one GEMM for every layer's cross K/V (modules.project_kv_all_layers); FSDP2 turns it off, since it
+        # shards the weights per layer and they are whole only inside that layer's forward
+        self.fuse_cross_kv = True
+
+    def cross_kv(self, enc_BSd: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's cross-attention (k, v), each (B, S, Hk * D), from one GEMM (also the generation cache)."""
+        return project_kv_all_layers(enc_BSd, [layer.encoder_attn for layer in self.layers])
 
     def forward(self, ids_BL: torch.Tensor, layout: Layout, enc_BSd: torch.Tensor, enc_layout: Layout):
         """Final hidden states (B, L, d) before the tied lm_head."""
@@ -128,6 +138,7 @@ class GemmaDecoder(nn.Module):
         x = x * torch.tensor(self.cfg.hidden ** 0.5, dtype=x.dtype)
         cos, sin = self.rotary.cos_sin(layout.positions(ids_BL.shape[1], ids_BL.device), x.dtype)
         rope = lambda q, k: Rotary.rotate(q, k, cos, sin)  # noqa: E731
-        for layer in self.layers:
-            x = layer(x, layout, enc_BSd, enc_layout, rope)
+        cross = self.cross_kv(enc_BSd) if self.fuse_cross_kv else [None] * len(self.layers)
+        for layer, kv in zip(self.layers, cross):
+            x = layer(x, layout, enc_BSd, enc_layout, rope, cross_kv=kv)
         return self.norm(x)

@@ -1,10 +1,13 @@
-"""Small building blocks shared by the model parts: the batch layout and the head-splitting attention call."""
+"""Small building blocks shared by the model parts: the batch layout, the head-splitting attention call, and the
+all-layer cross-attention K/V projection."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops
 
@@ -57,3 +60,21 @@ def attend(q_BLX, k_BSX, v_BSX, *, heads: int, kv_heads: int, q_layout: Layout, 
         return out.reshape(1, L, -1)
     out = ops.attention(q, k, v, key_padding_mask=k_layout.mask, **kw)
     return out.transpose(1, 2).reshape(B, L, -1)
+
+
+def project_kv_all_layers(x_BSd: torch.Tensor, attns: list[nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The K and V projections of every attention module in `attns` (each with nn.Linear `k_proj` / `v_proj`,
+    biases optional) from one GEMM over their concatenated weights, instead of 2 x len(attns) small ones.
+
+    Returns one (k, v) pair per module, each (B, S, out) and equal to (attn.k_proj(x), attn.v_proj(x)). They
+    are column slices of one (B, S, n_layers * 2 * out) result, so every token's K and V for all layers sit
+    in one contiguous row; ops.attention's backends take such strided views as they are (last dim
+    contiguous), and generation keeps the whole tensor as the cross-attention cache. Autograd splits the
+    weight gradient back into the per-layer parameters (one GEMM for all of them as well).
+    """
+    weights = [w for a in attns for w in (a.k_proj.weight, a.v_proj.weight)]
+    biases = [b for a in attns for b in (a.k_proj.bias, a.v_proj.bias)]
+    bias = None if biases[0] is None else torch.cat(biases)
+    kv = F.linear(x_BSd, torch.cat(weights), bias)
+    pieces = kv.split([w.shape[0] for w in weights], dim=-1)
+    return [(pieces[2 * i], pieces[2 * i + 1]) for i in range(len(attns))]
