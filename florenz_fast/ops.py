@@ -233,8 +233,7 @@ def _attention_triton(q, k, v, *, scale, softcap, causal, window, key_padding_ma
     256 (DaViT's channel attention, whose "head dim" is the number of image patches), and CPU tensors unless
     TRITON_INTERPRET=1.
     """
-    if (dropout_p or q.dtype == torch.float64 or q.shape[-1] > 256
-            or (not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1")):
+    if dropout_p or q.dtype == torch.float64 or q.shape[-1] > 256 or not triton_runs_on(q):
         return _attention_torch(q, k, v, scale=scale, softcap=softcap, causal=causal, window=window,
                                 key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q,
                                 cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
@@ -252,6 +251,17 @@ def _attention_triton(q, k, v, *, scale, softcap, causal, window, key_padding_ma
                                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                                max_seqlen_k=max_seqlen_k, key_padding_mask=key_padding_mask)
     return out
+
+
+def triton_runs_on(t: torch.Tensor) -> bool:
+    """Whether Triton kernels can run on t: a CUDA tensor, or a CPU one under TRITON_INTERPRET=1."""
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_fused_kernels(t: torch.Tensor) -> bool:
+    """True where the `triton` backend is selected and its kernels can run on t. The model's other fused
+    kernels (the image-token projection, ...) follow the attention backend: one switch for the engine."""
+    return get_backend() == "triton" and triton_runs_on(t)
 
 
 def _triton_importable() -> bool:

@@ -231,10 +231,18 @@ class ImageTokenProjector(nn.Module):
 
     def forward(self, feats_BCHW):
         B, C, H, W = feats_BCHW.shape
-        x = feats_BCHW + self.image_position_embed(H, W).permute(2, 0, 1)[None]
-        x_BNC = x.flatten(2).transpose(1, 2) + self.visual_temporal_embed.pos_idx_to_embed[0]
+        # DaViT's map is a (B, C, H, W) view of (B, N, C) memory: this transpose is contiguous again
+        x_BNC = feats_BCHW.flatten(2).transpose(1, 2)
+        pos_NC = self.image_position_embed(H, W).reshape(H * W, C) + self.visual_temporal_embed.pos_idx_to_embed[0]
+        norm = self.image_proj_norm
+        if ops.use_fused_kernels(x_BNC):  # florenz_kernels.image_tokens: the same arithmetic, fused
+            from florenz_kernels.image_tokens import image_tokens
+
+            return image_tokens(x_BNC, pos_NC.to(x_BNC.dtype), self.image_projection.weight, norm.weight, norm.bias,
+                                norm.eps)
+        x_BNC = x_BNC + pos_NC
         x_BNC = torch.cat([x_BNC.mean(dim=1, keepdim=True), x_BNC], dim=1)
-        return self.image_proj_norm(self.image_projection(x_BNC))
+        return norm(self.image_projection(x_BNC))
 
 
 def check_pixels(pixels: torch.Tensor, cfg: FlorenzConfig) -> None:

@@ -1019,69 +1019,33 @@ _F32_PTRS = {"LSE", "DELTA"}
 _PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA", "CU_Q", "CU_K", "KPM"}
 
 
-def _cuobjdump():
-    import shutil
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    return path if os.path.exists(path) else shutil.which("cuobjdump")
-
-
 def static_resource_report(kind: str, head_dim: int, dtype: torch.dtype, capability: tuple[int, int], config: tuple,
                            *, varlen=False, causal=True, window=True, kpm=False, softcap=True,
                            split=None) -> dict:
-    """Compile one kernel config for `capability` on this (GPU-less) machine with triton.compile and read the
-    cubin's resource usage: {'registers', 'local' (spill/stack bytes), 'shared', 'hmma'/'hgmma' counts}.
-    Needs TRITON_INTERPRET unset when this module was imported."""
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """Compile one kernel config for `capability` on this (GPU-less) machine and read the cubin's resource usage
+    (florenz_kernels._static.compile_report). Needs TRITON_INTERPRET unset when this module was imported."""
+    from ._static import compile_report
 
     fn = globals()[_KERNELS[kind]]
-    if not isinstance(fn, triton.runtime.jit.JITFunction):
-        raise RuntimeError("static_resource_report needs the compiled (non-interpreted) kernels")
     ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     const = dict(IS_VARLEN=varlen, IS_CAUSAL=causal, HAS_WINDOW=window, HAS_KPM=kpm, SOFTCAP=softcap,
                  FAST_TANH=(dtype == torch.bfloat16), HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
                  DOT_PREC=_dot_prec(dtype), BLOCK_M=config[0], BLOCK_N=config[1])
     if kind in ("dkdv", "dk", "dv"):  # fused, or dK / dV alone (the D > 128 split)
         const.update(COMPUTE_DK=kind in ("dkdv", "dk"), COMPUTE_DV=kind in ("dkdv", "dv"))
-    signature, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in fn.constexprs or name in const or fn.params[i].is_constexpr:
-            if name not in const:
-                continue
-            signature[name] = "constexpr"
-            constexprs[name] = const[name]
-        elif name in _PTRS:
-            signature[name] = ("*fp32" if name in _F32_PTRS else "*i32" if name.startswith("CU_")
-                               else "*u8" if name == "KPM" else "*" + ty)
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in _FLOAT_ARGS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if name.startswith("stride_") and not name.startswith("stride_l") and name != "stride_kpmb":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
-    compiled = triton.compile(src, target=target, options={"num_warps": config[2], "num_stages": config[3]})
-    report = {"kind": kind, "head_dim": head_dim, "dtype": ty, "sm": target.arch, "config": tuple(config),
-              "shared": compiled.metadata.shared, "registers": None, "local": None}
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "k.cubin")
-        with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        res = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin], capture_output=True, text=True,
-                             check=True).stdout
-        sass = subprocess.run([_cuobjdump(), "--dump-sass", cubin], capture_output=True, text=True,
-                              check=True).stdout
-    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", res)
-    report.update(registers=int(m.group(1)), stack=int(m.group(2)), local=int(m.group(4)), raw=res.strip())
-    report["hgmma"] = sass.count("HGMMA")
-    report["hmma"] = sass.count("HMMA")
-    report["spill_insts"] = len(re.findall(r"\b(?:LDL|STL)\b", sass))
+
+    def arg_type(name):
+        if name in _PTRS:
+            return "*fp32" if name in _F32_PTRS else "*i32" if name.startswith("CU_") else "*u8" if name == "KPM" \
+                else "*" + ty
+        return "fp32" if name in _FLOAT_ARGS else "i32"
+
+    def aligned(name):
+        return name in _PTRS or (name.startswith("stride_") and not name.startswith("stride_l")
+                                 and name != "stride_kpmb")
+
+    report = compile_report(fn, const, arg_type, aligned, capability, num_warps=config[2], num_stages=config[3])
+    report.update(kind=kind, head_dim=head_dim, dtype=ty, config=tuple(config))
     return report
 
 

@@ -1,7 +1,7 @@
 """florenz_kernels.softcap_attention (Triton, forward + backward) against the float64 references.
 
-On CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set below before the kernel module is
-imported: Triton reads it when the kernels are decorated). The interpreter's bf16 tl.dot is wrong (DESIGN.md),
+On CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by tests/triton_interpreter.py before the
+kernel module is imported). The interpreter's bf16 tl.dot is wrong (DESIGN.md),
 so CPU runs cover fp32 and fp16; bf16 is covered on the GPU (tests marked `gpu`).
 
 Rule (DESIGN.md 3, flash-attention's): the kernel's max error against the float64 reference must be within 2x
@@ -25,22 +25,11 @@ import time
 import pytest
 import torch
 
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-    os.environ["TRITON_INTERPRET"] = "1"
-    # Triton decides interpreted vs compiled when a function is decorated, its own jit'd stdlib (tl.zeros,
-    # tl.sum, tl.max, ...) included. Earlier test modules import triton through transformers / torch._inductor, so
-    # in a whole-suite run it is already loaded compiled-mode: re-import it fresh under the interpreter (the old
-    # module objects stay with whoever holds them; nothing else here launches Triton kernels on the CPU).
-    if "florenz_kernels.softcap_attention" not in sys.modules:
-        for _name in [m for m in sys.modules if (m == "triton" or m.startswith("triton."))
-                      and not m.startswith("triton._C")]:  # the C extension cannot load twice; it holds no jit
-            del sys.modules[_name]
-
+from tests.triton_interpreter import DEVICE  # noqa: E402  (first: switches the interpreter on)
 from florenz_fast import ops  # noqa: E402
 from florenz_kernels import softcap_attention as sa  # noqa: E402
 from tests.test_ops import naive_attention  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not sa.INTERPRET:
     pytest.skip("florenz_kernels.softcap_attention was imported without TRITON_INTERPRET=1 before this module",
                 allow_module_level=True)
@@ -449,7 +438,9 @@ with ProcessPoolExecutor(int(sys.argv[1])) as ex:
 
 @pytest.fixture(scope="module")
 def static_reports():
-    if not os.path.exists(sa._cuobjdump() or ""):
+    from florenz_kernels._static import cuobjdump
+
+    if not os.path.exists(cuobjdump() or ""):
         pytest.skip("no cuobjdump (triton's bundled one is missing)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     t0 = time.time()
