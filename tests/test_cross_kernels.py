@@ -206,6 +206,17 @@ def test_image_tokens_match_the_reference(side, C, d, dtype):
         assert_within_2x(a.to(r.device), r, lo, f"{name} {dtype}")
 
 
+def test_kernel_module_reference_is_the_model_path():
+    proj = _projector(40, 24).double()
+    feats = torch.randn(2, 40, 5, 5, dtype=torch.float64)
+    want = proj(feats)  # the `torch` backend (default)
+    pos = proj.image_position_embed(5, 5).reshape(25, 40) + proj.visual_temporal_embed.pos_idx_to_embed[0]
+    norm = proj.image_proj_norm
+    got = it.image_tokens_reference(feats.flatten(2).transpose(1, 2), pos.double(), proj.image_projection.weight,
+                                    norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_image_tokens_inputs_checked():
     x = torch.randn(2, 4, 8)
     with pytest.raises(ValueError, match=r"x must be \(B, N, C\), pos \(N, C\) and weight \(d, C\)"):
