@@ -629,13 +629,18 @@ _GPU_CONFIGS = {
               4: {"sm90": [(16, 16, 4, 1)], "sm80": [(16, 32, 4, 2)]}},
     },
     "dv": {
-        # sm_80: (32, 128, 8, 2) spills 8 B in the key-padding-mask variant
-        256: {2: {"sm90": [(64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2)], "sm80": [(64, 64, 8, 2)]},
+        # sm_80: (32, 128, 8, 2) spills 8 B in the key-padding-mask variant, (64, 32, 8, 2) 16 B packed causal
+        256: {2: {"sm90": [(64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2)],
+                  "sm80": [(64, 64, 8, 2), (32, 64, 8, 2)]},
               4: {"sm90": [(16, 16, 4, 1)], "sm80": [(16, 16, 4, 1)]}},
     },
     "pre": {d: {e: {"sm90": [(bm, 0, 4, 1)], "sm80": [(bm, 0, 4, 1)]}
                 for e, bm in ((2, 128 * 64 // d), (4, 64 * 64 // d))} for d in (64, 128, 256)},
 }
+
+# Configs that spill only in the packed non-causal variant (packed cross-attention): skipped there.
+_SPILL_PACKED_CROSS = {("fwd", 256, "sm90"): {(128, 32, 8, 3)},  # 16 B
+                       ("dv", 256, "sm80"): {(64, 64, 8, 2)}}  # 32 B
 
 # per-block shared memory of the device (opt-in maximum): H100 228 KB (227 usable), A100 164 KB (163 usable),
 # consumer Ampere/Ada 100 KB (99 usable)
@@ -662,14 +667,18 @@ def _smem_estimate(kind, bm, bn, stages, block_d, elem):
     return 0
 
 
-def config_tuples(kind: str, head_dim: int, dtype: torch.dtype, capability=(9, 0)) -> list[tuple]:
-    """The autotune candidates for one kernel: [(BLOCK_M, BLOCK_N, num_warps, num_stages), ...]."""
+def config_tuples(kind: str, head_dim: int, dtype: torch.dtype, capability=(9, 0), *,
+                  packed_cross: bool = False) -> list[tuple]:
+    """The autotune candidates for one kernel: [(BLOCK_M, BLOCK_N, num_warps, num_stages), ...].
+    packed_cross: the call is packed (varlen) and non-causal."""
     if INTERPRET:
         return [_CPU_CONFIG[kind]]
     block_d = _block_d(head_dim)
     elem = torch.empty((), dtype=dtype).element_size()
     arch = "sm90" if capability[0] >= 9 else "sm80"
     cands = _GPU_CONFIGS[kind][_d_class(block_d)][2 if elem <= 2 else 4][arch]
+    if packed_cross:
+        cands = [c for c in cands if c not in _SPILL_PACKED_CROSS.get((kind, _d_class(block_d), arch), ())]
     if tuple(capability) in ((8, 0), (9, 0)):  # checked exactly by the static tests
         return cands[:1] if _NO_AUTOTUNE else list(cands)
     limit = SHARED_LIMIT.get(tuple(capability), 101376)
@@ -702,7 +711,9 @@ def _pruner(kind, tensor_arg):
         if kind == "dkdv" and not (args["COMPUTE_DK"] and args["COMPUTE_DV"]):
             kind_ = "dk" if args["COMPUTE_DK"] else "dv"
         cap = torch.cuda.get_device_capability(t.device) if t.is_cuda and not INTERPRET else (9, 0)
-        return [_to_config(kind_, c) for c in config_tuples(kind_, args["HEAD_DIM"], t.dtype, cap)]
+        packed_cross = bool(args["IS_VARLEN"]) and not args.get("IS_CAUSAL", True)
+        return [_to_config(kind_, c) for c in config_tuples(kind_, args["HEAD_DIM"], t.dtype, cap,
+                                                            packed_cross=packed_cross)]
     return prune
 
 

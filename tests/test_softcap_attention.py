@@ -425,12 +425,14 @@ for d in (64, 128, 256):
             for kind in kinds:
                 for cfg in sa.config_tuples(kind, d, getattr(torch, dt), cap):
                     jobs.append((kind, d, dt, cap, cfg, {}))
-# other mask variants of the Gemma-2 shape: packed (varlen), key padding mask + non-causal
+# other mask variants of the Gemma-2 shape: packed (varlen), key padding mask + non-causal, packed non-causal
 for cap in ((9, 0), (8, 0)):
     for kind in ("fwd", "dq", "dk", "dv"):
         for cfg in sa.config_tuples(kind, 256, torch.bfloat16, cap):
             jobs.append((kind, 256, "bfloat16", cap, cfg, dict(varlen=True)))
             jobs.append((kind, 256, "bfloat16", cap, cfg, dict(causal=False, window=False, kpm=True)))
+        for cfg in sa.config_tuples(kind, 256, torch.bfloat16, cap, packed_cross=True):
+            jobs.append((kind, 256, "bfloat16", cap, cfg, dict(varlen=True, causal=False, window=False)))
 with ProcessPoolExecutor(int(sys.argv[1])) as ex:
     print(json.dumps(list(ex.map(one, jobs))))
 """
