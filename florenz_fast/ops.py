@@ -26,9 +26,16 @@ Semantics (the reference backend `torch` is the definition)
           W keys at most. This is the convention of transformers' Gemma-2 (`kv_idx > q_idx - W`).
           window=None or 0 means no window.
 
-Backends: `torch` (reference, always present). Later issues register triton / cuda / flash-attn / flex
-backends with `register_backend`; choose one per call (`backend=`), with `set_backend`, or with the
-FLORENZ_ATTN_BACKEND environment variable.
+Backends: `torch` (reference, always present), `dense` and `sdpa` (plain PyTorch, below), `triton`
+(florenz_kernels). Choose per call (`backend=`), with `set_backend`, or with the FLORENZ_ATTN_BACKEND
+environment variable. A chain "a+b" tries a, then b, for calls a backend does not cover (it raises
+`Unsupported`), and ends at the `torch` reference: "sdpa+triton" runs the encoder's and the vision tower's
+softcap-free attention on SDPA and the decoder's on the Triton kernel.
+  dense  the reference math, but packed batches are gathered into one padded batch (one gather in, one out)
+         instead of a Python loop over segments: the fast plain-PyTorch path for packed softcap attention.
+  sdpa   torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient / CPU-fused kernels) for
+         calls without softcap and window (packed ones gathered into a padded batch as in `dense`); raises
+         Unsupported otherwise. Rows that see no key return zeros, as everywhere.
 """
 
 from __future__ import annotations
@@ -44,6 +51,10 @@ _BACKENDS: dict[str, AttentionFn] = {}
 _default_backend: str | None = None
 
 
+class Unsupported(Exception):
+    """Raised by a backend for a call it does not cover: the next backend of the chain takes it."""
+
+
 def register_backend(name: str, fn: AttentionFn) -> None:
     _BACKENDS[name] = fn
 
@@ -52,19 +63,29 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
+def _chain(name: str) -> list[str]:
+    parts = name.split("+")
+    if not all(p in _BACKENDS for p in parts):
+        raise ValueError(f"unknown attention backend {name!r}; available: {available_backends()} "
+                         f"(chains as 'a+b')")
+    return parts
+
+
 def set_backend(name: str | None) -> None:
     """Set the process-wide default backend (None: back to FLORENZ_ATTN_BACKEND or `torch`)."""
     global _default_backend
-    if name is not None and name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: {available_backends()}")
+    if name is not None:
+        _chain(name)
     _default_backend = name
 
 
 def get_backend() -> str:
     name = _default_backend or os.environ.get("FLORENZ_ATTN_BACKEND") or "torch"
-    if name not in _BACKENDS:
+    try:
+        _chain(name)
+    except ValueError:
         raise ValueError(f"unknown attention backend {name!r} (FLORENZ_ATTN_BACKEND?); "
-                         f"available: {available_backends()}")
+                         f"available: {available_backends()}") from None
     return name
 
 
@@ -87,15 +108,15 @@ def attention(
 ) -> torch.Tensor:
     """Softcapped, optionally causal / windowed, GQA attention over padded or packed batches (see module doc)."""
     _check_inputs(q, k, v, causal, window, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
-    name = backend or get_backend()
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: {available_backends()}")
-    fn = _BACKENDS[name]
-    return fn(
-        q, k, v, scale=scale, softcap=softcap, causal=causal, window=window or None,
-        key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
-    )
+    kw = dict(scale=scale, softcap=softcap, causal=causal, window=window or None, key_padding_mask=key_padding_mask,
+              cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+              max_seqlen_k=max_seqlen_k, dropout_p=dropout_p)
+    for name in _chain(backend or get_backend()):
+        try:
+            return _BACKENDS[name](q, k, v, **kw)
+        except Unsupported:
+            continue
+    return _attention_torch(q, k, v, **kw)
 
 
 def _check_inputs(q, k, v, causal, window, key_padding_mask, cu_q, cu_k) -> None:
@@ -200,6 +221,87 @@ def _attention_torch(q, k, v, *, scale, softcap, causal, window, key_padding_mas
 register_backend("torch", _attention_torch)
 
 
+# ---- `dense` and `sdpa`: plain PyTorch, packed batches gathered into one padded batch ------------------------
+
+
+def _pad_index(cu: torch.Tensor, width: int) -> torch.Tensor:
+    """(N, width) row of each padded slot in the packed tensor; padding slots point at row T (a zero row)."""
+    lengths = (cu[1:] - cu[:-1]).long()
+    slots = torch.arange(width, device=cu.device)
+    idx = cu[:-1, None].long() + slots[None]
+    return torch.where(slots[None] < lengths[:, None], idx, int(cu[-1]))
+
+
+def _gather_padded(x_THD: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(T, heads, D) -> (N, heads, width, D) by one gather (zeros in the padding)."""
+    ext = torch.cat([x_THD, x_THD.new_zeros(1, *x_THD.shape[1:])])
+    return ext[idx].transpose(1, 2)
+
+
+def _packed_as_padded(fn, q, k, v, *, causal, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      **kw):
+    """Run fn(q, k, v, visible_NLS) on the packed batch gathered into padded form; scatter the rows back."""
+    lq, lk = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long(), (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    Lmax = int(max_seqlen_q) if max_seqlen_q else int(lq.max()) if lq.numel() else 0
+    Smax = int(max_seqlen_k) if max_seqlen_k else int(lk.max()) if lk.numel() else 0
+    if q.shape[0] == 0 or Lmax == 0:
+        return torch.zeros_like(q)
+    iq, ik = _pad_index(cu_seqlens_q, Lmax), _pad_index(cu_seqlens_k, max(Smax, 1))
+    pos_q = torch.arange(Lmax, device=q.device)[None, :, None]
+    pos_k = torch.arange(max(Smax, 1), device=q.device)[None, None, :]
+    visible = pos_k < lk[:, None, None]  # (N, L, S): real keys ...
+    if causal:  # ... bottom-right aligned per segment: query i sits at key position i + S_n - L_n
+        p = pos_q + (lk - lq)[:, None, None]
+        visible = visible & (pos_k <= p)
+        if window:
+            visible = visible & (p - pos_k < window)
+    out_N = fn(_gather_padded(q, iq), _gather_padded(k, ik), _gather_padded(v, ik), visible[:, None], **kw)
+    rows = (pos_q[0, :, 0][None] < lq[:, None]).flatten().nonzero()[:, 0]
+    return out_N.transpose(1, 2).flatten(0, 1).index_select(0, rows)
+
+
+def _dense_visible(q, k, causal, window, key_padding_mask):
+    visible = visibility_mask(q.shape[-2], k.shape[-2], causal=causal, window=window, device=q.device)
+    if key_padding_mask is not None:
+        pad = key_padding_mask[:, None, None, :].bool()
+        visible = pad if visible is None else (visible[None, None] & pad)
+    return visible
+
+
+def _attention_dense_backend(q, k, v, *, scale, softcap, causal, window, key_padding_mask, cu_seqlens_q,
+                             cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p):
+    def dense(q4, k4, v4, visible):
+        return _attention_dense(q4, k4, v4, scale=scale, softcap=softcap, visible_BLS=visible, dropout_p=dropout_p)
+
+    if cu_seqlens_q is None:
+        return dense(q, k, v, _dense_visible(q, k, causal, window, key_padding_mask))
+    return _packed_as_padded(dense, q, k, v, causal=causal, window=window, cu_seqlens_q=cu_seqlens_q,
+                             cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+
+
+def _attention_sdpa(q, k, v, *, scale, softcap, causal, window, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                    max_seqlen_q, max_seqlen_k, dropout_p):
+    if softcap or window:
+        raise Unsupported("SDPA has no softcap and no sliding window")
+
+    def sdpa(q4, k4, v4, visible):
+        if visible is None:
+            return F.scaled_dot_product_attention(q4, k4, v4, dropout_p=dropout_p, scale=scale,
+                                                  enable_gqa=q4.shape[1] != k4.shape[1])
+        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=visible, dropout_p=dropout_p, scale=scale,
+                                             enable_gqa=q4.shape[1] != k4.shape[1])
+        return out.masked_fill(~visible.any(-1, keepdim=True), 0.0)  # rows that see nothing: zeros, not NaN
+
+    if cu_seqlens_q is None:
+        return sdpa(q, k, v, _dense_visible(q, k, causal, window, key_padding_mask))
+    return _packed_as_padded(sdpa, q, k, v, causal=causal, window=window, cu_seqlens_q=cu_seqlens_q,
+                             cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+
+
+register_backend("dense", _attention_dense_backend)
+register_backend("sdpa", _attention_sdpa)
+
+
 # ---- helpers shared by the model ----------------------------------------------------------------
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -261,7 +363,7 @@ def triton_runs_on(t: torch.Tensor) -> bool:
 def use_fused_kernels(t: torch.Tensor) -> bool:
     """True where the `triton` backend is selected and its kernels can run on t. The model's other fused
     kernels (the image-token projection, ...) follow the attention backend: one switch for the engine."""
-    return get_backend() == "triton" and triton_runs_on(t)
+    return "triton" in get_backend().split("+") and triton_runs_on(t)
 
 
 def _triton_importable() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from florenz_fast import ops
 from florenz_fast.config import get_config
 from florenz_fast.florenz import IGNORE_INDEX, Florenz
 
@@ -142,3 +143,23 @@ def test_encoder_positions_have_a_limit():
     too_long = torch.randint(3, 100, (1, cfg.encoder.max_positions))  # + image tokens > table
     with pytest.raises(ValueError, match="exceeds the 256 learned positions"):
         model(torch.randn(1, 3, 64, 64), too_long, torch.ones(1, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", ["sdpa+dense", "dense"])
+def test_plain_pytorch_backends_run_the_whole_model(model, backend):
+    cfg = model.cfg
+    samples = [_sample(cfg, 6, 5, 4), _sample(cfg, 10, 12, 5), _sample(cfg, 2, 1, 6)]
+    pixels = torch.cat([s[0] for s in samples])
+    prompt = torch.cat([s[1] for s in samples], dim=1)
+    dec = torch.cat([s[2] for s in samples], dim=1)
+    cu = lambda lens: torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)  # noqa: E731
+    kw = dict(prompt_cu_seqlens=cu([s[1].shape[1] for s in samples]),
+              decoder_cu_seqlens=cu([s[2].shape[1] for s in samples]))
+    with torch.no_grad():
+        ref = model(pixels, prompt, dec, **kw).logits
+        ops.set_backend(backend)
+        try:
+            ours = model(pixels, prompt, dec, **kw).logits
+        finally:
+            ops.set_backend(None)
+    assert (ours - ref).abs().max() <= TOL

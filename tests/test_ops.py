@@ -646,3 +646,82 @@ def test_softcap_helper():
     assert y.abs().max().item() <= 30.0 and y[0].item() == pytest.approx(-30.0) and y[-1].item() == pytest.approx(30.0)
     assert y[4].item() == pytest.approx(1e-3, rel=1e-6)  # identity near zero
     assert torch.all(y[1:] > y[:-1])  # monotone
+
+
+# ---- the plain-PyTorch backends `dense` and `sdpa`, and backend chains ------------------------------------------
+
+_FAST_CASES = [
+    # (layout, H, Hk, L, S, causal, window, softcap, kpm)
+    ("padded", 4, 2, 9, 9, True, None, 0.0, False),
+    ("padded", 4, 1, 5, 13, True, 4, 3.0, False),
+    ("padded", 2, 2, 7, 11, False, None, 0.0, True),
+    ("padded", 4, 2, 6, 6, True, 3, 2.0, True),
+    ("packed", 4, 2, [1, 7, 0, 5], [1, 7, 0, 5], True, None, 0.0, False),
+    ("packed", 4, 1, [3, 1, 6], [9, 4, 2], False, None, 0.0, False),
+    ("packed", 2, 1, [2, 5, 4], [6, 5, 1], True, 3, 4.0, False),
+    ("packed", 4, 2, [4, 2], [0, 3], False, None, 2.0, False),  # an empty key segment: zeros
+]
+
+
+def _fast_case(case, dtype=torch.float64, seed=0):
+    layout, H, Hk, L, S, causal, window, cap, kpm = case
+    g = torch.Generator().manual_seed(seed)
+    D = 8
+    kw = dict(scale=0.4, softcap=cap, causal=causal, window=window)
+    if layout == "packed":
+        q = torch.randn(sum(L), H, D, generator=g, dtype=dtype)
+        k, v = (torch.randn(sum(S), Hk, D, generator=g, dtype=dtype) for _ in range(2))
+        kw.update(cu_seqlens_q=ops.cu_seqlens_from_lengths(L), cu_seqlens_k=ops.cu_seqlens_from_lengths(S),
+                  max_seqlen_q=max(L), max_seqlen_k=max(S))
+    else:
+        q = torch.randn(2, H, L, D, generator=g, dtype=dtype)
+        k, v = (torch.randn(2, Hk, S, D, generator=g, dtype=dtype) for _ in range(2))
+        if kpm:
+            m = torch.rand(2, S, generator=g) > 0.3
+            m[1] = False  # a batch element with no real key: zeros
+            kw["key_padding_mask"] = m
+    return q, k, v, kw
+
+
+def _fwd_bwd(q, k, v, kw, backend):
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = ops.attention(*ins, backend=backend, **kw)
+    grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum(),
+                                ins)
+    return [out.detach(), *grads]
+
+
+@pytest.mark.parametrize("case", range(len(_FAST_CASES)))
+@pytest.mark.parametrize("backend", ["dense", "sdpa"])
+def test_plain_pytorch_backends_equal_the_reference(case, backend, one_intra_op_thread):
+    q, k, v, kw = _fast_case(_FAST_CASES[case])
+    if backend == "sdpa" and (kw["softcap"] or kw["window"]):
+        with pytest.raises(ops.Unsupported):
+            ops._attention_sdpa(q, k, v, **{**dict(key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                                                   max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0), **kw})
+    ours = _fwd_bwd(q, k, v, kw, backend)  # sdpa: softcap/window calls fall through the chain to `torch`
+    ref = _fwd_bwd(q, k, v, kw, "torch")
+    for a, b in zip(ours, ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_backend_chains(backend_state):
+    calls = backend_state  # the `probe` backend records its keyword arguments and returns 42s
+
+    def refuse(q, k, v, **kw):
+        calls.append("refuse")
+        raise ops.Unsupported("not this one")
+
+    ops.register_backend("refuse", refuse)
+    q = torch.randn(1, 2, 3, 4)
+    ref = ops.attention(q, q, q, scale=0.5, backend="torch")
+    # a chain ends at the reference when every member refuses
+    assert torch.equal(ops.attention(q, q, q, scale=0.5, backend="refuse+refuse"), ref)
+    assert calls[-2:] == ["refuse", "refuse"]
+    out = ops.attention(q, q, q, scale=0.5, backend="refuse+probe")
+    assert calls[-2] == "refuse" and isinstance(calls[-1], dict) and (out == 42.0).all()
+    ops.set_backend("sdpa+refuse")
+    assert ops.get_backend() == "sdpa+refuse"
+    with pytest.raises(ValueError, match="unknown attention backend 'sdpa\\+nope'"):
+        ops.set_backend("sdpa+nope")
