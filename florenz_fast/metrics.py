@@ -22,37 +22,49 @@ def _linear_params(module: torch.nn.Module) -> int:
 
 
 def forward_flops_per_sample(model: torch.nn.Module, cfg: FlorenzConfig, prompt_tokens: float,
-                             target_tokens: float) -> dict[str, float]:
+                             target_tokens: float, convention: str = "model") -> dict[str, float]:
     """Forward FLOPs of one sample by part: 2 x (matmul weights) x tokens, plus attention's two matmuls.
 
+    convention "model" (MFU): the useful work: causal self-attention counts half the L x L square, DaViT's window
+    attention only the real tokens. "executed": what the reference implementation computes: full L x L squares
+    (the mask is applied after the matmul) and the window padding (the map is padded to multiples of the window
+    before its qkv/proj and attention); tests/test_throughput.py checks it against FlopCounterMode.
     Vision: every stage's linear and conv weights applied at every location of that stage (convs counted as
     dense matmuls over their kernel). Embedding lookups are free; the tied lm_head is a matmul.
     """
+    if convention not in ("model", "executed"):
+        raise ValueError(f"convention must be 'model' or 'executed', got {convention!r}")
+    executed = convention == "executed"
     v = cfg.vision
     side = cfg.image_size
     vision = 0.0
     for s, conv in enumerate(model.vision_tower.convs):
         side = math.ceil(side / v.patch_stride[s])
-        stage_weights = conv.conv.weight.numel() + sum(
-            _linear_params(b) + b.spatial_block.conv1.weight.numel() * 4 for b in model.vision_tower.blocks[s])
         tokens = side * side
-        vision += 2 * stage_weights * tokens
+        win_tokens = (math.ceil(side / v.window) * v.window) ** 2 if executed else tokens
+        blocks = model.vision_tower.blocks[s]
+        window_linear = sum(b.spatial_block.window_attn.qkv.weight.numel()
+                            + b.spatial_block.window_attn.proj.weight.numel() for b in blocks)
+        stage_weights = conv.conv.weight.numel() + sum(
+            _linear_params(b) + b.spatial_block.conv1.weight.numel() * 4 for b in blocks) - window_linear
+        vision += 2 * stage_weights * tokens + 2 * window_linear * win_tokens
         # window attention (win^2 keys per token) and channel attention (C/groups keys per channel) matmuls
+        keys = v.window ** 2 if executed else min(v.window ** 2, tokens)
         for _ in range(v.depths[s]):
-            vision += 4 * tokens * min(v.window ** 2, tokens) * v.dims[s] + 4 * tokens * v.dims[s] ** 2 / v.heads[s]
+            vision += 4 * win_tokens * keys * v.dims[s] + 4 * tokens * v.dims[s] ** 2 / v.heads[s]
     n_img = cfg.num_image_tokens()
     enc_tokens = n_img + prompt_tokens
     projector = 2 * model.projector.image_projection.weight.numel() * n_img
     encoder = 2 * _linear_params(model.encoder) * enc_tokens + 4 * cfg.encoder.layers * enc_tokens ** 2 * cfg.encoder.d_model
     d = cfg.decoder
     attn_width = d.heads * d.head_dim
+    self_keys = target_tokens if executed else target_tokens / 2
     decoder = (2 * _linear_params(model.decoder) * target_tokens
-               + 4 * d.layers * target_tokens * (target_tokens / 2 + enc_tokens) * attn_width)
+               + 4 * d.layers * target_tokens * (self_keys + enc_tokens) * attn_width)
     lm_head = 2 * d.vocab_size * d.hidden * target_tokens
     # the cross-attention k/v projections run over the encoder tokens, not the decoder's
-    if d.kind == "gemma2":
-        kv = sum(l.encoder_attn.k_proj.weight.numel() + l.encoder_attn.v_proj.weight.numel() for l in model.decoder.layers)
-        decoder += 2 * kv * (enc_tokens - target_tokens)
+    kv = sum(l.encoder_attn.k_proj.weight.numel() + l.encoder_attn.v_proj.weight.numel() for l in model.decoder.layers)
+    decoder += 2 * kv * (enc_tokens - target_tokens)
     return {"vision": vision, "projector": projector, "encoder": encoder, "decoder": decoder + lm_head}
 
 

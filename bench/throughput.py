@@ -1,0 +1,431 @@
+"""End-to-end throughput: training (and generation) of the engine's configurations against a baseline that runs
+the way the published Florenz code does, side by side in one process on the same samples.
+
+    python bench/throughput.py                                  # CPU: `small`, training + generation, < 5 min
+    python bench/throughput.py --preset florenz-1.0b --device cuda --precision bf16 --samples 256 --batch 32
+    python bench/throughput.py --scaling                        # the multi-GPU estimate (no measurement)
+
+Training configurations (--train-configs, comma-separated; "name=collation:attention-backend"):
+  published   padded batches (every sample padded to the longest of its batch), the `torch` reference attention
+              (eager: materialised scores, softcap, masks) everywhere — how the published code trains
+  torch       packed batches (cu_seqlens, block-diagonal cross-attention), reference attention
+  dense       packed batches, `sdpa+dense` attention: SDPA (fused) where there is no softcap (vision tower,
+              encoder), the reference math on one gathered padded batch for the decoder (no per-segment loop)
+  triton      packed batches, the Triton kernels (softcap attention and every fused kernel of the `triton`
+              backend); GPU only
+  sdpa+triton packed batches, SDPA for the softcap-free encoder/vision attention, Triton for the decoder; GPU only
+Every configuration trains the same samples (the synthetic set through florenz_fast.data's pipeline) from the
+same initial weights, in the same number of optimizer steps (packed token budgets calibrated as in
+bench/packing.py), forward + backward + AdamW on everything that trains (SPEC §7 policy). Repeats are
+interleaved across configurations; medians are reported. Before timing, each configuration's first-batch losses
+are checked against the published-code baseline's.
+
+Generation: `florenz_fast.generate` when present (cached beam search vs the uncached recompute-everything path
+that mirrors the published code), same images, 4 beams.
+
+FLOPs: florenz_fast.metrics.train_flops_per_sample, the analytic "model" count (causal attention counts half the
+square, no padding; the "executed" convention equals torch's FlopCounterMode on the tiny and small presets,
+tests/test_throughput.py). MFU = model FLOPs per second / the device's dense bf16 peak (GPU only).
+Writes throughput.json, throughput.md and throughput.png to --out (default bench/results/<device>/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from florenz_fast import ops  # noqa: E402
+from florenz_fast.config import get_config  # noqa: E402
+from florenz_fast.florenz import Florenz, apply_trainable_policy  # noqa: E402
+from florenz_fast.metrics import NVML, device_peak_tflops, train_flops_per_sample  # noqa: E402
+
+TRAIN_CONFIGS = {"published": ("padded", "torch"), "torch": ("packed", "torch"), "dense": ("packed", "sdpa+dense"),
+                 "triton": ("packed", "triton"), "sdpa+triton": ("packed", "sdpa+triton")}
+GPU_ONLY = {"triton", "sdpa+triton"}
+SCHEMA_VERSION = 1
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def results_dir(device: torch.device) -> Path:
+    if device.type != "cuda":
+        return ROOT / "bench" / "results" / "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    short = next((k for k in ("h200", "h100", "a100", "l40s", "l4") if k in name), "gpu")
+    return ROOT / "bench" / "results" / short
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device, precision):
+    if precision == "fp32":
+        import contextlib
+
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+# ---- training -----------------------------------------------------------------------------------------------
+
+
+def build_train_batches(cfg, samples, batch_size, configs):
+    from packing import calibrate_budgets, make_batches  # bench/packing.py
+
+    n_img = cfg.num_image_tokens()
+    mean_enc = sum(n_img + len(s.prompt_ids) for s in samples) / len(samples)
+    mean_dec = sum(len(s.labels) for s in samples) / len(samples)
+    budgets, scale = calibrate_budgets(samples, n_img, batch_size, mean_enc, mean_dec)
+    batches = {}
+    for name in configs:
+        mode = TRAIN_CONFIGS[name][0]
+        batches[name] = make_batches(mode, samples, n_img, batch_size, budgets)[0]
+    return batches, budgets, scale
+
+
+def train_step(model, opt, batch, backend, device, precision):
+    ops.set_backend(backend)
+    try:
+        with _autocast(device, precision):
+            loss = model(**batch.model_inputs()).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    finally:
+        ops.set_backend(None)
+    return loss
+
+
+def first_batch_losses(model, batch, backend, device, precision):
+    model.eval()
+    ops.set_backend(backend)
+    try:
+        with torch.no_grad(), _autocast(device, precision):
+            inputs = batch.model_inputs()
+            inputs.pop("labels")
+            sums, counts = batch.per_sample_token_losses(model(**inputs).logits)
+    finally:
+        ops.set_backend(None)
+    model.train()
+    return (sums / counts.clamp(min=1)).float().cpu()
+
+
+def run_training(args, device, cfg, samples, configs):
+    batches, budgets, scale = build_train_batches(cfg, samples, args.batch, configs)
+    torch.manual_seed(0)
+    base_model = Florenz(copy.deepcopy(cfg))
+    apply_trainable_policy(base_model)
+    models, opts = {}, {}
+    for name in configs:
+        m = copy.deepcopy(base_model).to(device).train()
+        models[name] = m
+        opts[name] = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5,
+                                       foreach=device.type == "cpu", fused=device.type == "cuda")
+    # validation: the first samples' losses equal the baseline's (packed batches hold the first samples too)
+    ref = first_batch_losses(models["published"] if "published" in models else models[configs[0]],
+                             batches[configs[0]][0], TRAIN_CONFIGS[configs[0]][1], device, args.precision)
+    checks = {}
+    for name in configs:
+        got = first_batch_losses(models[name], batches[name][0], TRAIN_CONFIGS[name][1], device, args.precision)
+        n = min(len(got), len(ref))
+        checks[name] = float((got[:n] - ref[:n]).abs().max())
+    tol = 1e-4 if args.precision == "fp32" else 5e-2
+    bad = {k: v for k, v in checks.items() if v > tol}
+    if bad:
+        raise SystemExit(f"validation failed: first-batch per-sample losses differ from {configs[0]}'s by {bad}")
+
+    flops_per_sample = train_flops_per_sample(
+        base_model, cfg, sum(len(s.prompt_ids) for s in samples) / len(samples),
+        sum(sum(1 for t in s.labels if t != -100) for s in samples) / len(samples))
+    target_tokens = sum(b.num_target_tokens for b in batches[configs[0]])
+    n_samples = len(samples)
+    times = {name: [] for name in configs}
+    cpu_times = {name: [] for name in configs}  # process CPU seconds: less sensitive to other load on a CPU box
+    peak_mem = {}
+    for name in configs:  # warm-up: one pass over the first two batches (allocator, autotuning, compiles)
+        for b in batches[name][:2]:
+            train_step(models[name], opts[name], b.to(device), TRAIN_CONFIGS[name][1], device, args.precision)
+    _sync(device)
+    for rep in range(args.repeats):
+        for name in configs:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            on_device = [b.to(device) for b in batches[name]]
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for b in on_device:
+                train_step(models[name], opts[name], b, TRAIN_CONFIGS[name][1], device, args.precision)
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+            cpu_times[name].append(time.process_time() - c0)
+            if device.type == "cuda":
+                peak_mem[name] = torch.cuda.max_memory_allocated(device) / 2**30
+        print(f"  repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in configs),
+              flush=True)
+    peak = device_peak_tflops(device)
+    rows = []
+    for name in configs:
+        med = statistics.median(times[name])
+        tflops = flops_per_sample * n_samples / med / 1e12
+        rows.append(dict(config=name, collation=TRAIN_CONFIGS[name][0], attention=TRAIN_CONFIGS[name][1],
+                         steps=len(batches[name]), samples=n_samples, target_tokens=target_tokens,
+                         seconds=times[name], cpu_seconds=cpu_times[name],
+                         tokens_per_cpu_s=target_tokens / statistics.median(cpu_times[name]),
+                         median_s=med, samples_per_s=n_samples / med,
+                         tokens_per_s=target_tokens / med, model_tflops_per_s=tflops,
+                         mfu=tflops / peak if peak else None, peak_memory_gib=peak_mem.get(name),
+                         first_batch_loss_diff=checks[name]))
+    base = next((r for r in rows if r["config"] == "published"), None)
+    for r in rows:
+        r["speedup_vs_published"] = base["median_s"] / r["median_s"] if base else None
+    return dict(rows=rows, budgets=list(budgets), budget_scale=scale, flops_per_sample=flops_per_sample)
+
+
+# ---- generation ------------------------------------------------------------------------------------------------
+
+
+def run_generation(args, device, cfg, samples):
+    """Cached vs uncached beam search through florenz_fast.generate, when that module exists."""
+    try:
+        from florenz_fast import generate as gen
+    except ImportError as e:
+        return dict(skipped=f"florenz_fast.generate not importable: {e}")
+    fn = getattr(gen, "benchmark_generation", None)
+    if fn is None:
+        return dict(skipped="florenz_fast.generate has no benchmark_generation()")
+    return fn(cfg, samples, device=device, batch=args.gen_batch, beams=args.beams, new_tokens=args.new_tokens,
+              repeats=args.repeats, precision=args.precision)
+
+
+# ---- the scaling estimate -------------------------------------------------------------------------------------
+
+
+def scaling_estimate(args) -> dict:
+    """Step time and MFU of the CPT recipe for florenz-3.5b / -11.2b on 1-64 GPUs, DDP vs FSDP2: an ESTIMATE from
+    the analytic FLOPs, an assumed sustained matmul efficiency, and a ring-collective communication model."""
+    with torch.device("meta"):
+        models = {p: Florenz(get_config(p)) for p in ("florenz-3.5b", "florenz-11.2b")}
+    peak = args.peak_tflops * 1e12
+    out = {"assumptions": dict(
+        peak_tflops=args.peak_tflops, sustained_fraction=args.efficiency, nvlink_gbps=args.nvlink_gbps,
+        network_gbps=args.network_gbps, gpus_per_node=8, global_batch=1024, prompt_tokens=20, target_tokens=30,
+        comm_overlap=args.overlap, note="estimate, not a measurement: compute = analytic model FLOPs / "
+        "(peak x sustained fraction); DDP all-reduces the trainable bf16 gradients (2 (n-1)/n x bytes); FSDP2 "
+        "all-gathers bf16 parameters twice (forward, backward) and reduce-scatters fp32 gradients; the link is "
+        "NVLink within a node and the network across nodes; the overlapped share of communication is hidden"),
+        "rows": []}
+    for preset, model in models.items():
+        cfg = model.cfg
+        counts = apply_trainable_policy(model)
+        params = counts["trainable"] + counts["frozen"]
+        per_sample = train_flops_per_sample(model, cfg, 20, 30)
+        for n in (1, 2, 4, 8, 16, 32, 64):
+            compute = per_sample * 1024 / n / (peak * args.efficiency)
+            link = (args.nvlink_gbps if n <= 8 else args.network_gbps) * 1e9
+            ring = 2 * (n - 1) / n if n > 1 else 0.0
+            for mode in ("ddp", "fsdp2"):
+                if mode == "ddp":
+                    comm = ring * counts["trainable"] * 2 / link
+                    mem_gib = (params * 2 + counts["trainable"] * (4 + 4 + 4 + 2)) / 2**30  # bf16 weights, fp32 master+adam, grads
+                else:
+                    comm = ((n - 1) / n) * (2 * params * 2 + counts["trainable"] * 4) / link if n > 1 else 0.0
+                    mem_gib = (params * 2 + counts["trainable"] * 14) / n / 2**30
+                step = compute + (1 - args.overlap) * comm
+                out["rows"].append(dict(preset=preset, gpus=n, mode=mode, compute_s=compute, comm_s=comm,
+                                        step_s=step, mfu=per_sample * 1024 / n / step / peak,
+                                        state_gib_per_gpu=mem_gib, estimate=True))
+    return out
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+
+
+def markdown(report) -> str:
+    env = report["env"]
+    lines = [f"# Throughput, {env['device']} — preset {report['args']['preset']}, {report['args']['precision']}", "",
+             f"torch {env['torch']}, triton {env.get('triton')}, {report['args']['samples']} samples, batch "
+             f"{report['args']['batch']} (padded) / calibrated token budgets (packed), {report['args']['repeats']} "
+             "repeats (medians).", ""]
+    tr = report.get("train")
+    if tr:
+        lines += ["## Training (forward + backward + AdamW)", "",
+                  "| config | batches | attention | steps | s / pass | samples/s | target tokens/s | tokens / CPU-s | "
+                  "vs published | model TFLOP/s | MFU | peak GiB | first-batch loss diff |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in tr["rows"]:
+            mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
+            mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
+            sp = f"{r['speedup_vs_published']:.2f}x" if r["speedup_vs_published"] else "-"
+            lines.append(f"| {r['config']} | {r['collation']} | {r['attention']} | {r['steps']} | {r['median_s']:.3f} | "
+                         f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['tokens_per_cpu_s']:.1f} | {sp} | "
+                         f"{r['model_tflops_per_s']:.4f} | "
+                         f"{mfu} | {mem} | {r['first_batch_loss_diff']:.2g} |")
+        lines.append("")
+    gen = report.get("generate")
+    if gen:
+        lines += ["## Generation", ""]
+        if "skipped" in gen:
+            lines.append(f"skipped: {gen['skipped']}")
+        else:
+            lines.append(gen.get("markdown") or "```\n" + json.dumps(gen, indent=1)[:3000] + "\n```")
+        lines.append("")
+    sc = report.get("scaling")
+    if sc:
+        lines += ["## Multi-GPU ESTIMATE (not measured)", "", sc["assumptions"]["note"], "",
+                  "| preset | GPUs | mode | compute s | comm s | step s (est.) | MFU (est.) | state GiB/GPU |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in sc["rows"]:
+            lines.append(f"| {r['preset']} | {r['gpus']} | {r['mode']} | {r['compute_s']:.2f} | {r['comm_s']:.2f} | "
+                         f"{r['step_s']:.2f} | {100 * r['mfu']:.0f} % | {r['state_gib_per_gpu']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tr = report.get("train")
+    if not tr:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["config"] for r in tr["rows"]]
+    axes[0].bar(names, [r["tokens_per_s"] for r in tr["rows"]], color="C0")
+    axes[0].set_ylabel("target tokens / s (median)")
+    axes[0].set_title(f"training, {report['args']['preset']} on {report['env']['device'][:40]}", fontsize=9)
+    for r in tr["rows"]:
+        for s in r["seconds"]:
+            axes[1].scatter(r["config"], tr["rows"][0]["target_tokens"] / s, color="C1", s=12)
+    axes[1].set_ylabel("target tokens / s (each repeat)")
+    axes[1].set_title("spread over repeats", fontsize=9)
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return str(path)
+
+
+def validate_report(report: dict) -> None:
+    """The JSON report's schema (tests/test_throughput.py)."""
+    for key in ("schema_version", "env", "args"):
+        if key not in report:
+            raise ValueError(f"throughput report: missing {key!r}")
+    for key in ("device", "torch", "python"):
+        if key not in report["env"]:
+            raise ValueError(f"throughput report: env lacks {key!r}")
+    for r in report.get("train", {}).get("rows", []):
+        for key, typ in (("config", str), ("median_s", float), ("tokens_per_s", float), ("samples_per_s", float),
+                         ("model_tflops_per_s", float), ("seconds", list), ("steps", int)):
+            if not isinstance(r.get(key), typ):
+                raise ValueError(f"throughput report: train row {r.get('config')!r}: {key} is "
+                                 f"{type(r.get(key)).__name__}, expected {typ.__name__}")
+            if typ is float and not math.isfinite(r[key]):
+                raise ValueError(f"throughput report: train row {r['config']!r}: {key} = {r[key]}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--mode", default="both", choices=("train", "generate", "both"))
+    ap.add_argument("--train-configs", default="")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gen-batch", type=int, default=8)
+    ap.add_argument("--beams", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--out", default="")
+    ap.add_argument("--scaling", action="store_true", help="only the multi-GPU estimate")
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--efficiency", type=float, default=0.55, help="sustained fraction of peak (estimate)")
+    ap.add_argument("--nvlink-gbps", type=float, default=450.0)
+    ap.add_argument("--network-gbps", type=float, default=50.0)
+    ap.add_argument("--overlap", type=float, default=0.7)
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    out = Path(args.out) if args.out else results_dir(device)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = dict(device=device_name(device), torch=torch.__version__, triton=triton_version,
+               python=platform.python_version(), threads=torch.get_num_threads())
+    nvml = NVML(device)
+    report = dict(schema_version=SCHEMA_VERSION, env=env, args=vars(args))
+    if args.scaling:
+        report["scaling"] = scaling_estimate(args)
+    else:
+        cfg = get_config(args.preset)
+        configs = [c for c in (args.train_configs.split(",") if args.train_configs else
+                               ["published", "torch", "dense"] + (["triton", "sdpa+triton"] if device.type == "cuda"
+                                                                  else [])) if c]
+        for c in configs:
+            if c not in TRAIN_CONFIGS:
+                raise SystemExit(f"unknown training config {c!r}; known: {', '.join(TRAIN_CONFIGS)}")
+            if c in GPU_ONLY and device.type != "cuda":
+                raise SystemExit(f"training config {c!r} needs a CUDA device (the Triton interpreter is a test tool)")
+        from packing import data_samples  # bench/packing.py: the synthetic set through the data pipeline
+
+        samples = data_samples(args.samples, cfg, seed=0)
+        if args.mode in ("train", "both"):
+            print(f"training: {', '.join(configs)} on {env['device']}", flush=True)
+            report["train"] = run_training(args, device, cfg, samples, configs)
+        if args.mode in ("generate", "both"):
+            report["generate"] = run_generation(args, device, cfg, samples)
+    readings = nvml.read()  # power and SM clock right after the runs (empty without NVML)
+    if readings:
+        report["nvml"] = readings
+    validate_report(report)
+    tmp = out / "throughput.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    tmp.replace(out / "throughput.json")
+    md = markdown(report)
+    (out / "throughput.md").write_text(md)
+    plot(report, out / "throughput.png")
+    print(md)
+    print(f"wrote {out / 'throughput.json'}, throughput.md, throughput.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The end-to-end benchmark's pieces: the analytic FLOP count against torch's FlopCounterMode, and a short CPU run
+of bench/throughput.py that writes a valid report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from florenz_fast.config import get_config
+from florenz_fast.florenz import Florenz
+from florenz_fast.metrics import forward_flops_per_sample, train_flops_per_sample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-bart"])
+@pytest.mark.parametrize("prompt,target", [(12, 9), (3, 30)])
+def test_analytic_flops_match_flop_counter(preset, prompt, target, one_intra_op_thread):
+    torch.manual_seed(0)
+    cfg = get_config(preset)
+    model = Florenz(cfg).eval()
+    px = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(px, torch.randint(3, 100, (1, prompt)), torch.randint(3, 100, (1, target)))
+    counted = counter.get_total_flops()
+    executed = sum(forward_flops_per_sample(model, cfg, prompt, target, convention="executed").values())
+    assert abs(executed - counted) <= 0.05 * counted, (executed, counted)
+    # the MFU convention counts less (half the causal square, no window padding), never more
+    useful = sum(forward_flops_per_sample(model, cfg, prompt, target).values())
+    assert useful < executed
+    # training: forward + 2x forward through the parts that train
+    f = forward_flops_per_sample(model, cfg, prompt, target)
+    assert train_flops_per_sample(model, cfg, prompt, target) == pytest.approx(
+        sum(f.values()) + 2 * (f["encoder"] + f["decoder"]))
+
+
+def test_flop_convention_is_checked():
+    cfg = get_config("tiny")
+    with pytest.raises(ValueError, match="convention must be 'model' or 'executed'"):
+        forward_flops_per_sample(Florenz(cfg), cfg, 3, 3, convention="useful")
+
+
+def test_short_cpu_run_writes_a_valid_report(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "throughput.py"), "--preset", "tiny", "--samples", "8", "--batch", "4",
+           "--repeats", "1", "--mode", "train", "--train-configs", "published,dense", "--threads", "1",
+           "--out", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "throughput.json").read_text())
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    throughput.validate_report(report)  # raises on a missing or mistyped field
+    rows = {r["config"]: r for r in report["train"]["rows"]}
+    assert set(rows) == {"published", "dense"}
+    assert rows["published"]["collation"] == "padded" and rows["dense"]["collation"] == "packed"
+    for r in rows.values():
+        assert r["samples"] == 8 and r["tokens_per_s"] > 0 and r["first_batch_loss_diff"] <= 1e-4
+    assert rows["published"]["speedup_vs_published"] == 1.0
+    assert (tmp_path / "throughput.md").read_text().startswith("# Throughput")
+    assert (tmp_path / "throughput.png").stat().st_size > 1000
+    broken = dict(report, train=dict(report["train"], rows=[dict(report["train"]["rows"][0], median_s="fast")]))
+    with pytest.raises(ValueError, match="median_s is str"):
+        throughput.validate_report(broken)
+
+
+def test_scaling_estimate_is_labelled_and_consistent(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    args = throughput.main.__defaults__  # noqa: F841 - (main parses its own argv)
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--scaling", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    sc = json.loads((tmp_path / "throughput.json").read_text())["scaling"]
+    assert "estimate" in sc["assumptions"]["note"] and all(r["estimate"] for r in sc["rows"])
+    one = {(r["preset"], r["mode"]): r for r in sc["rows"] if r["gpus"] == 1}
+    for r in sc["rows"]:  # more GPUs: less compute per GPU, never a higher MFU than one GPU
+        base = one[(r["preset"], r["mode"])]
+        assert r["compute_s"] == pytest.approx(base["compute_s"] / r["gpus"])
+        assert r["mfu"] <= base["mfu"] + 1e-12
+    assert "ESTIMATE" in (tmp_path / "throughput.md").read_text()
