@@ -80,7 +80,10 @@ def run(args):
     cfg = get_config(args.preset)
     with torch.device(device):
         model = Florenz(cfg)
-    model = model.to(dtype).eval()
+    # parameters to `dtype`; buffers (RoPE's fp32 inv_freq, built on the CPU on purpose) only move device
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
     gen = GenerationConfig.for_model(cfg, num_beams=args.beams, max_new_tokens=args.new_tokens,
                                      min_new_tokens=args.new_tokens)
     results = []
