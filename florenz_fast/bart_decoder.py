@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .config import DecoderConfig
 from .encoder import BartAttention, BartStack
-from .modules import Layout, project_kv_all_layers
+from .modules import KVCache, Layout, project_kv_all_layers
 
 
 class BartDecoderLayer(nn.Module):
@@ -37,6 +37,16 @@ class BartDecoderLayer(nn.Module):
         h = drop(self.fc2(drop(F.gelu(self.fc1(x)))))
         return self.final_layer_norm(x + h)
 
+    def step(self, x_N1d, cache: KVCache, pos, cross_kv, enc_layout: Layout, beams: int):
+        """`forward` (eval mode) for one new token per row with the self-attention cache; the `beams` rows of
+        image b query that image's one cross K/V together (see GemmaDecoderLayer.step)."""
+        x = self.self_attn_layer_norm(x_N1d + self.self_attn.step(x_N1d, cache, pos))
+        N, _, d = x.shape
+        cross = self.encoder_attn(x.view(N // beams, beams, d), Layout(), kv_layout=enc_layout,
+                                  projected_kv=cross_kv)
+        x = self.encoder_attn_layer_norm(x + cross.view(N, 1, d))
+        return self.final_layer_norm(x + self.fc2(F.gelu(self.fc1(x))))
+
 
 class BartDecoder(BartStack):
     def __init__(self, cfg: DecoderConfig):
@@ -54,4 +64,18 @@ class BartDecoder(BartStack):
         cross = self.cross_kv(enc_BSd) if self.fuse_cross_kv else [None] * len(self.layers)
         for layer, kv in zip(self.layers, cross):
             x = layer(x, layout, enc_BSd, enc_layout, cross_kv=kv)
+        return x
+
+    def allocate_cache(self, n: int, max_len: int, dtype, device) -> list[KVCache]:
+        c = self.cfg
+        return [KVCache.allocate(n, c.heads, max_len, c.hidden // c.heads, dtype, device) for _ in self.layers]
+
+    def step(self, ids_N: torch.Tensor, pos: torch.Tensor, caches: list[KVCache], cross, enc_layout: Layout,
+             beams: int) -> torch.Tensor:
+        """Hidden states (N, 1, d) of one new token per row at position `pos` (0-dim int64 tensor; the caller
+        checks it against the position table: indexing here would need a host sync)."""
+        x = self.embed_tokens(ids_N[:, None])
+        x = self.layernorm_embedding(x + self.embed_positions.weight[pos + self.embed_positions.OFFSET].to(x.dtype))
+        for layer, cache, kv in zip(self.layers, caches, cross):
+            x = layer.step(x, cache, pos, kv, enc_layout, beams)
         return x

@@ -40,6 +40,14 @@ class BartAttention(nn.Module):
         )
         return self.out_proj(out)
 
+    def step(self, x_N1d, cache, pos):
+        """Cached causal self-attention of one new token per row (generation; no dropout)."""
+        from .modules import attend_cached
+
+        out = attend_cached(self.q_proj(x_N1d), self.k_proj(x_N1d), self.v_proj(x_N1d), cache, pos,
+                            heads=self.heads, kv_heads=self.heads, scale=self.scale)
+        return self.out_proj(out)
+
 
 class LearnedPositions(nn.Embedding):
     """BART's learned positions: row p + 2 holds position p."""

@@ -98,6 +98,12 @@ class Florenz(nn.Module):
         """Tied lm_head + final logit softcap."""
         return ops.softcap(F.linear(hidden_BLd, self.decoder.embed_tokens.weight), self.cfg.decoder.final_softcap)
 
+    def decode_step(self, ids_N, pos, caches, cross_kv, enc_layout: Layout, beams: int) -> torch.Tensor:
+        """Softcapped next-token logits (N, V) for one new token per row at position `pos` (a 0-dim int64
+        tensor), using and filling the self-attention `caches` (decoder.allocate_cache) and the per-image
+        cross K/V (decoder.cross_kv); rows are batch-major beams (florenz_fast.generate drives this)."""
+        return self.logits(self.decoder.step(ids_N, pos, caches, cross_kv, enc_layout, beams)[:, 0])
+
     # ---- the whole model ------------------------------------------------------------------------------
     def forward(self, pixel_values, input_ids, decoder_input_ids, *, attention_mask=None,
                 decoder_attention_mask=None, prompt_cu_seqlens=None, decoder_cu_seqlens=None,

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DecoderConfig
-from .modules import Layout, attend, project_kv_all_layers
+from .modules import KVCache, Layout, attend, attend_cached, project_kv_all_layers
 
 
 class RMSNorm(nn.Module):
@@ -80,6 +80,15 @@ class GemmaAttention(nn.Module):
         )
         return self.o_proj(out)
 
+    def step(self, x_N1d, cache: KVCache, pos, rope):
+        """Cached self-attention of one new token per row (generation); fills `cache` at `pos`."""
+        out = attend_cached(
+            self.q_proj(x_N1d), self.k_proj(x_N1d), self.v_proj(x_N1d), cache, pos, heads=self.cfg.heads,
+            kv_heads=self.cfg.kv_heads, rope=rope, scale=self.cfg.query_pre_attn_scalar ** -0.5,
+            softcap=self.cfg.attn_softcap,
+        )
+        return self.o_proj(out)
+
 
 class GeGLU(nn.Module):
     def __init__(self, d: int, ffn: int):
@@ -114,6 +123,17 @@ class GemmaDecoderLayer(nn.Module):
         h = h + torch.tanh(self.encoder_attn_gate).to(h.dtype) * self.post_encoder_attention_layernorm(cross)
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
+    def step(self, x_N1d, cache: KVCache, pos, rope, cross_kv, enc_layout: Layout, beams: int):
+        """`forward` for one new token per row with the self-attention cache (generation). Rows are
+        batch-major beams (n = b * beams + k); the cross-attention runs the `beams` rows of image b as `beams`
+        queries against that image's one cross K/V (never copied per beam)."""
+        h = x_N1d + self.post_attention_layernorm(self.self_attn.step(self.input_layernorm(x_N1d), cache, pos, rope))
+        N, _, d = h.shape
+        cross = self.encoder_attn(h.view(N // beams, beams, d), Layout(), kv_layout=enc_layout, projected_kv=cross_kv)
+        h = h + torch.tanh(self.encoder_attn_gate).to(h.dtype) * self.post_encoder_attention_layernorm(
+            cross.view(N, 1, d))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
 
 class GemmaDecoder(nn.Module):
     def __init__(self, cfg: DecoderConfig):
@@ -141,4 +161,21 @@ class GemmaDecoder(nn.Module):
         cross = self.cross_kv(enc_BSd) if self.fuse_cross_kv else [None] * len(self.layers)
         for layer, kv in zip(self.layers, cross):
             x = layer(x, layout, enc_BSd, enc_layout, rope, cross_kv=kv)
+        return self.norm(x)
+
+    def allocate_cache(self, n: int, max_len: int, dtype, device) -> list[KVCache]:
+        """Self-attention caches for `n` rows and up to `max_len` positions; window layers keep only their window."""
+        c = self.cfg
+        return [KVCache.allocate(n, c.kv_heads, min(layer.window, max_len) if layer.window else max_len, c.head_dim,
+                                 dtype, device) for layer in self.layers]
+
+    def step(self, ids_N: torch.Tensor, pos: torch.Tensor, caches: list[KVCache], cross, enc_layout: Layout,
+             beams: int) -> torch.Tensor:
+        """Final hidden states (N, 1, d) of one new token per row at position `pos` (0-dim int64 tensor)."""
+        x = self.embed_tokens(ids_N[:, None])
+        x = x * torch.tensor(self.cfg.hidden ** 0.5, dtype=x.dtype)
+        cos, sin = self.rotary.cos_sin(pos.view(1, 1), x.dtype)
+        rope = lambda q, k: Rotary.rotate(q, k, cos, sin)  # noqa: E731
+        for layer, cache, kv in zip(self.layers, caches, cross):
+            x = layer.step(x, cache, pos, rope, kv, enc_layout, beams)
         return self.norm(x)

@@ -78,3 +78,54 @@ def project_kv_all_layers(x_BSd: torch.Tensor, attns: list[nn.Module]) -> list[t
     kv = F.linear(x_BSd, torch.cat(weights), bias)
     pieces = kv.split([w.shape[0] for w in weights], dim=-1)
     return [(pieces[2 * i], pieces[2 * i + 1]) for i in range(len(attns))]
+
+
+# ---- static self-attention KV cache for decoding (florenz_fast.generate) --------------------------------
+
+@dataclass
+class KVCache:
+    """One layer's preallocated self-attention cache for single-token decoding.
+
+    k, v: (N, Hk, C, D), N = batch x beams. A global layer holds C = max_len slots; a sliding-window layer of
+    window W only C = min(W, max_len): a ring buffer where position p lives in slot p % C. Keys are stored with
+    RoPE already applied. A decode query at position p sees exactly the slots written so far (all of them once
+    p >= C - 1), which for a ring of C = W slots are positions p - W + 1 .. p: the window. So decoding attends
+    non-causally over the valid slots with a key mask, whatever their order in the ring.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @staticmethod
+    def allocate(n: int, kv_heads: int, slots: int, head_dim: int, dtype, device) -> "KVCache":
+        shape = (n, kv_heads, slots, head_dim)
+        return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[2]
+
+    def reorder_(self, index_N: torch.Tensor) -> None:
+        """Row n takes the cache of row index_N[n] (beam search), in place: the buffers keep their addresses."""
+        self.k.copy_(self.k.index_select(0, index_N))
+        self.v.copy_(self.v.index_select(0, index_N))
+
+
+def attend_cached(q_N1X, k_N1X, v_N1X, cache: KVCache, pos: torch.Tensor, *, heads: int, kv_heads: int,
+                  rope=None, **kw) -> torch.Tensor:
+    """One decode step of self-attention: write this token's (roped) k/v into its slot, attend over the valid
+    slots through ops.attention (non-causal, key mask). `pos` is a 0-dim int64 tensor on the device (no host
+    sync, so the step can be captured in a CUDA graph). Returns (N, 1, heads * D)."""
+    N = q_N1X.shape[0]
+    q = q_N1X.view(N, 1, heads, -1).transpose(1, 2)
+    k = k_N1X.view(N, 1, kv_heads, -1).transpose(1, 2)
+    v = v_N1X.view(N, 1, kv_heads, -1).transpose(1, 2)
+    if rope is not None:
+        q, k = rope(q, k)
+    C = cache.slots
+    slot = torch.remainder(pos, C).view(1)
+    cache.k.index_copy_(2, slot, k.to(cache.k.dtype))
+    cache.v.index_copy_(2, slot, v.to(cache.v.dtype))
+    valid = (torch.arange(C, device=pos.device) <= pos).expand(N, C)
+    out = ops.attention(q, cache.k, cache.v, key_padding_mask=valid, causal=False, **kw)
+    return out.transpose(1, 2).reshape(N, 1, -1)
