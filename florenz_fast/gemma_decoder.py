@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from . import ops
 from .config import DecoderConfig
 from .modules import Layout, attend
 
@@ -28,9 +28,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):
-        x32 = x.float()
-        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * (1.0 + self.weight.float())).type_as(x)
+        return ops.rms_norm(x, self.weight, self.eps)
+
+    def add(self, residual, y, scale=None, next_norm: "RMSNorm | None" = None):
+        """(residual + scale * self(y), next_norm(that) or None): one fused kernel on the triton backend."""
+        return ops.add_rms_norm(residual, y, self.weight, self.eps, scale=scale,
+                                next_weight=None if next_norm is None else next_norm.weight,
+                                next_eps=None if next_norm is None else next_norm.eps)
 
 
 class Rotary(nn.Module):
@@ -50,11 +54,7 @@ class Rotary(nn.Module):
 
     @staticmethod
     def rotate(q, k, cos, sin):
-        def rot(x):
-            x1, x2 = x.chunk(2, dim=-1)
-            return torch.cat([-x2, x1], dim=-1)
-
-        return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        return ops.rope(q, k, cos, sin)  # rotate-half; in place on the triton backend
 
 
 class GemmaAttention(nn.Module):
@@ -86,7 +86,7 @@ class GeGLU(nn.Module):
         self.down_proj = nn.Linear(ffn, d, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        return self.down_proj(ops.geglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -105,11 +105,13 @@ class GemmaDecoderLayer(nn.Module):
         self.post_feedforward_layernorm = norm()
 
     def forward(self, x, layout: Layout, enc_BSd, enc_layout: Layout, rope):
-        h = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), layout, causal=True, window=self.window, rope=rope))
+        # residual adds fused with the norms around them (norm.add: h = residual + scale * norm(y) [, next norm])
+        attn = self.self_attn(self.input_layernorm(x), layout, causal=True, window=self.window, rope=rope)
+        h, _ = self.post_attention_layernorm.add(x, attn)
         cross = self.encoder_attn(h, layout, kv_BSd=enc_BSd, kv_layout=enc_layout)
-        h = h + torch.tanh(self.encoder_attn_gate).to(h.dtype) * self.post_encoder_attention_layernorm(cross)
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h, ff_in = self.post_encoder_attention_layernorm.add(
+            h, cross, scale=torch.tanh(self.encoder_attn_gate).to(h.dtype), next_norm=self.pre_feedforward_layernorm)
+        return self.post_feedforward_layernorm.add(h, self.mlp(ff_in))[0]
 
 
 class GemmaDecoder(nn.Module):
