@@ -390,8 +390,11 @@ def _kernels_run_on(*ts) -> bool:
     return all((t.is_cuda or interp) and t.dtype in _KERNEL_DTYPES for t in ts if t is not None)
 
 
+_RMS_NORM_MAX_D = 4096  # florenz_kernels.rms_norm.MAX_D (not imported here: that would import triton)
+
+
 def _rms_norm_triton(x, weight, eps):
-    if not _kernels_run_on(x, weight):
+    if not _kernels_run_on(x, weight) or x.shape[-1] > _RMS_NORM_MAX_D:
         return _rms_norm_torch(x, weight, eps)
     from florenz_kernels.rms_norm import rms_norm as kernel
 
@@ -399,7 +402,7 @@ def _rms_norm_triton(x, weight, eps):
 
 
 def _add_rms_norm_triton(residual, y, weight, eps, *, scale, next_weight, next_eps):
-    if not _kernels_run_on(residual, y, weight, scale, next_weight):
+    if not _kernels_run_on(residual, y, weight, scale, next_weight) or y.shape[-1] > _RMS_NORM_MAX_D:
         return _add_rms_norm_torch(residual, y, weight, eps, scale=scale, next_weight=next_weight, next_eps=next_eps)
     from florenz_kernels.rms_norm import add_rms_norm as kernel
 

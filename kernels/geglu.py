@@ -136,3 +136,15 @@ def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def geglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.gelu(gate, approximate="tanh") * up
+
+
+# ---- static checks (no GPU) ----------------------------------------------------------------------------------
+
+
+def static_cases(dtype: str) -> list[dict]:
+    """Compile jobs for kernels._static.compile_report: forward and backward at the config of `dtype`."""
+    block, warps = GPU_CONFIGS[4 if dtype == "fp32" else 2]
+    return [dict(fn=_fwd_kernel, num_warps=warps, float_args=set(), constexprs=dict(BLOCK=block),
+                 ptr_types={n: dtype for n in ("G", "U", "O")}),
+            dict(fn=_bwd_kernel, num_warps=warps, float_args=set(), constexprs=dict(BLOCK=block),
+                 ptr_types={n: dtype for n in ("DO", "G", "U", "DG", "DU")})]

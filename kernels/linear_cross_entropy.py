@@ -381,3 +381,21 @@ def linear_cross_entropy_reference(hidden, weight, labels, *, softcap: float = 3
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / valid.sum()
+
+
+# ---- static checks (no GPU): every config compiles for sm_80 / sm_90 without spills ---------------------------
+
+
+def static_cases(dtype: str) -> list[dict]:
+    """Compile jobs for kernels._static.compile_report: the row kernel in every flag combination the launcher
+    uses, at the config of `dtype` ("bf16" / "fp16" / "fp32")."""
+    block_v, warps = _GPU_CONFIG[4 if dtype == "fp32" else 2]
+    cases = []
+    for softcap in (True, False):
+        for zl in (False, True):
+            for row_scale in (False, True):
+                cases.append(dict(fn=_ce_rows_kernel, num_warps=warps, float_args={"cap", "inv_cap", "z_loss"},
+                                  ptr_types={"LOGITS": dtype, "LABELS": "i64", "LOSS": "fp32", "ROW_SCALE": "fp32"},
+                                  constexprs=dict(SOFTCAP=softcap, FAST_TANH=dtype == "bf16", HAS_ZLOSS=zl,
+                                                  HAS_ROW_SCALE=row_scale, WRITE_GRAD=True, BLOCK_V=block_v)))
+    return cases

@@ -37,7 +37,7 @@ import triton.language as tl
 __all__ = ["rms_norm", "add_rms_norm", "rms_norm_reference", "add_rms_norm_reference", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-MAX_D = 16384
+MAX_D = 4096  # Gemma-2 2B / 9B widths (2304 / 3584); the 8192 backward spilled 184+ B at 8 and 16 warps
 
 
 @triton.jit
@@ -83,14 +83,13 @@ def _bwd_kernel(DH, DO2, Y, H, W, S, W2, R1, R2, DX, DY, DW_PART, DW2_PART, DS_P
     DTY: tl.constexpr = DY.dtype.element_ty
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
-    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    # w / w2 are re-read per row (L1/L2 hits) and d scale is a scalar: holding them across the loop spilled on
+    # sm_80 at BLOCK_D 4096 with every flag on (static checks)
     dw = tl.zeros([BLOCK_D], tl.float32)
     dw2 = tl.zeros([BLOCK_D], tl.float32)
-    ds = tl.zeros([BLOCK_D], tl.float32)
+    ds = 0.0
     if HAS_SCALE:
         s = tl.load(S).to(tl.float32)
-    if HAS_NEXT:
-        w2 = tl.load(W2 + offs, mask=mask, other=0.0).to(tl.float32)
     start = pid * rows_per_prog
     for i in range(0, rows_per_prog):
         row = start + i
@@ -100,19 +99,21 @@ def _bwd_kernel(DH, DO2, Y, H, W, S, W2, R1, R2, DX, DY, DW_PART, DW2_PART, DS_P
             if HAS_NEXT:  # d next_out -> d h, added to the incoming d h in the activation dtype
                 h = tl.load(H + row64 * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
                 do2 = tl.load(DO2 + row64 * stride_do + offs, mask=mask, other=0.0).to(tl.float32)
+                w2 = tl.load(W2 + offs, mask=mask, other=0.0).to(tl.float32)
                 r2 = tl.load(R2 + row64)
                 hhat = h * r2
                 u2 = do2 * (1.0 + w2)
                 dh = _rd(dh + _rd(r2 * (u2 - hhat * (tl.sum(u2 * hhat, 0) / D)), DT), DT)
                 dw2 += do2 * hhat
             y = tl.load(Y + row64 * stride_y + offs, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
             r1 = tl.load(R1 + row64)
             yhat = y * r1
             if HAS_RES:
                 if NEED_DX:
                     tl.store(DX + row64 * stride_dx + offs, dh.to(DX.dtype.element_ty), mask=mask)
                 if HAS_SCALE:
-                    ds += dh * _rd(yhat * (1.0 + w), DTY)
+                    ds += tl.sum(dh * _rd(yhat * (1.0 + w), DTY), 0)
                     dn = _rd(dh * s, DTY)
                 else:
                     dn = _rd(dh, DTY)
@@ -126,13 +127,16 @@ def _bwd_kernel(DH, DO2, Y, H, W, S, W2, R1, R2, DX, DY, DW_PART, DW2_PART, DS_P
     if HAS_NEXT:
         tl.store(DW2_PART + pid * D + offs, dw2, mask=mask)
     if HAS_SCALE:
-        tl.store(DS_PART + pid, tl.sum(ds, 0))
+        tl.store(DS_PART + pid, ds)
 
 
 # ---- configs -------------------------------------------------------------------------------------------
 
 
-def num_warps_for(block_d: int) -> int:
+def num_warps_for(block_d: int, backward: bool = False) -> int:
+    # backward: 4 warps spilled at BLOCK_D 2048 and 16 warps (128 registers a thread) at 4096 (static checks)
+    if backward:
+        return 8
     return 4 if block_d <= 1024 else (8 if block_d <= 4096 else 16)
 
 
@@ -220,7 +224,7 @@ def rms_norm_bwd(dh: torch.Tensor, dnext: Optional[torch.Tensor], y: torch.Tenso
                           dy.view(-1, D), dw_part, dw2_part, ds_part, dh2.stride(0), do2.stride(0), y2.stride(0),
                           h2.stride(0), dx2.stride(0), D, R, D, triton.cdiv(R, P), HAS_RES=has_residual,
                           HAS_SCALE=scale is not None, HAS_NEXT=has_next, NEED_DX=has_residual, BLOCK_D=bd,
-                          num_warps=num_warps_for(bd))
+                          num_warps=num_warps_for(bd, backward=True))
     dw = dw_part.sum(0).to(weight.dtype)
     ds = ds_part.sum().reshape(scale.shape).to(scale.dtype) if scale is not None else y.new_empty(_EMPTY)
     dw2 = dw2_part.sum(0).to(next_weight.dtype) if has_next else y.new_empty(_EMPTY)
@@ -326,3 +330,26 @@ def add_rms_norm_reference(residual, y, weight, eps, *, scale=None, next_weight=
     h = residual + (n if scale is None else scale.to(n.dtype) * n)
     return h, (None if next_weight is None else rms_norm_reference(h, next_weight, eps if next_eps is None
                                                                     else next_eps))
+
+
+# ---- static checks (no GPU) ----------------------------------------------------------------------------------
+
+STATIC_BLOCK_D = (256, 1024, MAX_D)  # `small`-preset width, Gemma-2-2B / 9B (2304 / 3584), the largest allowed
+
+
+def static_cases(dtype: str) -> list[dict]:
+    """Compile jobs for kernels._static.compile_report: forward and backward for plain / residual / residual +
+    scale + next norm, at each BLOCK_D class with the launcher's num_warps."""
+    cases = []
+    for bd in STATIC_BLOCK_D:
+        for res, sc, nxt in ((False, False, False), (True, False, False), (True, True, True)):
+            flags = dict(HAS_RES=res, HAS_SCALE=sc, HAS_NEXT=nxt, BLOCK_D=bd)
+            cases.append(dict(fn=_fwd_kernel, num_warps=num_warps_for(bd), float_args={"eps", "eps2"},
+                              ptr_types={**{n: dtype for n in ("X", "Y", "S", "H", "O2")}, "W": "fp32", "W2": "fp32",
+                                         "R1": "fp32", "R2": "fp32"}, constexprs=flags))
+            cases.append(dict(fn=_bwd_kernel, num_warps=num_warps_for(bd, backward=True), float_args=set(),
+                              ptr_types={**{n: dtype for n in ("DH", "DO2", "Y", "H", "S", "DX", "DY")},
+                                         **{n: "fp32" for n in ("W", "W2", "R1", "R2", "DW_PART", "DW2_PART",
+                                                                "DS_PART")}},
+                              constexprs={**flags, "NEED_DX": res}))
+    return cases

@@ -182,3 +182,18 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
     if packed:
         qo, ko = qo[0].transpose(0, 1), ko[0].transpose(0, 1)
     return qo, ko
+
+
+# ---- static checks (no GPU) ----------------------------------------------------------------------------------
+
+
+def static_cases(dtype: str) -> list[dict]:
+    """Compile jobs for kernels._static.compile_report: Gemma-2 shapes (D = 256: 8 / 16 query heads, 4 / 8 key
+    heads) and the `small` preset's (D = 64, 4 heads), forward and inverse."""
+    cases = []
+    for heads, d2 in ((4, 32), (8, 128), (16, 128)):
+        for inverse in (False, True):
+            cases.append(dict(fn=_rope_kernel, num_warps=num_warps_for(heads, d2), float_args=set(),
+                              ptr_types={"X": dtype, "Y": dtype, "COS": "fp32", "SIN": "fp32"},
+                              constexprs=dict(INVERSE=inverse, BLOCK_H=heads, BLOCK_D2=d2)))
+    return cases
