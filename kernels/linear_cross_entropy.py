@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -244,11 +245,12 @@ _EMPTY = (0,)
 
 
 @torch.library.custom_op("florenz::linear_cross_entropy_fwd", mutates_args=())
-def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float,
-                             ignore_index: int, z_loss: float, chunk_size: int, need_dh: bool, need_dw: bool
+def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             token_weight: Optional[torch.Tensor], softcap: float, ignore_index: int, z_loss: float,
+                             chunk_size: int, need_dh: bool, need_dw: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (per-token losses (T,) fp32 (fp64 for fp64 input), d sum(losses) / d hidden (T, D) or empty, d sum / d weight (V, D) or
-    empty)."""
+    """-> (per-token losses (T,) fp32 (fp64 for fp64 input), d S / d hidden (T, D) or empty, d S / d weight (V, D)
+    or empty), S = sum_t token_weight_t * loss_t (token_weight None: all 1)."""
     T = hidden.shape[0]
     V = weight.shape[0]
     if T:
@@ -257,14 +259,14 @@ def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, labels:
         if bool(bad.any()):
             raise ValueError(f"linear_cross_entropy: labels outside [0, {V}) that are not ignore_index "
                              f"({ignore_index}): {labels[bad][:8].tolist()}")
-    loss, dh, dw = _chunked(hidden, weight, labels, None, softcap, ignore_index, z_loss, chunk_size, need_dh,
+    loss, dh, dw = _chunked(hidden, weight, labels, token_weight, softcap, ignore_index, z_loss, chunk_size, need_dh,
                             need_dw)
     return (loss, dh if dh is not None else hidden.new_empty(_EMPTY),
             dw if dw is not None else weight.new_empty(_EMPTY))
 
 
 @linear_cross_entropy_fwd.register_fake
-def _(hidden, weight, labels, softcap, ignore_index, z_loss, chunk_size, need_dh, need_dw):
+def _(hidden, weight, labels, token_weight, softcap, ignore_index, z_loss, chunk_size, need_dh, need_dw):
     T = hidden.shape[0]
     return (hidden.new_empty((T,), dtype=torch.promote_types(hidden.dtype, torch.float32)),
             hidden.new_empty(hidden.shape if need_dh else _EMPTY), weight.new_empty(weight.shape if need_dw
@@ -273,16 +275,19 @@ def _(hidden, weight, labels, softcap, ignore_index, z_loss, chunk_size, need_dh
 
 @torch.library.custom_op("florenz::linear_cross_entropy_bwd", mutates_args=())
 def linear_cross_entropy_bwd(grad_T: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             dh: torch.Tensor, dw: torch.Tensor, softcap: float, ignore_index: int, z_loss: float,
-                             chunk_size: int, need_dh: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale the saved unit gradients by grad_T (per-token gradients of the losses)."""
+                             token_weight: Optional[torch.Tensor], dh: torch.Tensor, dw: torch.Tensor, softcap: float,
+                             ignore_index: int, z_loss: float, chunk_size: int, need_dh: bool, need_dw: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale the saved gradients (of sum_t token_weight_t loss_t) to grad_T (the per-token loss gradients)."""
     valid = labels != ignore_index
-    g_valid = grad_T[valid]
-    uniform = g_valid.numel() == 0 or bool((g_valid == g_valid[0]).all())
-    if uniform or not need_dw:
-        g0 = g_valid[0] if g_valid.numel() else grad_T.new_zeros(())
-        out_dh = (dh * grad_T[:, None].to(dh.dtype)) if need_dh else hidden.new_empty(_EMPTY)
-        out_dw = (dw * g0.to(dw.dtype)) if need_dw else weight.new_empty(_EMPTY)
+    w_T = token_weight if token_weight is not None else torch.ones_like(grad_T)
+    ratio = torch.where(valid, grad_T / w_T, 0.0)  # per row; a zero weight on a real token gives inf / nan
+    r_valid = ratio[valid]
+    uniform = r_valid.numel() == 0 or bool(torch.isfinite(r_valid[0]) and (r_valid == r_valid[0]).all())
+    if uniform or (not need_dw and bool(torch.isfinite(r_valid).all())):
+        c = r_valid[0] if r_valid.numel() else grad_T.new_zeros(())
+        out_dh = (dh * ratio[:, None].to(dh.dtype)) if need_dh else hidden.new_empty(_EMPTY)
+        out_dw = (dw * c.to(dw.dtype)) if need_dw else weight.new_empty(_EMPTY)
         return out_dh, out_dw
     # non-uniform per-token weights: dW is no rescaling of the saved one; recompute with per-row weights
     _, out_dh, out_dw = _chunked(hidden, weight, labels, grad_T, softcap, ignore_index, z_loss,
@@ -292,25 +297,37 @@ def linear_cross_entropy_bwd(grad_T: torch.Tensor, hidden: torch.Tensor, weight:
 
 
 @linear_cross_entropy_bwd.register_fake
-def _(grad_T, hidden, weight, labels, dh, dw, softcap, ignore_index, z_loss, chunk_size, need_dh, need_dw):
+def _(grad_T, hidden, weight, labels, token_weight, dh, dw, softcap, ignore_index, z_loss, chunk_size, need_dh,
+      need_dw):
     return (hidden.new_empty(hidden.shape if need_dh else _EMPTY),
             weight.new_empty(weight.shape if need_dw else _EMPTY))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, labels, softcap, ignore_index, z_loss, chunk, need_dh, need_dw = inputs
+    hidden, weight, labels, token_weight, softcap, ignore_index, z_loss, chunk, need_dh, need_dw = inputs
     _, dh, dw = output
-    ctx.save_for_backward(hidden, weight, labels, dh, dw)
+    # dh / dw are outputs only to be saved: never materialise zero gradients for them (a V x D zeros tensor)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(hidden, weight, labels, token_weight, dh, dw)
     ctx.args = (softcap, ignore_index, z_loss, chunk, need_dh, need_dw)
 
 
 def _backward_formula(ctx, g_loss, _g_dh, _g_dw):
-    hidden, weight, labels, dh, dw = ctx.saved_tensors
+    hidden, weight, labels, token_weight, dh, dw = ctx.saved_tensors
+    none = (None,) * 8
     if g_loss is None:
-        return None, None, None, None, None, None, None, None, None
+        return (None, None) + none
     need_dh, need_dw = ctx.args[4], ctx.args[5]
-    out_dh, out_dw = linear_cross_entropy_bwd(g_loss, hidden, weight, labels, dh, dw, *ctx.args)
-    return (out_dh if need_dh else None, out_dw if need_dw else None, None, None, None, None, None, None, None)
+    # The common case — loss.backward() on the "mean" / "sum" result — asks for exactly the saved gradients:
+    # hand them over without a rescaled copy (a V x D dW copy doubled the loss's memory). Eager only (it reads
+    # values); compiled graphs take the op below.
+    if not torch.compiler.is_compiling():
+        valid = labels != ctx.args[1]
+        w = token_weight if token_weight is not None else 1.0
+        if bool(((g_loss == w) | ~valid).all()):
+            return (dh if need_dh else None, dw if need_dw else None) + none
+    out_dh, out_dw = linear_cross_entropy_bwd(g_loss, hidden, weight, labels, token_weight, dh, dw, *ctx.args)
+    return (out_dh if need_dh else None, out_dw if need_dw else None) + none
 
 
 linear_cross_entropy_fwd.register_autograd(_backward_formula, setup_context=_setup_context)
@@ -354,15 +371,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if chunk < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk}")
     grad = torch.is_grad_enabled()
-    losses, _, _ = linear_cross_entropy_fwd(h_TD, weight, labels_T, float(softcap), int(ignore_index),
+    valid = labels_T != ignore_index
+    # "mean": the saved gradients are those of the mean already (weights 1/n), so backward hands them over as is
+    token_weight = (valid / valid.sum().clamp_min(1)).to(torch.promote_types(h_TD.dtype, torch.float32)) \
+        if reduction == "mean" else None
+    losses, _, _ = linear_cross_entropy_fwd(h_TD, weight, labels_T, token_weight, float(softcap), int(ignore_index),
                                             float(z_loss), chunk, grad and h_TD.requires_grad,
                                             grad and weight.requires_grad)
     if reduction == "none":
         return losses.view(lead)
-    total = losses.sum()
     if reduction == "sum":
-        return total
-    return total / (labels_T != ignore_index).sum()
+        return losses.sum()
+    # NaN when every label is ignored, as torch's cross_entropy (without a host sync)
+    return torch.where(valid.any(), (losses * token_weight).sum(), torch.nan)
 
 
 def linear_cross_entropy_reference(hidden, weight, labels, *, softcap: float = 30.0, ignore_index: int = -100,

@@ -175,7 +175,7 @@ def test_linear_ce_leading_dims_and_bad_input():
 def test_linear_ce_opcheck():
     h, w, labels = _ce_case(T=9, V=50)
     torch.library.opcheck(torch.ops.florenz.linear_cross_entropy_fwd.default,
-                          (h.requires_grad_(), w.requires_grad_(), labels, 30.0, -100, 0.0, 4, True, True),
+                          (h.requires_grad_(), w.requires_grad_(), labels, None, 30.0, -100, 0.0, 4, True, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
