@@ -31,9 +31,10 @@ from .vision import DaViT, ImageTokenProjector, check_pixels
 
 @dataclass
 class FlorenzOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when forward(return_logits=False)
     loss: torch.Tensor | None = None
     encoder_states: torch.Tensor | None = None
+    token_losses: torch.Tensor | None = None  # with labels: (B, L) fp32 cross-entropy per token, 0 where ignored
 
 
 class Florenz(nn.Module):
@@ -104,22 +105,36 @@ class Florenz(nn.Module):
         cross K/V (decoder.cross_kv); rows are batch-major beams (florenz_fast.generate drives this)."""
         return self.logits(self.decoder.step(ids_N, pos, caches, cross_kv, enc_layout, beams)[:, 0])
 
+    def token_losses(self, hidden_BLd: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:
+        """(B, L) fp32 cross-entropy of the softcapped logits per token (0 where labels == -100), through
+        ops.linear_cross_entropy: on the triton backend the fused loss, which never builds the (B, L, V) logits."""
+        return ops.linear_cross_entropy(hidden_BLd, self.decoder.embed_tokens.weight, labels_BL,
+                                        softcap=self.cfg.decoder.final_softcap, ignore_index=IGNORE_INDEX,
+                                        reduction="none")
+
     # ---- the whole model ------------------------------------------------------------------------------
     def forward(self, pixel_values, input_ids, decoder_input_ids, *, attention_mask=None,
                 decoder_attention_mask=None, prompt_cu_seqlens=None, decoder_cu_seqlens=None,
-                labels=None) -> FlorenzOutput:
+                labels=None, return_logits: bool = True) -> FlorenzOutput:
+        """With `labels`: `loss` (mean over target tokens) and `token_losses` (B, L). return_logits=False skips
+        the (B, L, V) logits (the loss then comes from `token_losses`, fused on the triton backend)."""
         if (prompt_cu_seqlens is None) != (decoder_cu_seqlens is None):
             raise ValueError("packed input needs both prompt_cu_seqlens and decoder_cu_seqlens")
         enc, enc_layout = self.encode(pixel_values, input_ids, attention_mask, prompt_cu_seqlens)
         hidden = self.decode(decoder_input_ids, enc, enc_layout, decoder_attention_mask, decoder_cu_seqlens)
-        logits = self.logits(hidden)
-        loss = None
+        if labels is not None and labels.shape != decoder_input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} and decoder_input_ids "
+                             f"{tuple(decoder_input_ids.shape)} differ in shape")
+        logits = self.logits(hidden) if return_logits else None
+        loss = tok = None
         if labels is not None:
-            if labels.shape != decoder_input_ids.shape:
-                raise ValueError(f"labels {tuple(labels.shape)} and decoder_input_ids "
-                                 f"{tuple(decoder_input_ids.shape)} differ in shape")
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-        return FlorenzOutput(logits=logits, loss=loss, encoder_states=enc)
+            if logits is not None:  # the logits exist anyway: no second lm_head matmul
+                tok = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                      reduction="none").view(labels.shape)
+            else:
+                tok = self.token_losses(hidden, labels)
+            loss = tok.sum() / (labels != IGNORE_INDEX).sum()
+        return FlorenzOutput(logits=logits, loss=loss, encoder_states=enc, token_losses=tok)
 
 
 def _init_weights(module: nn.Module) -> None:

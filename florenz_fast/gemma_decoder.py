@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from . import ops
 from .config import DecoderConfig
 from .modules import KVCache, Layout, attend, attend_cached, project_kv_all_layers
 
@@ -28,9 +28,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):
-        x32 = x.float()
-        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * (1.0 + self.weight.float())).type_as(x)
+        return ops.rms_norm(x, self.weight, self.eps)
+
+    def add(self, residual, y, scale=None, next_norm: "RMSNorm | None" = None):
+        """(residual + scale * self(y), next_norm(that) or None): one fused kernel on the triton backend."""
+        return ops.add_rms_norm(residual, y, self.weight, self.eps, scale=scale,
+                                next_weight=None if next_norm is None else next_norm.weight,
+                                next_eps=None if next_norm is None else next_norm.eps)
 
 
 class Rotary(nn.Module):
@@ -50,11 +54,7 @@ class Rotary(nn.Module):
 
     @staticmethod
     def rotate(q, k, cos, sin):
-        def rot(x):
-            x1, x2 = x.chunk(2, dim=-1)
-            return torch.cat([-x2, x1], dim=-1)
-
-        return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        return ops.rope(q, k, cos, sin)  # rotate-half; in place on the triton backend
 
 
 class GemmaAttention(nn.Module):
@@ -98,7 +98,7 @@ class GeGLU(nn.Module):
         self.down_proj = nn.Linear(ffn, d, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        return self.down_proj(ops.geglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -117,22 +117,27 @@ class GemmaDecoderLayer(nn.Module):
         self.post_feedforward_layernorm = norm()
 
     def forward(self, x, layout: Layout, enc_BSd, enc_layout: Layout, rope, cross_kv=None):
-        h = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), layout, causal=True, window=self.window, rope=rope))
-        cross = self.encoder_attn(h, layout, kv_BSd=enc_BSd, kv_layout=enc_layout, projected_kv=cross_kv)
-        h = h + torch.tanh(self.encoder_attn_gate).to(h.dtype) * self.post_encoder_attention_layernorm(cross)
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        attn = self.self_attn(self.input_layernorm(x), layout, causal=True, window=self.window, rope=rope)
+        return self._after_self_attn(x, attn, lambda h: self.encoder_attn(
+            h, layout, kv_BSd=enc_BSd, kv_layout=enc_layout, projected_kv=cross_kv))
 
     def step(self, x_N1d, cache: KVCache, pos, rope, cross_kv, enc_layout: Layout, beams: int):
         """`forward` for one new token per row with the self-attention cache (generation). Rows are
         batch-major beams (n = b * beams + k); the cross-attention runs the `beams` rows of image b as `beams`
         queries against that image's one cross K/V (never copied per beam)."""
-        h = x_N1d + self.post_attention_layernorm(self.self_attn.step(self.input_layernorm(x_N1d), cache, pos, rope))
-        N, _, d = h.shape
-        cross = self.encoder_attn(h.view(N // beams, beams, d), Layout(), kv_layout=enc_layout, projected_kv=cross_kv)
-        h = h + torch.tanh(self.encoder_attn_gate).to(h.dtype) * self.post_encoder_attention_layernorm(
-            cross.view(N, 1, d))
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        attn = self.self_attn.step(self.input_layernorm(x_N1d), cache, pos, rope)
+        N, _, d = x_N1d.shape
+        return self._after_self_attn(x_N1d, attn, lambda h: self.encoder_attn(
+            h.view(N // beams, beams, d), Layout(), kv_layout=enc_layout, projected_kv=cross_kv).view(N, 1, d))
+
+    def _after_self_attn(self, x, attn, cross_attn):
+        """The layer after its self-attention output: the residual adds fused with the norms around them
+        (norm.add: h = residual + scale * norm(y) [, the next norm of h]); `cross_attn(h)` runs the cross-attention."""
+        h, _ = self.post_attention_layernorm.add(x, attn)
+        h, ff_in = self.post_encoder_attention_layernorm.add(
+            h, cross_attn(h), scale=torch.tanh(self.encoder_attn_gate).to(h.dtype),
+            next_norm=self.pre_feedforward_layernorm)
+        return self.post_feedforward_layernorm.add(h, self.mlp(ff_in))[0]
 
 
 class GemmaDecoder(nn.Module):
@@ -151,13 +156,19 @@ class GemmaDecoder(nn.Module):
         """Every layer's cross-attention (k, v), each (B, S, Hk * D), from one GEMM (also the generation cache)."""
         return project_kv_all_layers(enc_BSd, [layer.encoder_attn for layer in self.layers])
 
-    def forward(self, ids_BL: torch.Tensor, layout: Layout, enc_BSd: torch.Tensor, enc_layout: Layout):
-        """Final hidden states (B, L, d) before the tied lm_head."""
+    def _embed(self, ids_BL):
         x = self.embed_tokens(ids_BL)
         # sqrt(hidden) rounded to the activation dtype first, as Gemma-2 does (matters in bf16)
-        x = x * torch.tensor(self.cfg.hidden ** 0.5, dtype=x.dtype)
-        cos, sin = self.rotary.cos_sin(layout.positions(ids_BL.shape[1], ids_BL.device), x.dtype)
-        rope = lambda q, k: Rotary.rotate(q, k, cos, sin)  # noqa: E731
+        return x * torch.tensor(self.cfg.hidden ** 0.5, dtype=x.dtype)
+
+    def _rope(self, positions_BL, dtype):
+        cos, sin = self.rotary.cos_sin(positions_BL, dtype)
+        return lambda q, k: Rotary.rotate(q, k, cos, sin)
+
+    def forward(self, ids_BL: torch.Tensor, layout: Layout, enc_BSd: torch.Tensor, enc_layout: Layout):
+        """Final hidden states (B, L, d) before the tied lm_head."""
+        x = self._embed(ids_BL)
+        rope = self._rope(layout.positions(ids_BL.shape[1], ids_BL.device), x.dtype)
         cross = self.cross_kv(enc_BSd) if self.fuse_cross_kv else [None] * len(self.layers)
         for layer, kv in zip(self.layers, cross):
             x = layer(x, layout, enc_BSd, enc_layout, rope, cross_kv=kv)
@@ -172,10 +183,8 @@ class GemmaDecoder(nn.Module):
     def step(self, ids_N: torch.Tensor, pos: torch.Tensor, caches: list[KVCache], cross, enc_layout: Layout,
              beams: int) -> torch.Tensor:
         """Final hidden states (N, 1, d) of one new token per row at position `pos` (0-dim int64 tensor)."""
-        x = self.embed_tokens(ids_N[:, None])
-        x = x * torch.tensor(self.cfg.hidden ** 0.5, dtype=x.dtype)
-        cos, sin = self.rotary.cos_sin(pos.view(1, 1), x.dtype)
-        rope = lambda q, k: Rotary.rotate(q, k, cos, sin)  # noqa: E731
+        x = self._embed(ids_N[:, None])
+        rope = self._rope(pos.view(1, 1), x.dtype)
         for layer, cache, kv in zip(self.layers, caches, cross):
             x = layer.step(x, cache, pos, rope, kv, enc_layout, beams)
         return self.norm(x)

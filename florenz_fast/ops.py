@@ -36,6 +36,25 @@ softcap-free attention on SDPA and the decoder's on the Triton kernel.
   sdpa   torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient / CPU-fused kernels) for
          calls without softcap and window (packed ones gathered into a padded batch as in `dense`); raises
          Unsupported otherwise. Rows that see no key return zeros, as everywhere.
+
+The same switch selects the decoder fusions (one backend name for the whole engine):
+
+    rms_norm(x, weight, eps)                                        Gemma RMSNorm, fp32 math, (1 + w), cast back
+    add_rms_norm(residual, y, weight, eps, scale=None, next_weight=None) -> (h, next_or_None)
+                                                                    h = residual + scale * rms_norm(y, weight);
+                                                                    next = rms_norm(h, next_weight)
+    geglu(gate, up)                                                 gelu_tanh(gate) * up
+    rope(q, k, cos, sin) -> (q, k)                                  rotate-half RoPE; cos/sin (B|1, 1, L, D)
+    linear_cross_entropy(hidden, weight, labels, softcap=30.0, ignore_index=-100, z_loss=0.0, reduction="mean")
+                                                                    lm_head + final softcap + cross-entropy
+
+Each has a `torch` implementation here (the definition, what the model computed before the fusions) and a
+`triton` one from florenz_kernels (`register_backend(name, fn, op=...)`). A backend that registers only
+attention (e.g. a future flash-attn one) leaves the fusions on `torch`. The triton fusions fall back to
+`torch` where their kernels do not run: CPU tensors without TRITON_INTERPRET=1, float64, mixed dtypes they do
+not cover — except the fused loss, whose chunked algorithm runs on a plain CPU with torch ops for the per-row
+part (it never materialises the (T, V) logits). The triton `rope` rotates q and k in place and keeps their
+dtype (under autocast the reference's fp32 tables promote them to fp32 instead).
 """
 
 from __future__ import annotations
@@ -47,7 +66,9 @@ import torch
 import torch.nn.functional as F
 
 AttentionFn = Callable[..., torch.Tensor]
-_BACKENDS: dict[str, AttentionFn] = {}
+OPS = ("attention", "rms_norm", "add_rms_norm", "geglu", "rope", "linear_cross_entropy")
+_REGISTRY: dict[str, dict[str, Callable]] = {op: {} for op in OPS}
+_BACKENDS: dict[str, AttentionFn] = _REGISTRY["attention"]  # the engine's backend names are attention's
 _default_backend: str | None = None
 
 
@@ -55,8 +76,20 @@ class Unsupported(Exception):
     """Raised by a backend for a call it does not cover: the next backend of the chain takes it."""
 
 
-def register_backend(name: str, fn: AttentionFn) -> None:
-    _BACKENDS[name] = fn
+def register_backend(name: str, fn: Callable, *, op: str = "attention") -> None:
+    """Register `fn` as backend `name` of `op` (default: attention, whose names are the engine's backends)."""
+    if op not in _REGISTRY:
+        raise ValueError(f"unknown op {op!r}; ops: {OPS}")
+    _REGISTRY[op][name] = fn
+
+
+def _impl(op: str, backend: str | None) -> Callable:
+    """The first member of the backend chain that implements `op`, else its `torch` definition."""
+    fns = _REGISTRY[op]
+    for name in _chain(backend or get_backend()):
+        if name in fns:
+            return fns[name]
+    return fns["torch"]
 
 
 def available_backends() -> list[str]:
@@ -309,6 +342,9 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.tanh(x / cap) * cap if cap else x
 
 
+_softcap = softcap  # for the functions below whose `softcap` argument shadows it
+
+
 def cu_seqlens_from_lengths(lengths: list[int] | torch.Tensor, device=None) -> torch.Tensor:
     lengths = torch.as_tensor(lengths, dtype=torch.int32, device=device)
     return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
@@ -375,5 +411,144 @@ def _triton_importable() -> bool:
         return False
 
 
+# ---- decoder fusions: `torch` = the definition -----------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str | None = None) -> torch.Tensor:
+    """Gemma RMSNorm over the last dim: fp32 math, x * rsqrt(mean(x^2) + eps) * (1 + w), cast back to x's dtype."""
+    return _impl("rms_norm", backend)(x, weight, eps)
+
+
+def add_rms_norm(residual: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                 scale: torch.Tensor | None = None, next_weight: torch.Tensor | None = None,
+                 next_eps: float | None = None, backend: str | None = None):
+    """h = residual + scale * rms_norm(y, weight) (scale: a 1-element tensor or None), and the next pre-norm
+    rms_norm(h, next_weight) when next_weight is given (else None). Returns (h, next)."""
+    return _impl("add_rms_norm", backend)(residual, y, weight, eps, scale=scale, next_weight=next_weight,
+                                          next_eps=eps if next_eps is None else next_eps)
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """gelu_tanh(gate) * up."""
+    return _impl("geglu", backend)(gate, up)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str | None = None):
+    """Rotate-half RoPE of q (B, H, L, D) and k (B, Hk, L, D) with cos/sin (B or 1, 1, L, D) (the two halves of the
+    last dim equal, as `Rotary.cos_sin` builds them). Returns (q, k); the triton backend rotates in place."""
+    return _impl("rope", backend)(q, k, cos, sin)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, softcap: float = 30.0,
+                         ignore_index: int = -100, z_loss: float = 0.0, reduction: str = "mean",
+                         backend: str | None = None) -> torch.Tensor:
+    """Cross-entropy of softcap(hidden @ weight^T) against labels (ignore_index skipped), per token in fp32.
+
+    hidden (..., D), weight (V, D), labels (...). reduction "none" -> (...) per-token losses (0 where ignored),
+    "sum", or "mean" over the non-ignored tokens. z_loss > 0 adds z_loss * logsumexp^2 per token."""
+    return _impl("linear_cross_entropy", backend)(hidden, weight, labels, softcap=softcap, ignore_index=ignore_index,
+                                                  z_loss=z_loss, reduction=reduction)
+
+
+def _rms_norm_torch(x, weight, eps):
+    x32 = x.float()
+    out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (out * (1.0 + weight.float())).type_as(x)
+
+
+def _add_rms_norm_torch(residual, y, weight, eps, *, scale, next_weight, next_eps):
+    n = _rms_norm_torch(y, weight, eps)
+    h = residual + (n if scale is None else scale * n)
+    return h, (None if next_weight is None else _rms_norm_torch(h, next_weight, next_eps))
+
+
+def _geglu_torch(gate, up):
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def _rope_torch(q, k, cos, sin):
+    def rot(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([-x2, x1], dim=-1)
+
+    return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+
+def _linear_cross_entropy_torch(hidden, weight, labels, *, softcap, ignore_index, z_loss, reduction):
+    logits = _softcap(F.linear(hidden, weight), softcap).float()
+    flat, lab = logits.flatten(0, -2), labels.flatten()
+    tok = F.cross_entropy(flat, lab, ignore_index=ignore_index, reduction="none")
+    if z_loss:
+        tok = tok + torch.where(lab != ignore_index, z_loss * torch.logsumexp(flat, -1).pow(2), 0.0)
+    if reduction == "none":
+        return tok.view(labels.shape)
+    if reduction == "sum":
+        return tok.sum()
+    return tok.sum() / (lab != ignore_index).sum()
+
+
+for _op, _fn in (("rms_norm", _rms_norm_torch), ("add_rms_norm", _add_rms_norm_torch), ("geglu", _geglu_torch),
+                 ("rope", _rope_torch), ("linear_cross_entropy", _linear_cross_entropy_torch)):
+    register_backend("torch", _fn, op=_op)
+
+
+# ---- decoder fusions: `triton` (florenz_kernels, imported on first use) ------------------------------------
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _kernels_run_on(*ts) -> bool:
+    """True where the Triton kernels can run these tensors: CUDA, or the interpreter; fp16/bf16/fp32."""
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    return all((t.is_cuda or interp) and t.dtype in _KERNEL_DTYPES for t in ts if t is not None)
+
+
+_RMS_NORM_MAX_D = 4096  # florenz_kernels.rms_norm.MAX_D (not imported here: that would import triton)
+
+
+def _rms_norm_triton(x, weight, eps):
+    if not _kernels_run_on(x, weight) or x.shape[-1] > _RMS_NORM_MAX_D:
+        return _rms_norm_torch(x, weight, eps)
+    from florenz_kernels.rms_norm import rms_norm as kernel
+
+    return kernel(x, weight, eps)
+
+
+def _add_rms_norm_triton(residual, y, weight, eps, *, scale, next_weight, next_eps):
+    if not _kernels_run_on(residual, y, weight, scale, next_weight) or y.shape[-1] > _RMS_NORM_MAX_D:
+        return _add_rms_norm_torch(residual, y, weight, eps, scale=scale, next_weight=next_weight, next_eps=next_eps)
+    from florenz_kernels.rms_norm import add_rms_norm as kernel
+
+    return kernel(residual, y, weight, eps, scale=scale, next_weight=next_weight, next_eps=next_eps)
+
+
+def _geglu_triton(gate, up):
+    if not _kernels_run_on(gate, up) or gate.dtype != up.dtype or gate.shape != up.shape:
+        return _geglu_torch(gate, up)
+    from florenz_kernels.geglu import geglu as kernel
+
+    return kernel(gate, up)
+
+
+def _rope_triton(q, k, cos, sin):
+    if not _kernels_run_on(q, k, cos, sin) or q.dtype != k.dtype or q.stride(-1) != 1 or k.stride(-1) != 1:
+        return _rope_torch(q, k, cos, sin)
+    from florenz_kernels.rope import rope_ as kernel
+
+    half = q.shape[-1] // 2
+    return kernel(q, k, cos[:, 0, :, :half], sin[:, 0, :, :half])
+
+
+def _linear_cross_entropy_triton(hidden, weight, labels, *, softcap, ignore_index, z_loss, reduction):
+    from florenz_kernels.linear_cross_entropy import linear_cross_entropy as kernel
+
+    return kernel(hidden, weight, labels, softcap=softcap, ignore_index=ignore_index, z_loss=z_loss,
+                  reduction=reduction)
+
+
 if _triton_importable():
     register_backend("triton", _attention_triton)
+    for _op, _fn in (("rms_norm", _rms_norm_triton), ("add_rms_norm", _add_rms_norm_triton),
+                     ("geglu", _geglu_triton), ("rope", _rope_triton),
+                     ("linear_cross_entropy", _linear_cross_entropy_triton)):
+        register_backend("triton", _fn, op=_op)

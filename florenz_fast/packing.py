@@ -160,7 +160,19 @@ class Batch:
             raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(self.labels.shape)}")
         labels = self.labels.to(logits.device).flatten()
         tok = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="none")
-        idx = self.sample_index().to(logits.device)
+        return self.per_sample_sums(tok.view(self.labels.shape))
+
+    def per_sample_sums(self, token_losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample: (sum of the given per-token losses (N,), target token count (N,) int64).
+
+        `token_losses` (N, L) / (1, T), e.g. the model's `token_losses` (forward(labels=..., return_logits=False):
+        the fused loss on the triton backend, no logits); keeps the autograd graph."""
+        if token_losses.shape != self.labels.shape:
+            raise ValueError(f"token losses {tuple(token_losses.shape)} do not match labels "
+                             f"{tuple(self.labels.shape)}")
+        tok = token_losses.flatten()
+        labels = self.labels.to(tok.device).flatten()
+        idx = self.sample_index().to(tok.device)
         sums = torch.zeros(self.num_samples, dtype=tok.dtype, device=tok.device).index_add(0, idx, tok)
         counts = torch.zeros(self.num_samples, dtype=torch.long, device=tok.device).index_add(
             0, idx, (labels != IGNORE_INDEX).long())

@@ -296,10 +296,10 @@ def train(cfg: TrainConfig) -> dict:
         for i, batch in enumerate(micro):
             batch = batch.to(world.device)
             inputs = batch.model_inputs()
-            inputs.pop("labels")  # the loss is taken here, per sample, from the logits
             with no_sync(train_module, i < len(micro) - 1), _autocast(cfg.precision, world.device):
-                logits = train_module(**inputs).logits
-            sums, counts = batch.per_sample_token_losses(logits)  # per sample: loss sum, target tokens
+                # per-token losses without (B, L, V) logits: the fused loss on the triton backend
+                token_losses = train_module(**inputs, return_logits=False).token_losses
+            sums, counts = batch.per_sample_sums(token_losses)  # per sample: loss sum, target tokens
             loss = sums.sum() * world.size / n_tokens  # DDP / FSDP2 average gradients over ranks
             scaler.scale(loss).backward()
             stats += torch.tensor([sums.sum().item(), float(counts.sum()), float(batch.num_samples)],

@@ -12,6 +12,10 @@ Kernels:
   softcap_attention  Gemma-2 softcapped attention, forward + backward: causal, sliding window, GQA, packed
                      (cu_seqlens) and padded layouts; ops `florenz::softcap_attention_fwd` / `_bwd`.
                      `from florenz_kernels.softcap_attention import softcap_attention`.
+  linear_cross_entropy  lm_head + final logit softcap + cross-entropy, chunked, never the (T, V) logits.
+  rms_norm           Gemma RMSNorm, alone or fused with the residual add, a gate scale and the next norm.
+  geglu              gelu_tanh(gate) * up, forward + backward.
+  rope               rotate-half RoPE in place on q and k (padded and packed).
 
 Importing the package itself stays free of torch and triton: submodules load on first attribute access
 (`florenz_kernels.softcap_attention` is the submodule). Triton decides interpreted vs compiled when a kernel
@@ -20,7 +24,7 @@ module is imported, so set TRITON_INTERPRET=1 before touching a kernel module on
 
 import importlib
 
-__all__: list[str] = ["softcap_attention"]
+__all__: list[str] = ["softcap_attention", "linear_cross_entropy", "rms_norm", "geglu", "rope"]
 
 
 def __getattr__(name: str):

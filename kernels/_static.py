@@ -54,7 +54,7 @@ def compile_report(fn, constexprs: dict, arg_type, aligned, capability: tuple[in
         sass = subprocess.run([cuobjdump(), "--dump-sass", cubin], capture_output=True, text=True,
                               check=True).stdout
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", res)
-    return {"sm": target.arch, "shared": compiled.metadata.shared, "registers": int(m.group(1)),
+    return {"kernel": fn.__name__, "sm": target.arch, "shared": compiled.metadata.shared, "registers": int(m.group(1)),
             "stack": int(m.group(2)), "local": int(m.group(4)), "raw": res.strip(), "hgmma": sass.count("HGMMA"),
             "hmma": sass.count("HMMA"), "spill_insts": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
             "num_warps": num_warps}
