@@ -10,7 +10,8 @@ packing takes no more steps than padding: the same samples in the same number of
 comparison isolates padding waste, not batch size. Modes:
   padded        padded collation, the reference `torch` attention backend
   packed        packed collation, the reference `torch` attention backend (what the engine runs today on CPU)
-  packed-unpad  the same packed batches with an experimental vectorised packed attention (below), validated
+  packed-unpad  the same packed batches with florenz_fast.ops' `dense` backend (packed attention gathered into one
+                padded batch instead of a per-segment loop; it began here as an experiment), validated
                 against the reference first: what packing yields once attention is not a per-segment loop
 The steps of the modes are interleaved (each advancing through the samples at the same pace) so drift in
 machine speed hits all alike. Throughput = target tokens (labels != -100) per CPU-second of step time (and
@@ -143,70 +144,6 @@ SOURCES = {
 }
 
 
-# ---- experiment: packed attention without the per-segment Python loop ------------------------------------
-# The reference `torch` backend of florenz_fast.ops runs packed attention one segment at a time (a Python
-# loop, ~10 small ops per segment per layer, forward and backward). This experiment scatters the packed
-# q/k/v into (N, max len) blocks, runs the reference dense math once with per-segment causal/window/key
-# masks, and gathers the real rows back: the rest of the model stays packed. It is validated against the
-# reference before it is timed; it shows what packing yields once attention is vectorised, as the fast
-# varlen kernels are.
-
-def _attention_unpad(q, k, v, *, scale, softcap, causal, window, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                     max_seqlen_q, max_seqlen_k, dropout_p):
-    if cu_seqlens_q is None:
-        return ops._BACKENDS["torch"](
-            q, k, v, scale=scale, softcap=softcap, causal=causal, window=window, key_padding_mask=key_padding_mask,
-            cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-            dropout_p=dropout_p)
-    dev = q.device
-    lq, lk = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long(), (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    N, Lm, Sm = lq.numel(), int(lq.max()), int(lk.max())
-    seg_q = torch.repeat_interleave(torch.arange(N, device=dev), lq)
-    seg_k = torch.repeat_interleave(torch.arange(N, device=dev), lk)
-    pos_q, pos_k = ops.positions_from_cu_seqlens(cu_seqlens_q), ops.positions_from_cu_seqlens(cu_seqlens_k)
-    q_NLHD = q.new_zeros(N, Lm, *q.shape[1:]).index_put((seg_q, pos_q), q)
-    k_NSHD = k.new_zeros(N, Sm, *k.shape[1:]).index_put((seg_k, pos_k), k)
-    v_NSHD = v.new_zeros(N, Sm, *v.shape[1:]).index_put((seg_k, pos_k), v)
-    i = torch.arange(Lm, device=dev)[None, :, None]
-    j = torch.arange(Sm, device=dev)[None, None, :]
-    visible = j < lk[:, None, None]  # real keys of each segment
-    if causal:  # bottom-right aligned per segment: query i sits at key position i + S_n - L_n
-        p = i + (lk - lq)[:, None, None]
-        visible = visible & (j <= p)
-        if window:
-            visible = visible & (p - j < window)
-    out = ops._attention_dense(q_NLHD.transpose(1, 2), k_NSHD.transpose(1, 2), v_NSHD.transpose(1, 2),
-                               scale=scale, softcap=softcap, visible_BLS=visible[:, None], dropout_p=dropout_p)
-    return out.transpose(1, 2)[seg_q, pos_q]
-
-
-ops.register_backend("bench-unpad", _attention_unpad)
-
-
-def check_unpad_backend() -> float:
-    """Largest difference to the reference on ragged packed segments (causal+window, cross, GQA), fwd + bwd."""
-    g = torch.Generator().manual_seed(0)
-    worst = 0.0
-    for causal, window, lens_q, lens_k, hq, hk in ((True, 3, [1, 7, 4], None, 4, 2), (False, None, [5, 1, 9],
-                                                    [8, 3, 2], 4, 4), (True, None, [2, 6], [6, 6], 2, 1)):
-        lens_k = lens_k or lens_q
-        cq, ck = ops.cu_seqlens_from_lengths(lens_q), ops.cu_seqlens_from_lengths(lens_k)
-        q = torch.randn(sum(lens_q), hq, 8, generator=g, dtype=torch.float64, requires_grad=True)
-        k = torch.randn(sum(lens_k), hk, 8, generator=g, dtype=torch.float64, requires_grad=True)
-        v = torch.randn(sum(lens_k), hk, 8, generator=g, dtype=torch.float64, requires_grad=True)
-        outs = []
-        for backend in ("torch", "bench-unpad"):
-            out = ops.attention(q, k, v, scale=0.3, softcap=5.0, causal=causal, window=window, cu_seqlens_q=cq,
-                                cu_seqlens_k=ck, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k), backend=backend)
-            grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
-                                        .sum(), (q, k, v))
-            outs.append((out, *grads))
-        worst = max(worst, *((a - b).abs().max().item() for a, b in zip(*outs)))
-    if worst > 1e-10:
-        raise SystemExit(f"validation failed: bench-unpad attention differs from the reference by {worst:.3g}")
-    return worst
-
-
 def calibrate_budgets(samples, n_img: int, batch_size: int, mean_enc: float, mean_dec: float):
     """Packed budgets: the smallest multiple s (in steps of 0.02) of batch_size x the mean sample size on each
     side at which the greedy packer needs no more batches than padding does for the same samples, so both
@@ -232,8 +169,8 @@ def make_batches(mode: str, samples, n_img: int, batch_size: int, budgets: tuple
     return batches, time.perf_counter() - t0, loader.efficiency()
 
 
-# mode -> (collation, attention backend); "packed-unpad" is the experiment above, on the same packed batches
-MODES = {"padded": ("padded", "torch"), "packed": ("packed", "torch"), "packed-unpad": ("packed", "bench-unpad")}
+# mode -> (collation, attention backend); "packed-unpad": ops' `dense` backend on the same packed batches
+MODES = {"padded": ("padded", "torch"), "packed": ("packed", "torch"), "packed-unpad": ("packed", "dense")}
 
 
 def validate(model: Florenz, samples, n_img: int, budgets) -> float:
@@ -246,7 +183,7 @@ def validate(model: Florenz, samples, n_img: int, budgets) -> float:
     with torch.no_grad():
         ref = padded.per_sample_token_losses(model(**padded.model_inputs()).logits)
         diff = 0.0
-        for backend in ("torch", "bench-unpad"):
+        for backend in ("torch", "dense"):
             ops.set_backend(backend)
             got = packed.per_sample_token_losses(model(**packed.model_inputs()).logits)
             diff = max(diff, ((got[0] / got[1]) - (ref[0] / ref[1])).abs().max().item())
@@ -380,10 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(c) != 2 or c[1] not in SOURCES:
             raise SystemExit(f"bad case {':'.join(c)!r}: expected preset:source with source in {list(SOURCES)}")
     t0 = time.perf_counter()
-    unpad_diff = check_unpad_backend()
     report = {
         "bench": "packing", "config": asdict(run), "target_speedup": 1.5,
-        "unpad_attention_max_diff_fp64": unpad_diff,
         "cases": [run_case(run, preset, source) for preset, source in cases],
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_name(),
                         "cores": os.cpu_count(), "python": platform.python_version(),
@@ -446,10 +381,10 @@ def _markdown(r: dict) -> str:
             f"{pct(pe['decoder']['efficiency'])} | {pct(qe['encoder']['fill'])}, {pct(qe['decoder']['fill'])} | "
             f"{c['validation_max_loss_diff']:.0e} |")
     lines += ["", "Target tokens per CPU-second (per wall second in brackets). Packed batches carry no padding "
-              "(real / computed = 100 % on both sides). The experiment column runs the same packed batches "
-              "with packed attention scattered into one masked (N, max len) block per layer instead of the "
-              "reference backend's per-segment Python loop (bench/packing.py, checked against the reference "
-              f"to {r['unpad_attention_max_diff_fp64']:.0e} in fp64, forward and backward). Cases:", ""]
+              "(real / computed = 100 % on both sides). The packed-unpad column runs the same packed batches "
+              "with florenz_fast.ops' `dense` backend: packed attention gathered into one masked (N, max len) "
+              "block per layer instead of the reference backend's per-segment Python loop (tests/test_ops.py "
+              "holds it to the reference, forward and backward). Cases:", ""]
     for c in r["cases"]:
         L = c["lengths"]
         lines.append(

@@ -20,8 +20,9 @@ bench/packing.py), forward + backward + AdamW on everything that trains (SPEC §
 interleaved across configurations; medians are reported. Before timing, each configuration's first-batch losses
 are checked against the published-code baseline's.
 
-Generation: `florenz_fast.generate` when present (cached beam search vs the uncached recompute-everything path
-that mirrors the published code), same images, 4 beams.
+Generation (bench/generate.py's run): cached beam search (plus its CUDA-graph decode step on a GPU) vs the
+uncached recompute-everything path that mirrors the published code; same random-weight model and images, 4
+beams, every sequence decoding --new-tokens tokens; tokens compared.
 
 FLOPs: florenz_fast.metrics.train_flops_per_sample, the analytic "model" count (causal attention counts half the
 square, no padding; the "executed" convention equals torch's FlopCounterMode on the tiny and small presets,
@@ -212,17 +213,33 @@ def run_training(args, device, cfg, samples, configs):
 # ---- generation ------------------------------------------------------------------------------------------------
 
 
-def run_generation(args, device, cfg, samples):
-    """Cached vs uncached beam search through florenz_fast.generate, when that module exists."""
-    try:
-        from florenz_fast import generate as gen
-    except ImportError as e:
-        return dict(skipped=f"florenz_fast.generate not importable: {e}")
-    fn = getattr(gen, "benchmark_generation", None)
-    if fn is None:
-        return dict(skipped="florenz_fast.generate has no benchmark_generation()")
-    return fn(cfg, samples, device=device, batch=args.gen_batch, beams=args.beams, new_tokens=args.new_tokens,
-              repeats=args.repeats, precision=args.precision)
+def run_generation(args, device):
+    """bench/generate.py's side-by-side run: cached beam search (and, on the GPU, its CUDA-graph decode step) vs
+    the uncached recompute-everything path that mirrors the published code; same images, identical tokens."""
+    import argparse as _argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "bench" / "generate.py")
+    bench_generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_generate)
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.precision]
+    ns = _argparse.Namespace(device=str(device), preset=args.preset, batch=str(args.gen_batch), beams=args.beams,
+                             new_tokens=args.new_tokens, dtype=dtype, cuda_graph=device.type == "cuda",
+                             skip_uncached=False, uncached_max_batch=args.gen_batch)
+    rows = bench_generate.run(ns)
+    lines = ["| batch | beams | new tokens | mode | total s | decode s | beam tokens/s | vs published | same tokens |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        pub = row.get("uncached (published)", {})
+        for mode in ("cached", "cached+cuda_graph", "uncached (published)"):
+            r = row.get(mode)
+            if not r or "error" in r:
+                continue
+            sp = f"{pub['total_s'] / r['total_s']:.2f}x" if "total_s" in pub else "-"
+            lines.append(f"| {row['batch']} | {row['beams']} | {row['new_tokens']} | {mode} | {r['total_s']:.3f} | "
+                         f"{r['decode_s']:.3f} | {r['beam_tokens_per_s']:.1f} | {sp} | "
+                         f"{r.get('tokens_identical_to_cached')} |")
+    return dict(rows=rows, markdown="\n".join(lines))
 
 
 # ---- the scaling estimate -------------------------------------------------------------------------------------
@@ -411,7 +428,8 @@ def main(argv=None) -> int:
             print(f"training: {', '.join(configs)} on {env['device']}", flush=True)
             report["train"] = run_training(args, device, cfg, samples, configs)
         if args.mode in ("generate", "both"):
-            report["generate"] = run_generation(args, device, cfg, samples)
+            print(f"generation: batch {args.gen_batch}, {args.beams} beams, {args.new_tokens} new tokens", flush=True)
+            report["generate"] = run_generation(args, device)
     readings = nvml.read()  # power and SM clock right after the runs (empty without NVML)
     if readings:
         report["nvml"] = readings

@@ -233,13 +233,14 @@ class ImageTokenProjector(nn.Module):
         B, C, H, W = feats_BCHW.shape
         # DaViT's map is a (B, C, H, W) view of (B, N, C) memory: this transpose is contiguous again
         x_BNC = feats_BCHW.flatten(2).transpose(1, 2)
-        pos_NC = self.image_position_embed(H, W).reshape(H * W, C) + self.visual_temporal_embed.pos_idx_to_embed[0]
+        # the temporal table is an fp32 buffer: in the activations' dtype, so bf16 weights meet bf16 inputs
+        pos_NC = (self.image_position_embed(H, W).reshape(H * W, C)
+                  + self.visual_temporal_embed.pos_idx_to_embed[0]).to(x_BNC.dtype)
         norm = self.image_proj_norm
         if ops.use_fused_kernels(x_BNC):  # florenz_kernels.image_tokens: the same arithmetic, fused
             from florenz_kernels.image_tokens import image_tokens
 
-            return image_tokens(x_BNC, pos_NC.to(x_BNC.dtype), self.image_projection.weight, norm.weight, norm.bias,
-                                norm.eps)
+            return image_tokens(x_BNC, pos_NC, self.image_projection.weight, norm.weight, norm.bias, norm.eps)
         x_BNC = x_BNC + pos_NC
         x_BNC = torch.cat([x_BNC.mean(dim=1, keepdim=True), x_BNC], dim=1)
         return norm(self.image_projection(x_BNC))

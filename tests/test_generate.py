@@ -235,3 +235,19 @@ def test_generate_errors(model64):
             generate(model64, pixels, ids, mask)
     finally:
         model64.eval()
+
+
+def test_bf16_weights_generate_cached_like_uncached():
+    # bf16 parameters with fp32 buffers (RoPE's inv_freq, the temporal table), as bench/generate.py loads them on
+    # a GPU: the image tokens must not promote to fp32 before the bf16 projection (a dtype error there, once)
+    torch.manual_seed(0)
+    cfg = get_config("tiny")
+    model = Florenz(cfg).eval()
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    px = torch.randn(2, 3, cfg.image_size, cfg.image_size).to(torch.bfloat16)
+    ids = torch.randint(3, 100, (2, 6))
+    gen = GenerationConfig.for_model(cfg, num_beams=2, max_new_tokens=5, min_new_tokens=5)
+    cached = generate(model, px, ids, config=gen)
+    full = generate(model, px, ids, config=gen, cache=False)
+    assert cached.tokens == full.tokens and len(cached.tokens) == 2
