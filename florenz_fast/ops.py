@@ -552,3 +552,149 @@ if _triton_importable():
                      ("geglu", _geglu_triton), ("rope", _rope_triton),
                      ("linear_cross_entropy", _linear_cross_entropy_triton)):
         register_backend("triton", _fn, op=_op)
+
+
+
+# ---- decode-time ops: CUDA kernels of csrc/ (extension florenz_fast._C), pure-PyTorch references ---------------
+#
+# Shapes: B sequences, H query heads, Hk KV heads, Lq new tokens per sequence (1..8), C cache slots, D head dim,
+# N = images x beams sequences, S encoder tokens.
+#
+#   decode_attention(q (B, H, Lq, D), k_cache, v_cache (B, Hk, C, D), cache_lens (B,) int32, scale, softcap,
+#                    window) -> (B, H, Lq, D)
+#     cache_lens = tokens of each sequence so far, the Lq new ones included (their K/V already written); query i
+#     sits at position p_i = len - Lq + i. Slot rule, one rule for linear caches and sliding-window ring buffers:
+#     position p lives in slot p % C; slot s holds the largest position pos(s) < len with pos(s) = s (mod C), none
+#     if s >= len. Query i sees slot s iff pos(s) <= p_i and (window == 0 or p_i - pos(s) < window). Valid when
+#     C >= len (linear) or C >= window + Lq - 1 (ring). Scores scale * q.k, softcap c > 0: c * tanh(s / c),
+#     softmax in fp32, out in q's dtype; a row that sees nothing is zeros.
+#   cross_decode_attention(q (N, H, Lq, D), k, v (n_images, S, Hk, D) (strided views with a contiguous last dim,
+#                          e.g. column slices of decoder.cross_kv's all-layer tensor), image_index (N,) int32,
+#                          image_lens (n_images,) int32, scale, softcap) -> (N, H, Lq, D)
+#     sequence n reads image image_index[n] (beams share an image's K/V without copies); non-causal over its
+#     first image_lens[image] tokens.
+#   rope_kv_append(q (B, H, Lq, D), k, v (B, Hk, Lq, D), k_cache, v_cache (B, Hk, C, D), cache_lens (B,) int32,
+#                  inv_freq (D/2,) fp32) -> q rotated (B, H, Lq, D)
+#     the fused decode-step prologue: RoPE (rotate-half, angle = fp32(position) * inv_freq, the model's Rotary
+#     buffer) on the new q and k at positions p_i = len - Lq + i, and rotated k / plain v written into slot p_i % C
+#     of the caches (in place).
+#
+# impl: None = the extension op where it is built (CUDA kernels for CUDA tensors, its CPU implementation for CPU
+# tensors), else the reference; "ext" = the extension op (error if not built); "cuda" = the CUDA kernels (error on
+# non-CUDA tensors); "torch" = the reference.
+
+_EXT_STATE: dict[str, object] = {}
+
+
+def extension_status() -> tuple[bool, str]:
+    """(loaded, message): whether florenz_fast._C (csrc/) is built and its ops are registered."""
+    if "loaded" not in _EXT_STATE:
+        import importlib.util
+
+        try:
+            spec = importlib.util.find_spec("florenz_fast._C")
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.origin:
+            _EXT_STATE.update(loaded=False, message="florenz_fast._C is not built (see README: the CUDA build)")
+        else:
+            try:
+                torch.ops.load_library(spec.origin)  # registers florenz::decode_attention & co. (TORCH_LIBRARY)
+                _EXT_STATE.update(loaded=True, message=spec.origin)
+            except (OSError, RuntimeError) as e:
+                _EXT_STATE.update(loaded=False, message=f"florenz_fast._C failed to load: {e}")
+    return bool(_EXT_STATE["loaded"]), str(_EXT_STATE["message"])
+
+
+def extension_available() -> bool:
+    return extension_status()[0]
+
+
+def _decode_impl(op: str, q: torch.Tensor, impl: str | None) -> str:
+    if impl not in (None, "ext", "cuda", "torch"):
+        raise ValueError(f"{op}: impl must be None, 'ext', 'cuda' or 'torch', got {impl!r}")
+    if impl == "torch":
+        return "torch"
+    if impl == "cuda" and not q.is_cuda:
+        raise ValueError(f"{op}: impl='cuda' runs the CUDA kernels and needs CUDA tensors, got q on {q.device}")
+    loaded, message = extension_status()
+    if impl in ("ext", "cuda") and not loaded:
+        raise RuntimeError(f"{op}: impl={impl!r} needs the extension: {message}")
+    return "ext" if loaded else "torch"
+
+
+def decode_attention_reference(q, k_cache, v_cache, cache_lens, scale: float, softcap: float = 0.0,
+                               window: int = 0) -> torch.Tensor:
+    """The definition of decode_attention (see above), in q's dtype (float64 in, float64 math)."""
+    B, H, Lq, D = q.shape
+    C = k_cache.shape[2]
+    lens = cache_lens.to(device=q.device, dtype=torch.long)[:, None]  # (B, 1)
+    slots = torch.arange(C, device=q.device)[None]  # (1, C)
+    pos = slots + C * torch.div(lens - 1 - slots, C, rounding_mode="floor")  # (B, C), meaningful where s < len
+    pq = lens - Lq + torch.arange(Lq, device=q.device)[None]  # (B, Lq)
+    visible = (slots < lens)[:, None, :] & (pos[:, None, :] <= pq[..., None])  # (B, Lq, C)
+    if window:
+        visible &= (pq[..., None] - pos[:, None, :]) < window
+    return _attention_dense(q, k_cache, v_cache, scale=scale, softcap=softcap, visible_BLS=visible[:, None],
+                            dropout_p=0.0)
+
+
+def cross_decode_attention_reference(q, k, v, image_index, image_lens, scale: float,
+                                     softcap: float = 0.0) -> torch.Tensor:
+    """The definition of cross_decode_attention (see above)."""
+    idx = image_index.to(device=q.device, dtype=torch.long)
+    k_NHSD = k[idx].transpose(1, 2)
+    v_NHSD = v[idx].transpose(1, 2)
+    lens = image_lens.to(device=q.device, dtype=torch.long)[idx]
+    visible = torch.arange(k.shape[1], device=q.device)[None] < lens[:, None]  # (N, S)
+    return _attention_dense(q, k_NHSD, v_NHSD, scale=scale, softcap=softcap, visible_BLS=visible[:, None, None],
+                            dropout_p=0.0)
+
+
+def rope_kv_append_reference(q, k, v, k_cache, v_cache, cache_lens, inv_freq) -> torch.Tensor:
+    """The definition of rope_kv_append (see above), computed as the model's Rotary does: cos / sin of the fp32
+    angles cast to the activation dtype, rotation in that dtype (fp64 angles' cos / sin for fp64 tensors)."""
+    B, H, Lq, D = q.shape
+    C = k_cache.shape[2]
+    pos = cache_lens.to(device=q.device, dtype=torch.long)[:, None] - Lq + torch.arange(Lq, device=q.device)
+    angles = pos.float()[..., None] * inv_freq.float()  # (B, Lq, D/2), fp32 as in Rotary.cos_sin
+    emb = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, Lq, D)
+    if q.dtype == torch.float64:
+        emb = emb.double()
+    cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+
+    def rot(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([-x2, x1], dim=-1)
+
+    q_rot = q * cos + rot(q) * sin
+    k_rot = k * cos + rot(k) * sin
+    b_idx = torch.arange(B, device=q.device)[:, None].expand(B, Lq)
+    slot = pos % C
+    k_cache[b_idx, :, slot] = k_rot.transpose(1, 2).to(k_cache.dtype)  # (B, Lq, Hk, D) into [b, :, slot]
+    v_cache[b_idx, :, slot] = v.transpose(1, 2).to(v_cache.dtype)
+    return q_rot
+
+
+def decode_attention(q, k_cache, v_cache, cache_lens, *, scale: float, softcap: float = 0.0, window: int = 0,
+                     impl: str | None = None) -> torch.Tensor:
+    """Attention of the Lq newest tokens over the self-attention KV cache (linear or ring buffer); see above."""
+    if _decode_impl("decode_attention", q, impl) == "torch":
+        return decode_attention_reference(q, k_cache, v_cache, cache_lens, scale, softcap, window or 0)
+    return torch.ops.florenz.decode_attention(q, k_cache, v_cache, cache_lens, float(scale), float(softcap),
+                                              int(window or 0))
+
+
+def cross_decode_attention(q, k, v, image_index, image_lens, *, scale: float, softcap: float = 0.0,
+                           impl: str | None = None) -> torch.Tensor:
+    """Attention of the Lq newest tokens over each sequence's image K/V (beams share it); see above."""
+    if _decode_impl("cross_decode_attention", q, impl) == "torch":
+        return cross_decode_attention_reference(q, k, v, image_index, image_lens, scale, softcap)
+    return torch.ops.florenz.cross_decode_attention(q, k, v, image_index, image_lens, float(scale), float(softcap))
+
+
+def rope_kv_append(q, k, v, k_cache, v_cache, cache_lens, inv_freq, *, impl: str | None = None) -> torch.Tensor:
+    """RoPE on the new q / k and the KV-cache append in one step; returns the rotated q (caches in place)."""
+    if _decode_impl("rope_kv_append", q, impl) == "torch":
+        return rope_kv_append_reference(q, k, v, k_cache, v_cache, cache_lens, inv_freq)
+    return torch.ops.florenz.rope_kv_append(q, k, v, k_cache, v_cache, cache_lens, inv_freq)
