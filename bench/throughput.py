@@ -126,6 +126,7 @@ def train_step(model, opt, batch, backend, device, precision):
 
 
 def first_batch_losses(model, batch, backend, device, precision):
+    batch = batch.to(device)
     model.eval()
     ops.set_backend(backend)
     try:

@@ -126,6 +126,13 @@ def attend_cached(q_N1X, k_N1X, v_N1X, cache: KVCache, pos: torch.Tensor, *, hea
     slot = torch.remainder(pos, C).view(1)
     cache.k.index_copy_(2, slot, k.to(cache.k.dtype))
     cache.v.index_copy_(2, slot, v.to(cache.v.dtype))
-    valid = (torch.arange(C, device=pos.device) <= pos).expand(N, C)
-    out = ops.attention(q, cache.k, cache.v, key_padding_mask=valid, causal=False, **kw)
+    if q.is_cuda and ops.extension_available() and q.dtype in (torch.float16, torch.bfloat16) \
+            and not kw.get("dropout_p") and q.shape[-1] in (64, 128, 256):
+        # the CUDA flash-decoding kernel (csrc/): the same slot rule (position p in slot p % C), no key mask
+        lens = (pos + 1).to(torch.int32).expand(N)
+        out = ops.decode_attention(q, cache.k, cache.v, lens, scale=kw["scale"], softcap=kw.get("softcap") or 0.0,
+                                   impl="cuda")
+    else:
+        valid = (torch.arange(C, device=pos.device) <= pos).expand(N, C)
+        out = ops.attention(q, cache.k, cache.v, key_padding_mask=valid, causal=False, **kw)
     return out.transpose(1, 2).reshape(N, 1, -1)
