@@ -47,7 +47,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 from florenz_fast import ops  # noqa: E402
 from florenz_fast.config import get_config  # noqa: E402
@@ -58,6 +57,20 @@ TRAIN_CONFIGS = {"published": ("padded", "torch"), "torch": ("packed", "torch"),
                  "triton": ("packed", "triton"), "sdpa+triton": ("packed", "sdpa+triton")}
 GPU_ONLY = {"triton", "sdpa+triton"}
 SCHEMA_VERSION = 1
+
+
+def bench_module(name: str):
+    """bench/<name>.py loaded by file path (bench/ is no package, and putting it on sys.path would let
+    bench/profile.py shadow the standard library's `profile`)."""
+    import importlib.util
+
+    key = f"florenz_bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
 
 
 def device_name(device: torch.device) -> str:
@@ -99,7 +112,8 @@ def _autocast(device, precision):
 
 
 def build_train_batches(cfg, samples, batch_size, configs):
-    from packing import calibrate_budgets, make_batches  # bench/packing.py
+    packing = bench_module("packing")
+    calibrate_budgets, make_batches = packing.calibrate_budgets, packing.make_batches
 
     n_img = cfg.num_image_tokens()
     mean_enc = sum(n_img + len(s.prompt_ids) for s in samples) / len(samples)
@@ -218,11 +232,8 @@ def run_generation(args, device):
     """bench/generate.py's side-by-side run: cached beam search (and, on the GPU, its CUDA-graph decode step) vs
     the uncached recompute-everything path that mirrors the published code; same images, identical tokens."""
     import argparse as _argparse
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "bench" / "generate.py")
-    bench_generate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_generate)
+    bench_generate = bench_module("generate")
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.precision]
     ns = _argparse.Namespace(device=str(device), preset=args.preset, batch=str(args.gen_batch), beams=args.beams,
                              new_tokens=args.new_tokens, dtype=dtype, cuda_graph=device.type == "cuda",
@@ -422,9 +433,8 @@ def main(argv=None) -> int:
                 raise SystemExit(f"unknown training config {c!r}; known: {', '.join(TRAIN_CONFIGS)}")
             if c in GPU_ONLY and device.type != "cuda":
                 raise SystemExit(f"training config {c!r} needs a CUDA device (the Triton interpreter is a test tool)")
-        from packing import data_samples  # bench/packing.py: the synthetic set through the data pipeline
-
-        samples = data_samples(args.samples, cfg, seed=0)
+        # the synthetic set through the data pipeline (bench/packing.py)
+        samples = bench_module("packing").data_samples(args.samples, cfg, seed=0)
         if args.mode in ("train", "both"):
             print(f"training: {', '.join(configs)} on {env['device']}", flush=True)
             report["train"] = run_training(args, device, cfg, samples, configs)

@@ -175,6 +175,11 @@ def _check_inputs(q, k, v, causal, window, key_padding_mask, cu_q, cu_k) -> None
             raise ValueError("attention: key_padding_mask is for the padded layout; packed input uses cu_seqlens")
         if cu_q.numel() != cu_k.numel():
             raise ValueError(f"attention: cu_seqlens_q has {cu_q.numel()} entries, cu_seqlens_k {cu_k.numel()}")
+        # The value checks read cu_seqlens on the host: free for CPU tensors, a device sync per call for CUDA ones
+        # (every attention call of every layer: it starved the GPU in packed training). On CUDA they are left to
+        # whoever builds the batch once (Florenz.decode / Layout.from_lengths check lengths on the host).
+        if cu_q.is_cuda or cu_k.is_cuda:
+            return
         for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
             if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
                 raise ValueError(f"attention: {name} must start at 0 and never decrease, got {cu.tolist()}")

@@ -19,6 +19,16 @@ from florenz_fast.metrics import forward_flops_per_sample, train_flops_per_sampl
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _throughput_module():
+    """bench/throughput.py, loaded by file path (bench/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("florenz_bench_throughput", ROOT / "bench" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-bart"])
 @pytest.mark.parametrize("prompt,target", [(12, 9), (3, 30)])
 def test_analytic_flops_match_flop_counter(preset, prompt, target, one_intra_op_thread):
@@ -53,11 +63,7 @@ def test_short_cpu_run_writes_a_valid_report(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "throughput.json").read_text())
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import throughput
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    throughput = _throughput_module()
     throughput.validate_report(report)  # raises on a missing or mistyped field
     rows = {r["config"]: r for r in report["train"]["rows"]}
     assert set(rows) == {"published", "dense"}
@@ -73,12 +79,6 @@ def test_short_cpu_run_writes_a_valid_report(tmp_path):
 
 
 def test_scaling_estimate_is_labelled_and_consistent(tmp_path):
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import throughput
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    args = throughput.main.__defaults__  # noqa: F841 - (main parses its own argv)
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--scaling", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
