@@ -60,8 +60,7 @@ SCHEMA_VERSION = 1
 
 
 def bench_module(name: str):
-    """bench/<name>.py loaded by file path (bench/ is no package, and putting it on sys.path would let
-    bench/profile.py shadow the standard library's `profile`)."""
+    """bench/<name>.py loaded by file path (bench/ is no package)."""
     import importlib.util
 
     key = f"florenz_bench_{name}"

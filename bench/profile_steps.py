@@ -1,8 +1,11 @@
 """Where the time goes: a torch.profiler trace of a few training steps and of cached decode steps, plus top-ops
 tables.
 
-    python bench/profile.py                                   # CPU, `small`, packed training + generation
-    python bench/profile.py --device cuda --preset florenz-0.4b --precision bf16 --backend triton
+    python bench/profile_steps.py                             # CPU, `small`, packed training + generation
+    python bench/profile_steps.py --device cuda --preset florenz-0.4b --precision bf16 --backend triton
+
+(Not bench/profile.py: a script in bench/ puts bench/ first on sys.path, and a profile.py there would shadow the
+standard library's `profile`, which torch imports through cProfile — every bench script would break.)
 
 Writes to --out (default bench/results/<device>/profile/): train_trace.json.gz and decode_trace.json.gz (Chrome
 / Perfetto traces: open in https://ui.perfetto.dev or chrome://tracing) and profile.md, the top operators by self time
@@ -20,9 +23,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# this file is named like the standard library's `profile` module (cProfile imports it, and torch imports
-# cProfile): keep bench/ off the import path and load the sibling scripts by file path instead
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
