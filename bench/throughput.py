@@ -298,10 +298,13 @@ def scaling_estimate(args) -> dict:
 
 def markdown(report) -> str:
     env = report["env"]
-    lines = [f"# Throughput, {env['device']} — preset {report['args']['preset']}, {report['args']['precision']}", "",
-             f"torch {env['torch']}, triton {env.get('triton')}, {report['args']['samples']} samples, batch "
-             f"{report['args']['batch']} (padded) / calibrated token budgets (packed), {report['args']['repeats']} "
-             "repeats (medians).", ""]
+    if "scaling" in report:
+        lines = ["# Multi-GPU step time and MFU: an ESTIMATE for florenz-3.5b / -11.2b (CPT recipe)", ""]
+    else:
+        lines = [f"# Throughput, {env['device']} — preset {report['args']['preset']}, {report['args']['precision']}",
+                 "", f"torch {env['torch']}, triton {env.get('triton')}, {report['args']['samples']} samples, batch "
+                 f"{report['args']['batch']} (padded) / calibrated token budgets (packed), "
+                 f"{report['args']['repeats']} repeats (medians).", ""]
     tr = report.get("train")
     if tr:
         lines += ["## Training (forward + backward + AdamW)", "",
@@ -327,7 +330,13 @@ def markdown(report) -> str:
         lines.append("")
     sc = report.get("scaling")
     if sc:
-        lines += ["## Multi-GPU ESTIMATE (not measured)", "", sc["assumptions"]["note"], "",
+        a = sc["assumptions"]
+        lines += ["## Multi-GPU ESTIMATE (not measured)", "", a["note"] + ".", "",
+                  f"Assumed: peak {a['peak_tflops']} TFLOP/s x sustained {a['sustained_fraction']}, NVLink "
+                  f"{a['nvlink_gbps']} GB/s (<= 8 GPUs), network {a['network_gbps']} GB/s per GPU, "
+                  f"{a['comm_overlap']:.0%} of communication hidden, global batch {a['global_batch']} of "
+                  f"{a['prompt_tokens']} prompt + {a['target_tokens']} target tokens at 224 px. State = weights + "
+                  "master weights + AdamW + gradients per GPU, activations not included.", "",
                   "| preset | GPUs | mode | compute s | comm s | step s (est.) | MFU (est.) | state GiB/GPU |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in sc["rows"]:
