@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tl_math import tanh_exp
+
 __all__ = ["geglu", "geglu_reference", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -31,25 +33,13 @@ _CPU_CONFIG = (256, 4)
 
 
 @triton.jit
-def _tanh(x):
-    # exp formula (the interpreter has no libdevice tanh), odd Taylor series below |x| = 0.125
-    ax = tl.abs(x)
-    e = tl.exp(-2.0 * ax)
-    t = (1.0 - e) / (1.0 + e)
-    x2 = ax * ax
-    series = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * -0.05396825396825397)))
-    t = tl.where(ax < 0.125, series, t)
-    return tl.where(x < 0, -t, t)
-
-
-@triton.jit
 def _fwd_kernel(G, U, O, N, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-    t = _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
+    t = tanh_exp(0.7978845608028654 * (g + 0.044715 * g * g * g))
     a = (0.5 * g * (1.0 + t)).to(O.dtype.element_ty).to(tl.float32)
     tl.store(O + offs, (a * u).to(O.dtype.element_ty), mask=mask)
 
@@ -62,7 +52,7 @@ def _bwd_kernel(DO, G, U, DG, DU, N, BLOCK: tl.constexpr):
     do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-    t = _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
+    t = tanh_exp(0.7978845608028654 * (g + 0.044715 * g * g * g))
     a = 0.5 * g * (1.0 + t)
     # d gelu / d g = 0.5 (1 + t) + 0.5 g (1 - t^2) sqrt(2/pi) (1 + 3 c g^2)
     da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)

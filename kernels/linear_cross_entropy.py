@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tl_math import tanh_exp
+
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -53,14 +55,8 @@ def _tanh(x, FAST: tl.constexpr):
     if FAST:  # one MUFU op, rel. error 2^-11: below the 2^-9 rounding of the bf16 logits it reads
         return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
                                          pack=1)
-    else:  # exp formula (the interpreter has no libdevice tanh), odd Taylor series where 1 - e cancels
-        ax = tl.abs(x)
-        e = tl.exp(-2.0 * ax)
-        t = (1.0 - e) / (1.0 + e)
-        x2 = ax * ax
-        series = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * -0.05396825396825397)))
-        t = tl.where(ax < 0.125, series, t)
-        return tl.where(x < 0, -t, t)
+    else:  # exp formula (the interpreter has no libdevice tanh)
+        return tanh_exp(x)
 
 
 @triton.jit

@@ -9,14 +9,11 @@ plus a few fp32 ulps at the tensor's scale.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from tests.static_reports import compile_reports
 from tests.triton_interpreter import DEVICE
 from florenz_fast import ops
 from florenz_fast.config import get_config
@@ -304,14 +301,7 @@ print(json.dumps(out))
 
 
 def test_static_image_token_kernels_compile_without_spills():
-    from florenz_kernels._static import cuobjdump
-
-    if not os.path.exists(cuobjdump() or ""):
-        pytest.skip("no cuobjdump (triton's bundled one is missing)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _STATIC], capture_output=True, text=True, env=env, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    reports = json.loads(res.stdout.strip().splitlines()[-1])
+    reports = compile_reports(_STATIC, timeout=900)
     assert len(reports) == 4 * 3 * 2 * 2
     assert {(r["kind"], r["width"], r["dtype"], r["sm"]) for r in reports} == {
         (k, w, t, s) for k in ("rows_fwd", "mean_fwd", "mean_bwd", "rows_bwd") for w in (768, 1024, 2048)

@@ -11,15 +11,12 @@ level); a one-element result (d scale) also gets one ulp of its own dtype (its f
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
+from tests.static_reports import compile_reports  # noqa: E402
 from tests.triton_interpreter import DEVICE  # (first: switches the interpreter on)
 from florenz_fast import ops  # noqa: E402
 from florenz_kernels import geglu as gg  # noqa: E402
@@ -403,18 +400,7 @@ with ProcessPoolExecutor(int(sys.argv[1])) as ex:
 
 @pytest.fixture(scope="module")
 def static_reports():
-    from florenz_kernels import _static
-
-    if not os.path.exists(_static.cuobjdump() or ""):
-        pytest.skip("no cuobjdump (triton's bundled one is missing)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    t0 = time.time()
-    res = subprocess.run([sys.executable, "-c", _STATIC_SCRIPT, str(max(1, min(4, os.cpu_count() or 1)))],
-                         capture_output=True, text=True, env=env, timeout=1800)
-    assert res.returncode == 0, res.stderr[-4000:]
-    reports = json.loads(res.stdout.strip().splitlines()[-1])
-    print(f"static checks: {len(reports)} compiles in {time.time() - t0:.0f} s")
-    return reports
+    return compile_reports(_STATIC_SCRIPT, str(max(1, min(4, os.cpu_count() or 1))))
 
 
 def test_static_every_kernel_compiles_for_sm80_and_sm90(static_reports):
