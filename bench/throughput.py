@@ -185,8 +185,8 @@ def run_training(args, device, cfg, samples, configs):
     times = {name: [] for name in configs}
     cpu_times = {name: [] for name in configs}  # process CPU seconds: less sensitive to other load on a CPU box
     peak_mem = {}
-    for name in configs:  # warm-up: one pass over the first two batches (allocator, autotuning, compiles)
-        for b in batches[name][:2]:
+    for name in configs:  # warm-up: one whole pass (allocator, compiles, and Triton autotuning of every length
+        for b in batches[name]:  # bucket the timed passes meet; the H100 runs of 2026-11-22 warmed 2 batches only)
             train_step(models[name], opts[name], b.to(device), TRAIN_CONFIGS[name][1], device, args.precision)
     _sync(device)
     for rep in range(args.repeats):
