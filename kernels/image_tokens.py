@@ -43,6 +43,13 @@ _CHUNK_ROWS = 32  # rows per program in the row kernels: the column partial sums
 
 
 @triton.jit
+def _rows_plus_positions(P, POSB, b, rows, offs_d, m, D, stride_pb, stride_pn):
+    """(TILE, BLOCK_D) fp32 pre-norm rows P[b, rows] + posb[rows] (zeros where masked)."""
+    p = tl.load(P + b * stride_pb + rows[:, None] * stride_pn + offs_d[None, :], mask=m, other=0.0)
+    return p.to(tl.float32) + tl.load(POSB + rows[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _rows_fwd_kernel(P, POSB, LNW, LNB, OUT, PART, MEAN, RSTD, N, D, eps,
                      stride_pb, stride_pn, stride_ob, stride_on, n_chunks,
                      TILE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -56,8 +63,7 @@ def _rows_fwd_kernel(P, POSB, LNW, LNB, OUT, PART, MEAN, RSTD, N, D, eps,
     for r0 in range(0, CHUNK, TILE):
         rows = chunk * CHUNK + r0 + tl.arange(0, TILE)
         m = (rows < N)[:, None] & dmask[None, :]
-        p = tl.load(P + b * stride_pb + rows[:, None] * stride_pn + offs_d[None, :], mask=m, other=0.0)
-        p = p.to(tl.float32) + tl.load(POSB + rows[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        p = _rows_plus_positions(P, POSB, b, rows, offs_d, m, D, stride_pb, stride_pn)
         colsum += tl.sum(p, axis=0)
         mu = tl.sum(p, axis=1) / D
         xc = tl.where(m, p - mu[:, None], 0.0)
@@ -136,8 +142,7 @@ def _rows_bwd_kernel(DOUT, P, POSB, LNW, MEAN, RSTD, DMEAN, DP, DWB_PART, N, D,
         rows = chunk * CHUNK + r0 + tl.arange(0, TILE)
         rmask = rows < N
         m = rmask[:, None] & dmask[None, :]
-        p = tl.load(P + b * stride_pb + rows[:, None] * stride_pn + offs_d[None, :], mask=m, other=0.0)
-        p = p.to(tl.float32) + tl.load(POSB + rows[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        p = _rows_plus_positions(P, POSB, b, rows, offs_d, m, D, stride_pb, stride_pn)
         mu = tl.load(MEAN + b * (N + 1) + rows + 1, mask=rmask, other=0.0)
         rstd = tl.load(RSTD + b * (N + 1) + rows + 1, mask=rmask, other=0.0)
         xhat = tl.where(m, (p - mu[:, None]) * rstd[:, None], 0.0)
