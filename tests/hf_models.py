@@ -54,3 +54,18 @@ def florence2_reference(cfg: FlorenzConfig, seed: int = 0) -> Florence2ForCondit
     model = Florence2ForConditionalGeneration(hf_cfg).eval()
     randomize_(model, seed, std=0.1)
     return model
+
+
+def gemma_pair(directory) -> tuple[Gemma2ForCausalLM, "Florenz"]:
+    """A random tiny Gemma2ForCausalLM (seed 1) and the `tiny` Florenz holding its weights through our Gemma-2
+    importer (saved to and read from `directory`); the gates stay 0, so the decoder is that Gemma-2."""
+    from florenz_fast.config import get_config
+    from florenz_fast.convert import import_gemma2
+    from florenz_fast.florenz import Florenz
+
+    cfg = get_config("tiny")
+    ref = gemma2_reference(cfg, seed=1)
+    ref.save_pretrained(directory)
+    ours = Florenz(cfg).eval()
+    import_gemma2(ours, directory)
+    return ref, ours

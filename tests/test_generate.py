@@ -12,12 +12,13 @@ import torch
 import torch.nn as nn
 
 from florenz_fast.config import get_config
-from florenz_fast.convert import import_florence2, import_gemma2
+from florenz_fast.convert import import_florence2
 from florenz_fast.florenz import Florenz
 from florenz_fast.generate import GenerationConfig, generate, process_log_probs, score
 from florenz_fast.modules import KVCache
 from florenz_fast.ops import softcap
-from tests.hf_models import IMAGE_TOKEN_ID, florence2_reference, gemma2_reference, randomize_
+from tests import hf_models
+from tests.hf_models import IMAGE_TOKEN_ID, florence2_reference, randomize_
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -146,13 +147,7 @@ def _assert_same_as_hf(ours, hf_seqs, hf_scores, prompt_len):
 
 @pytest.fixture(scope="module")
 def gemma_pair(tmp_path_factory):
-    cfg = get_config("tiny")
-    ref = gemma2_reference(cfg, seed=1)
-    path = tmp_path_factory.mktemp("gemma2")
-    ref.save_pretrained(path)
-    ours = Florenz(cfg).eval()
-    import_gemma2(ours, path)  # gates stay 0: the decoder is Gemma-2
-    return ref, ours
+    return hf_models.gemma_pair(tmp_path_factory.mktemp("gemma2"))
 
 
 @pytest.mark.parametrize("prompt, eos_step, length_penalty", [

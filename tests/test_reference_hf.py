@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from florenz_fast.config import get_config
-from florenz_fast.convert import import_florence2, import_gemma2
+from florenz_fast.convert import import_florence2
 from florenz_fast.florenz import Florenz
 from florenz_fast.modules import Layout
 from florenz_fast.ops import softcap
-from tests.hf_models import IMAGE_TOKEN_ID, florence2_reference, gemma2_reference
+from tests import hf_models
+from tests.hf_models import IMAGE_TOKEN_ID, florence2_reference
 
 TOL = 1e-5
 
@@ -25,13 +26,7 @@ def _max_diff(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def gemma_pair(tmp_path_factory):
-    cfg = get_config("tiny")
-    ref = gemma2_reference(cfg, seed=1)
-    path = tmp_path_factory.mktemp("gemma2")
-    ref.save_pretrained(path)
-    ours = Florenz(cfg).eval()
-    import_gemma2(ours, path)
-    return ref, ours
+    return hf_models.gemma_pair(tmp_path_factory.mktemp("gemma2"))
 
 
 def test_gemma_decoder_matches_transformers(gemma_pair):
