@@ -30,7 +30,7 @@ REQUIRE_CUDA_EXT ?= 1
 CUDA_ENV = cu=$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia/cu13; \
 	export CUDA_HOME=$$cu PATH=$$cu/bin:$$PATH TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" \
 	MAX_JOBS=$(MAX_JOBS) FLORENZ_REQUIRE_CUDA_EXT=$(REQUIRE_CUDA_EXT)
-CSRC := $(wildcard csrc/*.cu csrc/*.cpp csrc/*.h)
+CSRC := $(wildcard csrc/*.cu csrc/*.cuh csrc/*.cpp csrc/*.h)
 
 # requirements.txt pins setuptools too, which the editable install then builds with (no isolation,
 # so the build sees the venv's torch, which the CUDA extension is compiled against).

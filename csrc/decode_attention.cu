@@ -19,6 +19,7 @@
 
 #include <cstdint>
 
+#include "cuda_convert.cuh"
 #include "decode.h"
 
 namespace florenz {
@@ -54,17 +55,6 @@ __device__ __forceinline__ void to_float8<__nv_bfloat16>(const uint4& raw, float
     out[2 * j + 1] = f.y;
   }
 }
-
-// explicit conversions: torch's build defines __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // c * tanh(x / c) through one exp: tanh(y) = 1 - 2 / (exp(2y) + 1). Absolute error ~1e-7 in tanh (5e-6 in a
 // score capped at 50), far below what bf16/fp16 inputs carry; exp overflow gives exactly +-1.
