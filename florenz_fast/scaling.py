@@ -110,6 +110,12 @@ class SweepConfig:
     max_new_tokens: int = 40
     eval_batch_size: int = 48
     bootstrap: int = 200
+    # From scratch, a cross-attention gate at 0 (tanh 0 = 0; the Gemma presets' init, right for a pretrained
+    # decoder) leaves the decoder an unconditional language model: in a first reduced sweep the gates stayed
+    # |g| < 0.06 over 200 steps, caption-XX and translate-XX losses agreed to 1e-9 and every image and prompt
+    # got the same caption. The sweep therefore starts Gemma runs from an init checkpoint with every gate at
+    # `gate_init` (tanh 1 = 0.76); 0 = the engine's own init.
+    gate_init: float = 1.0
     stop_after_runs: int = 0  # end after this many newly trained runs (tests simulate an interruption); 0 = all
 
     def size_list(self) -> list[str]:
@@ -220,6 +226,36 @@ def train_config(cfg: SweepConfig, size: str, budget: int, out: Path, tok_dir: P
     return tc
 
 
+def init_checkpoint(cfg: SweepConfig, size: str, path: Path) -> str:
+    """For Gemma sizes with gate_init != 0: the fresh model (seed `cfg.seed`, as train would build it) with its
+    cross-attention gates set to gate_init, exported to `path` (train's --init); "" otherwise."""
+    from .checkpoint import save_state_dict
+    from .convert import CONFIG_NAME
+    from .florenz import Florenz
+
+    mcfg = model_config(size, cfg.image_size)
+    if mcfg.decoder.kind != "gemma2" or cfg.gate_init == 0:
+        return ""
+    if not (path / CONFIG_NAME).is_file():
+        torch.manual_seed(cfg.seed)
+        model = Florenz(mcfg)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("encoder_attn_gate"):
+                    p.fill_(cfg.gate_init)
+        tmp = path.with_name(path.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        save_state_dict(model.state_dict(), tmp, metadata={"writer": "florenz-fast scaling init",
+                                                           "gate_init": str(cfg.gate_init)})
+        (tmp / CONFIG_NAME).write_text(json.dumps(mcfg.to_dict(), indent=2) + "\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.replace(path)
+    return str(path)
+
+
 def train_run(tc) -> dict:
     """Train (or resume) one run; a separate function so tests can count calls."""
     from .train import train
@@ -250,7 +286,8 @@ def evaluate_run(cfg: SweepConfig, final: Path, tok_dir: Path, records, vocab) -
                 detected = [detect_language(h, vocab) for h in hyps]
                 captions[f"{lang}{'+prefix' if prefix else ''}"] = {
                     "bleu": ev.bleu(hyps, refs, lang), "chrf": ev.chrf(hyps, refs),
-                    "in_language": sum(d == lang for d in detected) / len(hyps), "n": len(hyps),
+                    "in_language": sum(d == lang for d in detected) / len(hyps),
+                    "distinct": len(set(hyps)) / len(hyps), "n": len(hyps),
                     "examples": [{"hyp": h, "ref": r[0]} for h, r in zip(hyps[:2], refs[:2])]}
     return {"loss_groups": losses, "captions": captions}
 
@@ -290,6 +327,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
                 return {"stopped": True, "trained": trained}
             print(f"[scaling] {name}: {n_params:,} parameters, {budget} samples")
             tc = train_config(cfg, size, budget, run_dir, tok_dir)
+            tc.init = init_checkpoint(cfg, size, out / "init" / size)
             t0 = time.perf_counter()
             summary = train_run(tc)
             t_train = time.perf_counter() - t0

@@ -62,6 +62,7 @@ def test_mini_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
 
     sweep = scaling.SweepConfig(out=str(out), train_images=32)
     tc = scaling.train_config(sweep, "gemma-0.24m", 64, out / "runs" / "gemma-0.24m-d64", out / "tokenizers")
+    tc.init = scaling.init_checkpoint(sweep, "gemma-0.24m", out / "init" / "gemma-0.24m")
     tc.stop_at = 2  # of 4 steps; train checkpoints at step 2 (save_every = steps // 2)
     train(tc)
     # the rest of the sweep: the finished run is skipped, the others train
@@ -78,6 +79,13 @@ def test_mini_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
     assert "skipped" in report["fits"]["unseen"]  # 2 points per kind: too few for a 5-constant fit
     assert (out / "report.md").read_text().startswith("# Scaling sweep: 4 runs")
     assert (out / "loss_vs_samples.png").stat().st_size > 0
+    # Gemma runs start from open cross-attention gates (tanh 1), BART from the engine's fresh init
+    from florenz_fast.convert import load_pretrained
+
+    gates = [p for n, p in load_pretrained(out / "init" / "gemma-0.24m").named_parameters()
+             if n.endswith("encoder_attn_gate")]
+    assert gates and all(float(g) == 1.0 for g in gates)
+    assert not (out / "init" / "bart-0.64m").exists()
     # a third invocation trains nothing
     assert scaling.main(args) == 0 and len(calls) == 4
 
