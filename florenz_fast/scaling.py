@@ -116,6 +116,7 @@ class SweepConfig:
     # got the same caption. The sweep therefore starts Gemma runs from an init checkpoint with every gate at
     # `gate_init` (tanh 1 = 0.76); 0 = the engine's own init.
     gate_init: float = 1.0
+    caption_prefix: bool = False  # train caption targets with the SPEC §6 prefix (train's data.caption_prefix)
     stop_after_runs: int = 0  # end after this many newly trained runs (tests simulate an interruption); 0 = all
 
     def size_list(self) -> list[str]:
@@ -218,7 +219,7 @@ def train_config(cfg: SweepConfig, size: str, budget: int, out: Path, tok_dir: P
     tc.save_every = max(1, tc.steps // 2)  # one mid-run checkpoint to resume from, plus the last step
     tc.log_every = 10 ** 9
     tc.data.tokenizers = str(tok_dir)
-    tc.data.synthetic_images = cfg.train_images
+    tc.data.synthetic_images, tc.data.caption_prefix = cfg.train_images, cfg.caption_prefix
     # padded: exactly batch_size samples per step, so D is exact (train's packed loader caps tokens, not samples)
     tc.data.mode, tc.data.batch_size = "padded", cfg.batch_size
     tc.optim.lr = cfg.lr
