@@ -208,15 +208,19 @@ def cider_d(hyps: list[str], refs: list[list[str]], lang: str = "en", n_max: int
 LOSS_GROUPS = {"in_distribution": ("caption-en", "caption-de"), "unseen": ("caption-es", "caption-zh")}
 
 
-def loss_groups(keys: list[str], nll_sums: list[float], counts: list[int]) -> dict:
-    """SPEC §9 scaling-law groups: token-weighted mean cross-entropy per group and per key."""
+def loss_groups(keys: list[str], nll_sums: list[float], counts: list[int], groups: dict | None = None) -> dict:
+    """SPEC §9 scaling-law groups: token-weighted mean cross-entropy per group and per key.
+
+    `groups` (name -> member keys) replaces LOSS_GROUPS, e.g. when other languages are held out (the
+    synthetic set withholds fr/es captions); "translation" (every translate-* key) is always added."""
     per_key: dict[str, list[float]] = {}
     for k, s, c in zip(keys, nll_sums, counts):
         acc = per_key.setdefault(k, [0.0, 0])
         acc[0] += s
         acc[1] += c
     out = {"per_key": {k: v[0] / v[1] for k, v in sorted(per_key.items())}}
-    groups = {**LOSS_GROUPS, "translation": tuple(k for k in per_key if k.startswith("translate-"))}
+    groups = {**(LOSS_GROUPS if groups is None else groups),
+              "translation": tuple(k for k in per_key if k.startswith("translate-"))}
     for g, members in groups.items():
         s = sum(per_key[k][0] for k in members if k in per_key)
         c = sum(per_key[k][1] for k in members if k in per_key)
@@ -227,7 +231,9 @@ def loss_groups(keys: list[str], nll_sums: list[float], counts: list[int]) -> di
 # ---- running a model -------------------------------------------------------------------------------------
 
 
-def _generate(pipe, items: list[Item], task: str, lang: str, batch_size: int, desc: str, prefix: bool) -> list[str]:
+def generate_texts(pipe, items: list[Item], task: str, lang: str, batch_size: int, desc: str,
+                   prefix: bool) -> list[str]:
+    """Hypotheses for `items` (image files) with SPEC §9's search; `prefix` continues the SPEC §6 caption prefix."""
     from tqdm import tqdm
 
     from .generate import Request, check_request
@@ -239,6 +245,9 @@ def _generate(pipe, items: list[Item], task: str, lang: str, batch_size: int, de
     for s in tqdm(range(0, len(reqs), batch_size), desc=desc, unit="batch"):
         hyps += [row["text"] for row in pipe.generate(reqs[s:s + batch_size], prefix=prefix)]
     return hyps
+
+
+_generate = generate_texts
 
 
 def commute_accuracy(pipe, items: list[Item], tgt: str, batch_size: int = 16) -> dict:
@@ -312,10 +321,18 @@ def evaluate(pipe, args) -> dict:
 
 def manifest_losses(pipe, path, batch_size: int, limit: int = 0) -> dict:
     from .data import DataStats, read_manifest
+
+    records = read_manifest(path, DataStats())
+    if not records:
+        raise ValueError(f"{path}: no usable rows for the loss groups")
+    return records_losses(pipe, records, batch_size, limit)
+
+
+def records_losses(pipe, records, batch_size: int, limit: int = 0, groups: dict | None = None) -> dict:
+    """Loss groups (see `loss_groups`) of data.Record rows scored by teacher forcing: every annotation's target
+    given its image and SPEC §6 prompt."""
     from .text import prompt_for
 
-    stats = DataStats()
-    records = read_manifest(path, stats)
     triples, keys = [], []
     for rec in records:
         for ann in rec.annotations:
@@ -324,9 +341,9 @@ def manifest_losses(pipe, path, batch_size: int, limit: int = 0) -> dict:
     if limit:
         triples, keys = triples[:limit], keys[:limit]
     if not triples:
-        raise ValueError(f"{path}: no usable rows for the loss groups")
+        raise ValueError("records_losses: no annotations to score")
     scores = pipe.score(triples, batch_size=batch_size)
-    return loss_groups(keys, [-s["logprob"] for s in scores], [s["tokens"] for s in scores])
+    return loss_groups(keys, [-s["logprob"] for s in scores], [s["tokens"] for s in scores], groups)
 
 
 def markdown(report: dict) -> str:

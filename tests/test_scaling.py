@@ -1,0 +1,95 @@
+"""florenz_fast.scaling: the law fit, a 2x2 mini-sweep end to end, resuming (CPU, ~1 min)."""
+
+import json
+
+import pytest
+import torch
+
+from florenz_fast import scaling
+from florenz_fast.eval import loss_groups
+
+
+def test_fit_recovers_known_constants():
+    true = {"E": 1.7, "A": 300.0, "alpha": 0.45, "B": 900.0, "beta": 0.6}
+    N = torch.tensor([2e5, 5e5, 1e6, 2e6, 5e6, 1e7], dtype=torch.float64)
+    D = torch.tensor([5e2, 1e3, 2e3, 4e3, 8e3, 1.6e4], dtype=torch.float64)
+    NN, DD = torch.meshgrid(N, D, indexing="ij")
+    NN, DD = NN.flatten(), DD.flatten()
+    L = true["E"] + true["A"] * NN ** -true["alpha"] + true["B"] * DD ** -true["beta"]
+    fit = scaling.fit_law(NN, DD, L)
+    for k, v in true.items():
+        assert abs(fit[k] / v - 1) < 0.05, (k, fit[k], v)
+    assert torch.allclose(scaling.predict(fit, NN, DD), L, rtol=1e-4)
+
+
+def test_fit_refuses_too_few_points():
+    with pytest.raises(ValueError, match="need >= 6 points"):
+        scaling.fit_law([1e5, 2e5, 1e5, 2e5], [10, 10, 20, 20], [3.0, 2.9, 2.8, 2.7])
+
+
+def test_loss_groups_custom_groups():
+    out = loss_groups(["caption-fr", "caption-en", "translate-fr"], [4.0, 1.0, 3.0], [2, 1, 1],
+                      groups=scaling.GROUPS)
+    assert out["unseen"] == 2.0 and out["in_distribution"] == 1.0 and out["translation"] == 3.0
+
+
+def test_ladder_sizes_and_bart():
+    counts = {s: scaling.count_parameters(scaling.model_config(s)) for s in scaling.LADDER}
+    gemma = [counts[s] for s in scaling.LADDER if s.startswith("gemma")][:5]
+    assert gemma == sorted(gemma) and 1.5e5 < gemma[0] < 3e5 and 4e6 < gemma[4] < 7e6
+    assert scaling.model_config("bart-0.64m").decoder.kind == "bart"
+    with pytest.raises(KeyError, match="unknown size"):
+        scaling.model_config("gemma-1t")
+
+
+MINI = ["--sizes=gemma-0.24m,bart-0.64m", "--budgets=32,64", "--eval_images=4", "--train_images=32",
+        "--bootstrap=5", "--max_new_tokens=8", "--num_beams=2"]
+
+
+def test_mini_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
+    calls = []
+    real = scaling.train_run
+    monkeypatch.setattr(scaling, "train_run", lambda tc: calls.append(tc.out) or real(tc))
+    out = tmp_path / "sweep"
+    args = MINI + [f"--out={out}"]
+    # interrupted: only the first run trains
+    assert scaling.main(args + ["--stop_after_runs=1"]) == 0
+    assert len(calls) == 1 and not (out / "report.json").exists()
+    first = out / "runs" / "gemma-0.24m-d32" / "eval.json"
+    mtime = first.stat().st_mtime_ns
+    # a run interrupted after its mid-run checkpoint (train's stop_at): the sweep resumes it from there
+    from florenz_fast.train import train
+
+    sweep = scaling.SweepConfig(out=str(out), train_images=32)
+    tc = scaling.train_config(sweep, "gemma-0.24m", 64, out / "runs" / "gemma-0.24m-d64", out / "tokenizers")
+    tc.init = scaling.init_checkpoint(sweep, "gemma-0.24m", out / "init" / "gemma-0.24m")
+    tc.stop_at = 2  # of 4 steps; train checkpoints at step 2 (save_every = steps // 2)
+    train(tc)
+    # the rest of the sweep: the finished run is skipped, the others train
+    assert scaling.main(args) == 0
+    assert len(calls) == 4 and first.stat().st_mtime_ns == mtime
+    resumed = json.loads((out / "runs" / "gemma-0.24m-d64" / "eval.json").read_text())
+    assert resumed["resumed_from_step"] == 2 and resumed["samples"] == 64
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["runs"]) == 4 and {r["kind"] for r in report["runs"]} == {"gemma2", "bart"}
+    for r in report["runs"]:
+        for g in ("in_distribution", "unseen", "translation"):
+            assert 0 < r["loss_groups"][g] < 20
+        assert set(r["captions"]) == {"en", "en+prefix", "de", "de+prefix", "fr", "fr+prefix", "es", "es+prefix"}
+    assert "skipped" in report["fits"]["unseen"]  # 2 points per kind: too few for a 5-constant fit
+    assert (out / "report.md").read_text().startswith("# Scaling sweep: 4 runs")
+    assert (out / "loss_vs_samples.png").stat().st_size > 0
+    # Gemma runs start from open cross-attention gates (tanh 1), BART from the engine's fresh init
+    from florenz_fast.convert import load_pretrained
+
+    gates = [p for n, p in load_pretrained(out / "init" / "gemma-0.24m").named_parameters()
+             if n.endswith("encoder_attn_gate")]
+    assert gates and all(float(g) == 1.0 for g in gates)
+    assert not (out / "init" / "bart-0.64m").exists()
+    # a third invocation trains nothing
+    assert scaling.main(args) == 0 and len(calls) == 4
+
+
+def test_bad_arguments():
+    assert scaling.main(["--sizes=nope"]) == 2
+    assert scaling.main(["--budgets=a,b"]) == 2
