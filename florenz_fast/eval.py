@@ -247,8 +247,6 @@ def generate_texts(pipe, items: list[Item], task: str, lang: str, batch_size: in
     return hyps
 
 
-_generate = generate_texts
-
 
 def commute_accuracy(pipe, items: list[Item], tgt: str, batch_size: int = 16) -> dict:
     from .text import prompt_for
@@ -271,14 +269,14 @@ def evaluate(pipe, args) -> dict:
 
     def add_translation(name, items, tgt):
         items = take(items)
-        hyps = _generate(pipe, items, "translate", tgt, bs, name, False)
+        hyps = generate_texts(pipe, items, "translate", tgt, bs, name, False)
         refs = [it.refs for it in items]
         report["translation"][name] = {"bleu": bleu(hyps, refs, tgt), "chrf": chrf(hyps, refs), "n": len(items)}
         return hyps
 
     def add_caption(name, items, lang):
         items = take(items)
-        hyps = _generate(pipe, items, "caption", lang, bs, name, args.prefix)
+        hyps = generate_texts(pipe, items, "caption", lang, bs, name, args.prefix)
         refs = [it.refs for it in items]
         report["captioning"][name] = {"bleu4": bleu(hyps, refs, lang), "cider": cider_d(hyps, refs, lang),
                                       "n": len(items)}

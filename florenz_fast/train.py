@@ -213,7 +213,8 @@ def _build_data(cfg: TrainConfig, world: World, out: Path):
                                      caption_prefix=d.caption_prefix)
     loader = Loader(pipeline, mode=d.mode, n_image_tokens=cfg.model.num_image_tokens(),
                     max_encoder_tokens=d.max_encoder_tokens, max_decoder_tokens=d.max_decoder_tokens,
-                    batch_size=d.batch_size, rank=world.rank, world=world.size)
+                    batch_size=d.batch_size, max_samples=d.batch_size if d.mode == "packed" else None,
+                    rank=world.rank, world=world.size)
     return pipeline, loader, tok_dir
 
 
