@@ -300,7 +300,17 @@ def _device(cfg: SweepConfig) -> str:
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
-    """Train and evaluate every (size, budget) run not finished yet, then fit, plot and write the report."""
+    """Train and evaluate every (size, budget) run not finished yet, then fit, plot and write the report.
+    The process's torch thread count is restored afterwards (a test suite runs this in-process: a leftover
+    1-thread setting changed later tests' float results against their 2-thread subprocesses)."""
+    saved_threads = torch.get_num_threads()
+    try:
+        return _run_sweep(cfg)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _run_sweep(cfg: SweepConfig) -> dict:
     cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
