@@ -3,7 +3,7 @@ projection (florenz_kernels.image_tokens), and the whole model with the `triton`
 
 CPU: Triton interpreter (tests/triton_interpreter.py), fp32 and fp16. The error rule is the attention kernel's
 (tests/test_softcap_attention.py): max error vs float64 within 2x that of the reference run in the same precision,
-plus a few fp32 ulps at the tensor's scale.
+plus 32 fp32 ulps at the tensor's scale (tests/test_softcap_attention._slack says why).
 """
 
 from __future__ import annotations
@@ -46,10 +46,7 @@ CROSS = {
 }
 
 
-# fp32 at D = 256 over 577 keys: dQ lands at ~8x the fp32 reference's error (3e-6 on values of 0.25, i.e. 1e-5
-# relative: the kernel forms delta = rowsum(dO * O) from the rounded output, the reference differentiates the
-# softmax). That is rounding, not a bug: the same case in fp16 meets the 2x rule, and bf16 runs it on the GPU.
-@pytest.mark.parametrize("name", [n for n in CROSS if "D256" not in n])
+@pytest.mark.parametrize("name", list(CROSS))
 def test_cross_attention_fp32(name):
     check_case(_kpm(CROSS[name]), torch.float32)
 

@@ -6,8 +6,8 @@ so CPU runs cover fp32 and fp16; bf16 is covered on the GPU (tests marked `gpu`)
 
 Rule (DESIGN.md 3, flash-attention's): the kernel's max error against the float64 reference must be within 2x
 the max error of the same reference computed in the kernel's precision (florenz_fast.ops' `torch` backend, which
-defines the semantics), plus 4 fp32 ulps at the tensor's scale (max(1, max|ref|) * 4.8e-7; it only matters for
-fp32, where both errors sit at rounding level).
+defines the semantics), plus 32 fp32 ulps at the tensor's scale (max(1, max|ref|) * 3.8e-6; it only matters for
+fp32, where both errors sit at rounding level: see _slack).
 The references: ops.attention(backend="torch") in float64 (checked against test_ops' naive loops in
 test_reference_is_the_naive_one) and, for the log-sum-exp, softcap_attention_reference in float64.
 
@@ -44,9 +44,14 @@ def _randn(*shape, seed, dtype=torch.float32, device=DEVICE, scale=1.0):
 
 
 def _slack(ref64):
-    # a few fp32 ulps at the tensor's scale (at least 1): both errors sit at rounding level in fp32, and a
-    # gradient that is exactly 0 in float64 (one visible key: dq = 0) comes out as +-1e-8 from any fp32 kernel
-    return 4 * torch.finfo(torch.float32).eps * max(1.0, ref64.abs().max().item()) if ref64.numel() else 0.0
+    # 32 fp32 ulps at the tensor's scale (at least 1). In fp32 both errors sit at rounding level, and the 2x rule
+    # alone compares two summation orders: the kernel's online softmax and its dK/dV sums over every query of a GQA
+    # group (hundreds of terms, ~sqrt(n) ulps) against the CPU BLAS's blocked sums, whose error depends on the
+    # CPU's kernel. Measured: on a Sapphire Rapids CPU the grid needed up to 13 ulps beyond 2x the reference's
+    # error (dV, padded_mask_gqa2 in test_cross_kernels), where an earlier CPU passed every case within 4. Still
+    # tight: the fp32 cross-attention grid fails for a kernel whose attention scale is off by 1e-5 relative. It
+    # also covers a gradient that is exactly 0 in float64 (one visible key: dq = 0), +-1e-8 from any fp32 kernel.
+    return 32 * torch.finfo(torch.float32).eps * max(1.0, ref64.abs().max().item()) if ref64.numel() else 0.0
 
 
 def assert_within_2x(ours, ref64, ref_low, what=""):
