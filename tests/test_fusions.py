@@ -11,7 +11,6 @@ level); a one-element result (d scale) also gets one ulp of its own dtype (its f
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -377,7 +376,6 @@ def test_tiny_model_triton_backend_equals_reference(packed):
 _STATIC_SCRIPT = r"""
 import json, os, sys
 os.environ.pop("TRITON_INTERPRET", None)
-from concurrent.futures import ProcessPoolExecutor
 from florenz_kernels import _static, linear_cross_entropy, rms_norm, geglu, rope
 MODS = {"linear_cross_entropy": linear_cross_entropy, "rms_norm": rms_norm, "geglu": geglu, "rope": rope}
 
@@ -393,14 +391,12 @@ def one(job):
 
 jobs = [(m, dt, cap, i) for m in MODS for dt in ("bf16", "fp32") for cap in ((9, 0), (8, 0))
         for i in range(len(MODS[m].static_cases(dt)))]
-with ProcessPoolExecutor(int(sys.argv[1])) as ex:
-    print(json.dumps(list(ex.map(one, jobs))))
 """
 
 
 @pytest.fixture(scope="module")
 def static_reports():
-    return compile_reports(_STATIC_SCRIPT, str(max(1, min(4, os.cpu_count() or 1))))
+    return compile_reports(_STATIC_SCRIPT, pool=True)
 
 
 def test_static_every_kernel_compiles_for_sm80_and_sm90(static_reports):

@@ -81,16 +81,21 @@ def test_extra_encoder_padding_changes_nothing(model):
     assert (unmasked - base).abs().max() > 1e-4
 
 
-def test_packed_equals_padded(model):
-    cfg = model.cfg
+def _packed_samples(cfg):
+    """Three samples of ragged lengths, alone and packed: (samples, pixels, prompt, dec, cu_seqlens kwargs)."""
     samples = [_sample(cfg, 6, 5, 4), _sample(cfg, 10, 12, 5), _sample(cfg, 2, 1, 6)]
     pixels = torch.cat([s[0] for s in samples])
     prompt = torch.cat([s[1] for s in samples], dim=1)
     dec = torch.cat([s[2] for s in samples], dim=1)
-    cu = lambda lens: torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)  # noqa: E731
+    kw = dict(prompt_cu_seqlens=ops.cu_seqlens_from_lengths([s[1].shape[1] for s in samples]),
+              decoder_cu_seqlens=ops.cu_seqlens_from_lengths([s[2].shape[1] for s in samples]))
+    return samples, pixels, prompt, dec, kw
+
+
+def test_packed_equals_padded(model):
+    samples, pixels, prompt, dec, kw = _packed_samples(model.cfg)
     with torch.no_grad():
-        packed = model(pixels, prompt, dec, prompt_cu_seqlens=cu([s[1].shape[1] for s in samples]),
-                       decoder_cu_seqlens=cu([s[2].shape[1] for s in samples])).logits
+        packed = model(pixels, prompt, dec, **kw).logits
         start = 0
         for px, pr, de in samples:
             alone = model(px, pr, de).logits[0]
@@ -147,14 +152,7 @@ def test_encoder_positions_have_a_limit():
 
 @pytest.mark.parametrize("backend", ["sdpa+dense", "dense"])
 def test_plain_pytorch_backends_run_the_whole_model(model, backend):
-    cfg = model.cfg
-    samples = [_sample(cfg, 6, 5, 4), _sample(cfg, 10, 12, 5), _sample(cfg, 2, 1, 6)]
-    pixels = torch.cat([s[0] for s in samples])
-    prompt = torch.cat([s[1] for s in samples], dim=1)
-    dec = torch.cat([s[2] for s in samples], dim=1)
-    cu = lambda lens: torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)  # noqa: E731
-    kw = dict(prompt_cu_seqlens=cu([s[1].shape[1] for s in samples]),
-              decoder_cu_seqlens=cu([s[2].shape[1] for s in samples]))
+    _, pixels, prompt, dec, kw = _packed_samples(model.cfg)
     with torch.no_grad():
         ref = model(pixels, prompt, dec, **kw).logits
         ops.set_backend(backend)

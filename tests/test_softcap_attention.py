@@ -16,7 +16,6 @@ Shape legend: B batch, H query heads, Hk kv heads, L queries, S keys, D head dim
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -409,7 +408,6 @@ _STATIC_SCRIPT = r"""
 import json, os, sys
 os.environ.pop("TRITON_INTERPRET", None)
 import torch
-from concurrent.futures import ProcessPoolExecutor
 from florenz_kernels import softcap_attention as sa
 
 def one(job):
@@ -435,14 +433,12 @@ for cap in ((9, 0), (8, 0)):
             jobs.append((kind, 256, "bfloat16", cap, cfg, dict(causal=False, window=False, kpm=True)))
         for cfg in sa.config_tuples(kind, 256, torch.bfloat16, cap, packed_cross=True):
             jobs.append((kind, 256, "bfloat16", cap, cfg, dict(varlen=True, causal=False, window=False)))
-with ProcessPoolExecutor(int(sys.argv[1])) as ex:
-    print(json.dumps(list(ex.map(one, jobs))))
 """
 
 
 @pytest.fixture(scope="module")
 def static_reports():
-    return compile_reports(_STATIC_SCRIPT, str(max(1, min(4, os.cpu_count() or 1))))
+    return compile_reports(_STATIC_SCRIPT, pool=True)
 
 
 def test_static_every_config_compiles_for_sm80_and_sm90(static_reports):
