@@ -14,6 +14,9 @@ Training configurations (--train-configs, comma-separated; "name=collation:atten
   triton      packed batches, the Triton kernels (softcap attention and every fused kernel of the `triton`
               backend); GPU only
   sdpa+triton packed batches, SDPA for the softcap-free encoder/vision attention, Triton for the decoder; GPU only
+  flex        packed batches, SDPA for the encoder/vision attention, compiled FlexAttention (softcap score_mod,
+              document BlockMask) for the decoder — the fused peer that torch itself offers; GPU only (no
+              FlexAttention backward on the CPU)
 Every configuration trains the same samples (the synthetic set through florenz_fast.data's pipeline) from the
 same initial weights, in the same number of optimizer steps (packed token budgets calibrated as in
 bench/packing.py), forward + backward + AdamW on everything that trains (SPEC §7 policy). Repeats are
@@ -54,8 +57,9 @@ from florenz_fast.florenz import Florenz, apply_trainable_policy  # noqa: E402
 from florenz_fast.metrics import NVML, device_peak_tflops, train_flops_per_sample  # noqa: E402
 
 TRAIN_CONFIGS = {"published": ("padded", "torch"), "torch": ("packed", "torch"), "dense": ("packed", "sdpa+dense"),
-                 "triton": ("packed", "triton"), "sdpa+triton": ("packed", "sdpa+triton")}
-GPU_ONLY = {"triton", "sdpa+triton"}
+                 "triton": ("packed", "triton"), "sdpa+triton": ("packed", "sdpa+triton"),
+                 "flex": ("packed", "sdpa+flex")}
+GPU_ONLY = {"triton", "sdpa+triton", "flex"}
 SCHEMA_VERSION = 1
 
 
@@ -434,13 +438,14 @@ def main(argv=None) -> int:
     else:
         cfg = get_config(args.preset)
         configs = [c for c in (args.train_configs.split(",") if args.train_configs else
-                               ["published", "torch", "dense"] + (["triton", "sdpa+triton"] if device.type == "cuda"
-                                                                  else [])) if c]
+                               ["published", "torch", "dense"] + (["triton", "sdpa+triton", "flex"]
+                                                                  if device.type == "cuda" else [])) if c]
         for c in configs:
             if c not in TRAIN_CONFIGS:
                 raise SystemExit(f"unknown training config {c!r}; known: {', '.join(TRAIN_CONFIGS)}")
             if c in GPU_ONLY and device.type != "cuda":
-                raise SystemExit(f"training config {c!r} needs a CUDA device (the Triton interpreter is a test tool)")
+                raise SystemExit(f"training config {c!r} needs a CUDA device (the Triton interpreter is a test tool; "
+                                 f"FlexAttention has no CPU backward)")
         # the synthetic set through the data pipeline (bench/packing.py)
         samples = bench_module("packing").data_samples(args.samples, cfg, seed=0)
         if args.mode in ("train", "both"):

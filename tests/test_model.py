@@ -150,7 +150,7 @@ def test_encoder_positions_have_a_limit():
         model(torch.randn(1, 3, 64, 64), too_long, torch.ones(1, 2, dtype=torch.long))
 
 
-@pytest.mark.parametrize("backend", ["sdpa+dense", "dense"])
+@pytest.mark.parametrize("backend", ["sdpa+dense", "dense", "flex", "sdpa+flex"])
 def test_plain_pytorch_backends_run_the_whole_model(model, backend):
     _, pixels, prompt, dec, kw = _packed_samples(model.cfg)
     with torch.no_grad():

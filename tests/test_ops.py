@@ -648,7 +648,7 @@ def test_softcap_helper():
     assert torch.all(y[1:] > y[:-1])  # monotone
 
 
-# ---- the plain-PyTorch backends `dense` and `sdpa`, and backend chains ------------------------------------------
+# ---- the plain-PyTorch backends `dense`, `sdpa` and `flex`, and backend chains ---------------------------------
 
 _FAST_CASES = [
     # (layout, H, Hk, L, S, causal, window, softcap, kpm)
@@ -704,6 +704,59 @@ def test_plain_pytorch_backends_equal_the_reference(case, backend, one_intra_op_
     for a, b in zip(ours, ref):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", range(len(_FAST_CASES)))
+def test_flex_backend_forward_equals_the_reference(case, one_intra_op_thread):
+    # FlexAttention's eager CPU path (float64: exact up to summation order); no backward on the CPU (below)
+    q, k, v, kw = _fast_case(_FAST_CASES[case])
+    calls = []
+    with torch.no_grad():
+        flex = ops._flex_fn
+
+        def counting(device_type):
+            calls.append(device_type)
+            return flex(device_type)
+
+        ops._flex_fn = counting
+        try:
+            ours = ops.attention(q, k, v, backend="flex", **kw)
+        finally:
+            ops._flex_fn = flex
+        ref = ops.attention(q, k, v, backend="torch", **kw)
+    assert calls == ["cpu"], "FlexAttention did not run"
+    assert ours.dtype == torch.float64 and torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_flex_backend_cpu_gradients_fall_through_to_the_reference():
+    q, k, v, kw = _fast_case(_FAST_CASES[6])  # packed, causal, window, softcap
+    with pytest.raises(ops.Unsupported, match="no backward on the CPU"):
+        ops._attention_flex(q.requires_grad_(), k, v, **{**dict(key_padding_mask=None, dropout_p=0.0), **kw})
+    ours = _fwd_bwd(q.detach(), k, v, kw, "flex")
+    for a, b in zip(ours, _fwd_bwd(q.detach(), k, v, kw, "torch")):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_flex_block_mask_cache_follows_the_mask_tensor():
+    # one BlockMask serves every layer of a forward; an in-place change of the key mask (or a new cu_seqlens
+    # tensor) must build a new one
+    q, k, v, kw = _fast_case(_FAST_CASES[3])  # padded, causal, window, key mask
+    m = kw["key_padding_mask"]
+    with torch.no_grad():
+        before = ops.attention(q, k, v, backend="flex", **kw)
+        m[0, :3] = ~m[0, :3]
+        after = ops.attention(q, k, v, backend="flex", **kw)
+        ref = ops.attention(q, k, v, backend="torch", **kw)
+    assert (before - ref).abs().max() > 1e-3  # the change matters ...
+    torch.testing.assert_close(after, ref, rtol=1e-12, atol=1e-12)  # ... and was seen
+    q, k, v, kw = _fast_case(_FAST_CASES[4])  # packed self-attention
+    with torch.no_grad():
+        ops.attention(q, k, v, backend="flex", **kw)
+        lengths = [5, 3, 0, 5]  # same totals, other segments, new tensors
+        kw.update(cu_seqlens_q=ops.cu_seqlens_from_lengths(lengths), cu_seqlens_k=ops.cu_seqlens_from_lengths(lengths))
+        torch.testing.assert_close(ops.attention(q, k, v, backend="flex", **kw),
+                                   ops.attention(q, k, v, backend="torch", **kw), rtol=1e-12, atol=1e-12)
 
 
 def test_backend_chains(backend_state):
