@@ -157,8 +157,8 @@ def first_batch_losses(model, batch, backend, device, precision):
     return (sums / counts.clamp(min=1)).float().cpu()
 
 
-def run_training(args, device, cfg, samples, configs):
-    batches, budgets, scale = build_train_batches(cfg, samples, args.batch, configs)
+def run_training(args, device, cfg, samples, configs, batch_size=None):
+    batches, budgets, scale = build_train_batches(cfg, samples, batch_size or args.batch, configs)
     torch.manual_seed(0)
     base_model = Florenz(copy.deepcopy(cfg))
     apply_trainable_policy(base_model)
@@ -225,7 +225,8 @@ def run_training(args, device, cfg, samples, configs):
     base = next((r for r in rows if r["config"] == "published"), None)
     for r in rows:
         r["speedup_vs_published"] = base["median_s"] / r["median_s"] if base else None
-    return dict(rows=rows, budgets=list(budgets), budget_scale=scale, flops_per_sample=flops_per_sample)
+    return dict(rows=rows, budgets=list(budgets), budget_scale=scale, flops_per_sample=flops_per_sample,
+                batch=batch_size or args.batch)
 
 
 # ---- generation ------------------------------------------------------------------------------------------------
@@ -324,6 +325,20 @@ def markdown(report) -> str:
                          f"{r['model_tflops_per_s']:.4f} | "
                          f"{mfu} | {mem} | {r['first_batch_loss_diff']:.2g} |")
         lines.append("")
+    if report.get("train_sweep"):
+        sweep = report["train_sweep"]
+        lines += ["## Training vs batch size (target tokens/s; vs published; peak GiB on a GPU)", "",
+                  "| config | " + " | ".join(f"batch {t['batch']}" for t in sweep) + " |",
+                  "|---|" + "---|" * len(sweep)]
+        for i, r0 in enumerate(sweep[0]["rows"]):
+            cells = []
+            for t in sweep:
+                r = t["rows"][i]
+                sp = f" ({r['speedup_vs_published']:.2f}x)" if r["speedup_vs_published"] else ""
+                mem = f", {r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else ""
+                cells.append(f"{r['tokens_per_s']:.1f}{sp}{mem}")
+            lines.append(f"| {r0['config']} | " + " | ".join(cells) + " |")
+        lines.append("")
     gen = report.get("generate")
     if gen:
         lines += ["## Generation", ""]
@@ -358,7 +373,10 @@ def plot(report, path):
     tr = report.get("train")
     if not tr:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    sweep = report.get("train_sweep") or []
+    memory = any(r["peak_memory_gib"] is not None for t in sweep for r in t["rows"])
+    ncols = 2 + bool(sweep) + memory
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4))
     names = [r["config"] for r in tr["rows"]]
     axes[0].bar(names, [r["tokens_per_s"] for r in tr["rows"]], color="C0")
     axes[0].set_ylabel("target tokens / s (median)")
@@ -368,6 +386,19 @@ def plot(report, path):
             axes[1].scatter(r["config"], tr["rows"][0]["target_tokens"] / s, color="C1", s=12)
     axes[1].set_ylabel("target tokens / s (each repeat)")
     axes[1].set_title("spread over repeats", fontsize=9)
+    if sweep:
+        batches = [t["batch"] for t in sweep]
+        for i, name in enumerate(names):
+            axes[2].plot(batches, [t["rows"][i]["tokens_per_s"] for t in sweep], marker="o", label=name)
+            if memory:
+                axes[3].plot(batches, [t["rows"][i]["peak_memory_gib"] for t in sweep], marker="o", label=name)
+        axes[2].set(xlabel="batch size (samples; packed: the calibrated token budget)", ylabel="target tokens / s")
+        axes[2].set_title("throughput vs batch size", fontsize=9)
+        axes[2].legend(fontsize=8)
+        if memory:
+            axes[3].set(xlabel="batch size", ylabel="peak GiB allocated")
+            axes[3].set_title("peak memory vs batch size", fontsize=9)
+            axes[3].legend(fontsize=8)
     for ax in axes:
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(alpha=0.3, axis="y")
@@ -384,7 +415,7 @@ def validate_report(report: dict) -> None:
     for key in ("device", "torch", "python"):
         if key not in report["env"]:
             raise ValueError(f"throughput report: env lacks {key!r}")
-    for r in report.get("train", {}).get("rows", []):
+    for r in [r for t in [report.get("train", {})] + report.get("train_sweep", []) for r in t.get("rows", [])]:
         for key, typ in (("config", str), ("median_s", float), ("tokens_per_s", float), ("samples_per_s", float),
                          ("model_tflops_per_s", float), ("seconds", list), ("steps", int)):
             if not isinstance(r.get(key), typ):
@@ -403,6 +434,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--sweep-batches", default="", help="also train at these batch sizes (e.g. 4,16,32): "
+                    "throughput and peak memory vs batch size, plotted")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gen-batch", type=int, default=8)
     ap.add_argument("--beams", type=int, default=4)
@@ -451,6 +484,13 @@ def main(argv=None) -> int:
         if args.mode in ("train", "both"):
             print(f"training: {', '.join(configs)} on {env['device']}", flush=True)
             report["train"] = run_training(args, device, cfg, samples, configs)
+            sweep = sorted({int(b) for b in args.sweep_batches.split(",") if b.strip()} | {args.batch})
+            if len(sweep) > 1:
+                report["train_sweep"] = []
+                for b in sweep:
+                    print(f"training at batch {b}", flush=True)
+                    report["train_sweep"].append(report["train"] if b == args.batch else
+                                                 run_training(args, device, cfg, samples, configs, batch_size=b))
         if args.mode in ("generate", "both"):
             print(f"generation: batch {args.gen_batch}, {args.beams} beams, {args.new_tokens} new tokens", flush=True)
             report["generate"] = run_generation(args, device)

@@ -59,7 +59,7 @@ def test_flop_convention_is_checked():
 def test_short_cpu_run_writes_a_valid_report(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "throughput.py"), "--preset", "tiny", "--samples", "8", "--batch", "4",
            "--repeats", "1", "--mode", "train", "--train-configs", "published,dense", "--threads", "1",
-           "--out", str(tmp_path)]
+           "--sweep-batches", "2", "--out", str(tmp_path)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "throughput.json").read_text())
@@ -71,7 +71,13 @@ def test_short_cpu_run_writes_a_valid_report(tmp_path):
     for r in rows.values():
         assert r["samples"] == 8 and r["tokens_per_s"] > 0 and r["first_batch_loss_diff"] <= 1e-4
     assert rows["published"]["speedup_vs_published"] == 1.0
-    assert (tmp_path / "throughput.md").read_text().startswith("# Throughput")
+    # the batch sweep: batch 2 and the main run's batch 4, same configs, each row timed
+    sweep = report["train_sweep"]
+    assert [t["batch"] for t in sweep] == [2, 4] and sweep[1]["rows"] == report["train"]["rows"]
+    assert [r["config"] for r in sweep[0]["rows"]] == ["published", "dense"]
+    assert sweep[0]["rows"][0]["steps"] == 4 and all(r["tokens_per_s"] > 0 for r in sweep[0]["rows"])
+    md = (tmp_path / "throughput.md").read_text()
+    assert md.startswith("# Throughput") and "## Training vs batch size" in md
     assert (tmp_path / "throughput.png").stat().st_size > 1000
     broken = dict(report, train=dict(report["train"], rows=[dict(report["train"]["rows"][0], median_s="fast")]))
     with pytest.raises(ValueError, match="median_s is str"):
