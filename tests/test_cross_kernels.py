@@ -3,7 +3,7 @@ projection (florenz_kernels.image_tokens), and the whole model with the `triton`
 
 CPU: Triton interpreter (tests/triton_interpreter.py), fp32 and fp16. The error rule is the attention kernel's
 (tests/test_softcap_attention.py): max error vs float64 within 2x that of the reference run in the same precision,
-plus 32 fp32 ulps at the tensor's scale (tests/test_softcap_attention._slack says why).
+plus 32 fp32 ulps at the tensor's scale (tests/test_softcap_attention.assert_within_2x says why).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ so CPU runs cover fp32 and fp16; bf16 is covered on the GPU (tests marked `gpu`)
 Rule (DESIGN.md 3, flash-attention's): the kernel's max error against the float64 reference must be within 2x
 the max error of the same reference computed in the kernel's precision (florenz_fast.ops' `torch` backend, which
 defines the semantics), plus 32 fp32 ulps at the tensor's scale (max(1, max|ref|) * 3.8e-6; it only matters for
-fp32, where both errors sit at rounding level: see _slack).
+fp32, where both errors sit at rounding level: see assert_within_2x; tests/error_rule.py).
 The references: ops.attention(backend="torch") in float64 (checked against test_ops' naive loops in
 test_reference_is_the_naive_one) and, for the log-sum-exp, softcap_attention_reference in float64.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests import error_rule  # noqa: E402
 from tests.static_reports import compile_reports  # noqa: E402
 from tests.triton_interpreter import DEVICE  # noqa: E402  (first: switches the interpreter on)
 from florenz_fast import ops  # noqa: E402
@@ -42,7 +43,7 @@ def _randn(*shape, seed, dtype=torch.float32, device=DEVICE, scale=1.0):
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
 
-def _slack(ref64):
+def assert_within_2x(ours, ref64, ref_low, what=""):
     # 32 fp32 ulps at the tensor's scale (at least 1). In fp32 both errors sit at rounding level, and the 2x rule
     # alone compares two summation orders: the kernel's online softmax and its dK/dV sums over every query of a GQA
     # group (hundreds of terms, ~sqrt(n) ulps) against the CPU BLAS's blocked sums, whose error depends on the
@@ -50,18 +51,7 @@ def _slack(ref64):
     # error (dV, padded_mask_gqa2 in test_cross_kernels), where an earlier CPU passed every case within 4. Still
     # tight: the fp32 cross-attention grid fails for a kernel whose attention scale is off by 1e-5 relative. It
     # also covers a gradient that is exactly 0 in float64 (one visible key: dq = 0), +-1e-8 from any fp32 kernel.
-    return 32 * torch.finfo(torch.float32).eps * max(1.0, ref64.abs().max().item()) if ref64.numel() else 0.0
-
-
-def assert_within_2x(ours, ref64, ref_low, what=""):
-    assert ours.shape == ref64.shape, (what, ours.shape, ref64.shape)
-    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
-    if ref64.numel() == 0:
-        return
-    err = (ours.double() - ref64).abs().max().item()
-    err_low = (ref_low.double() - ref64).abs().max().item()
-    bound = 2 * err_low + _slack(ref64)
-    assert err <= bound, f"{what}: error {err:.3g} > 2 x {err_low:.3g} (+ slack {_slack(ref64):.2g})"
+    error_rule.assert_within_2x(ours, ref64, ref_low, what, ulps=32)
 
 
 def _case_tensors(c, dtype, device=DEVICE):
