@@ -116,6 +116,7 @@ class SweepConfig:
     # got the same caption. The sweep therefore starts Gemma runs from an init checkpoint with every gate at
     # `gate_init` (tanh 1 = 0.76); 0 = the engine's own init.
     gate_init: float = 1.0
+    trainable: str = "all"  # train's trainable: all | no_vision (vision tower + image-token pipeline frozen)
     caption_prefix: bool = False  # train caption targets with the SPEC §6 prefix (train's data.caption_prefix)
     stop_after_runs: int = 0  # end after this many newly trained runs (tests simulate an interruption); 0 = all
 
@@ -214,6 +215,7 @@ def train_config(cfg: SweepConfig, size: str, budget: int, out: Path, tok_dir: P
 
     tc = recipe("tiny")  # from scratch: trainable="all"
     tc.preset, tc.model = size, model_config(size, cfg.image_size)
+    tc.trainable = cfg.trainable
     tc.steps = max(1, math.ceil(budget / cfg.batch_size))
     tc.out, tc.device, tc.seed = str(out), cfg.device, cfg.seed
     tc.save_every = max(1, tc.steps // 2)  # one mid-run checkpoint to resume from, plus the last step

@@ -74,7 +74,9 @@ class TrainConfig:
     preset: str = "tiny"
     model: FlorenzConfig = field(default_factory=lambda: get_config("tiny"))
     init: str = ""  # a florenz-fast checkpoint directory (e.g. from florenz_fast.prepare); "" = fresh weights
-    trainable: str = "spec"  # spec (SPEC §7: frozen vision tower, frozen Gemma body) | all (from-scratch runs)
+    # spec (SPEC §7: frozen vision tower, frozen Gemma body) | all (from-scratch runs) | no_vision (from scratch
+    # with the vision tower and image-token pipeline frozen at their init, as Florenz freezes its pretrained ones)
+    trainable: str = "spec"
     steps: int = 300
     stop_at: int = 0  # end this invocation after this step (a later run resumes); 0 = run to `steps`
     grad_accum: int = 1
@@ -248,11 +250,13 @@ def train(cfg: TrainConfig) -> dict:
         model = Florenz(copy.deepcopy(cfg.model)).to(world.device)
     model.train()
     counts = apply_trainable_policy(model)
-    if cfg.trainable == "all":
-        model.requires_grad_(True)
-        counts = {"trainable": counts["trainable"] + counts["frozen"], "frozen": 0}
+    if cfg.trainable in ("all", "no_vision"):
+        counts = {"trainable": 0, "frozen": 0}
+        for name, p in model.named_parameters():
+            p.requires_grad_(cfg.trainable == "all" or not name.startswith(("vision_tower.", "projector.")))
+            counts["trainable" if p.requires_grad else "frozen"] += p.numel()
     elif cfg.trainable != "spec":
-        raise ValueError(f"trainable must be spec or all, got {cfg.trainable!r}")
+        raise ValueError(f"trainable must be spec, all or no_vision, got {cfg.trainable!r}")
     pipeline, loader, tok_dir = _build_data(cfg, world, out)
     torch.manual_seed(cfg.seed + 1 + world.rank)  # dropout streams differ per rank
     train_module = wrap_model(model, world, parallel=cfg.parallel,
