@@ -1,6 +1,6 @@
 """Scaling laws of captioning emergence, in miniature (issue 10; SPEC §8-§9).
 
-    python -m florenz_fast.scaling                                   # the default CPU sweep (~1 h, 2 cores)
+    python -m florenz_fast.scaling                                   # the default CPU sweep (~40 min, 2 cores)
     python -m florenz_fast.scaling --sizes=gemma-0.24m,gemma-0.67m --budgets=400,800 --out=runs/mini
     python -m florenz_fast.scaling --device=cuda --sizes=gemma-1.4m,gemma-5.6m,gemma-22m --budgets=...
 
