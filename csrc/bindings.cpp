@@ -84,6 +84,18 @@ at::Tensor upcast(const at::Tensor& t) {
 
 // ---- shared attention path: k, v viewed as (kv batch, kv head, slot, D) ----
 
+// Data pointers and strides of one call (the same for the CUDA kernels and the CPU implementation).
+void set_pointers(DecodeAttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& out, const at::Tensor& lens, const at::Tensor* kv_index) {
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.out = out.data_ptr();
+  p.lens = lens.data_ptr<int32_t>();
+  p.kv_index = kv_index ? kv_index->data_ptr<int32_t>() : nullptr;
+  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sl = q.stride(2);
+  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_ss = k.stride(2);
+  p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_ss = v.stride(2);
+  p.o_sb = out.stride(0); p.o_sh = out.stride(1); p.o_sl = out.stride(2);
+}
+
 void check_attention_common(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const char* kname, const char* vname) {
   TORCH_CHECK(q.dim() == 4, op, ": q must be (B, H, Lq, D), got ", shape_of(q));
@@ -138,13 +150,7 @@ at::Tensor run_attention(const char* op, const at::Tensor& q, at::Tensor k4, at:
       p.part_out = part_out.data_ptr<float>();
       p.part_lse = part_lse.data_ptr<float>();
     }
-    p.q = q.data_ptr(); p.k = k4.data_ptr(); p.v = v4.data_ptr(); p.out = out.data_ptr();
-    p.lens = lens_c.data_ptr<int32_t>();
-    p.kv_index = kv_index ? index_c.data_ptr<int32_t>() : nullptr;
-    p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sl = q.stride(2);
-    p.k_sb = k4.stride(0); p.k_sh = k4.stride(1); p.k_ss = k4.stride(2);
-    p.v_sb = v4.stride(0); p.v_sh = v4.stride(1); p.v_ss = v4.stride(2);
-    p.o_sb = out.stride(0); p.o_sh = out.stride(1); p.o_sl = out.stride(2);
+    set_pointers(p, q, k4, v4, out, lens_c, kv_index ? &index_c : nullptr);
     const char* err = launch_decode_attention(p, dtype_of(q), c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == nullptr, op, ": CUDA launch failed: ", err);
     return out;
@@ -171,13 +177,7 @@ at::Tensor run_attention(const char* op, const at::Tensor& q, at::Tensor k4, at:
                               " (the lengths include the new tokens)");
     }
   }
-  p.q = qc.data_ptr(); p.k = kc.data_ptr(); p.v = vc.data_ptr(); p.out = oc.data_ptr();
-  p.lens = lens_c.data_ptr<int32_t>();
-  p.kv_index = kv_index ? index_c.data_ptr<int32_t>() : nullptr;
-  p.q_sb = qc.stride(0); p.q_sh = qc.stride(1); p.q_sl = qc.stride(2);
-  p.k_sb = kc.stride(0); p.k_sh = kc.stride(1); p.k_ss = kc.stride(2);
-  p.v_sb = vc.stride(0); p.v_sh = vc.stride(1); p.v_ss = vc.stride(2);
-  p.o_sb = oc.stride(0); p.o_sh = oc.stride(1); p.o_sl = oc.stride(2);
+  set_pointers(p, qc, kc, vc, oc, lens_c, kv_index ? &index_c : nullptr);
   const DType dt = dtype_of(qc);
   at::parallel_for(0, B * Hk, 1, [&](int64_t begin, int64_t end) { cpu_decode_attention(p, dt, begin, end); });
   if (!oc.is_same(out)) out.copy_(oc);
