@@ -170,6 +170,8 @@ def _check_mask(name: str, mask: torch.Tensor, ids: torch.Tensor) -> None:
 # ---- what trains (SPEC §7) -------------------------------------------------------------------------
 
 _GEMMA_TRAINABLE = ("encoder_attn", "encoder_attn_gate", "post_encoder_attention_layernorm", "embed_tokens")
+IMAGE_PATH = ("vision_tower.", "projector.")  # parameter-name prefixes of the vision tower and image-token pipeline
+TRAINABLE_POLICIES = ("spec", "all", "no_vision")
 
 
 def is_trainable(name: str, decoder_kind: str) -> bool:
@@ -179,7 +181,7 @@ def is_trainable(name: str, decoder_kind: str) -> bool:
     for the BART presets; for the Gemma presets only the cross-attention, its gate and norm, and embed_tokens
     (with the tied lm_head).
     """
-    if name.startswith(("vision_tower.", "projector.")):
+    if name.startswith(IMAGE_PATH):
         return False
     if name.startswith("encoder."):
         return True
@@ -188,11 +190,17 @@ def is_trainable(name: str, decoder_kind: str) -> bool:
     return any(part in _GEMMA_TRAINABLE for part in name.split("."))
 
 
-def apply_trainable_policy(model: Florenz) -> dict[str, int]:
-    """Set requires_grad per SPEC §7; returns {'trainable': n, 'frozen': n} parameter counts."""
+def apply_trainable_policy(model: Florenz, policy: str = "spec") -> dict[str, int]:
+    """Set requires_grad: `spec` (SPEC §7), `all` (from-scratch runs) or `no_vision` (everything but the vision
+    tower and image-token pipeline, which stay at their init); returns {'trainable': n, 'frozen': n} counts."""
+    if policy not in TRAINABLE_POLICIES:
+        raise ValueError(f"trainable must be spec, all or no_vision, got {policy!r}")
     counts = {"trainable": 0, "frozen": 0}
     for name, p in model.named_parameters():
-        p.requires_grad_(is_trainable(name, model.cfg.decoder.kind))
+        if policy == "spec":
+            p.requires_grad_(is_trainable(name, model.cfg.decoder.kind))
+        else:
+            p.requires_grad_(policy == "all" or not name.startswith(IMAGE_PATH))
         counts["trainable" if p.requires_grad else "frozen"] += p.numel()
     return counts
 

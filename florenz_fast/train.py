@@ -249,14 +249,7 @@ def train(cfg: TrainConfig) -> dict:
     else:
         model = Florenz(copy.deepcopy(cfg.model)).to(world.device)
     model.train()
-    counts = apply_trainable_policy(model)
-    if cfg.trainable in ("all", "no_vision"):
-        counts = {"trainable": 0, "frozen": 0}
-        for name, p in model.named_parameters():
-            p.requires_grad_(cfg.trainable == "all" or not name.startswith(("vision_tower.", "projector.")))
-            counts["trainable" if p.requires_grad else "frozen"] += p.numel()
-    elif cfg.trainable != "spec":
-        raise ValueError(f"trainable must be spec, all or no_vision, got {cfg.trainable!r}")
+    counts = apply_trainable_policy(model, cfg.trainable)
     pipeline, loader, tok_dir = _build_data(cfg, world, out)
     torch.manual_seed(cfg.seed + 1 + world.rank)  # dropout streams differ per rank
     train_module = wrap_model(model, world, parallel=cfg.parallel,

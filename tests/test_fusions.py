@@ -11,7 +11,6 @@ level); a one-element result (d scale) also gets one ulp of its own dtype (its f
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

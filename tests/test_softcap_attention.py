@@ -16,7 +16,6 @@ Shape legend: B batch, H query heads, Hk kv heads, L queries, S keys, D head dim
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
