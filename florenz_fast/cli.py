@@ -115,7 +115,9 @@ def help_text(cls: type, *, prog: str, description: str = "", defaults: Any = No
     """Usage line, the first paragraph of `description` on one line, and one row per leaf field of the tree."""
     summary = " ".join(description.strip().split("\n\n")[0].split())
     rows = list(_rows(cls, defaults, ""))
-    widths = [min(max(len(r[c]) for r in rows), cap) for c, cap in ((0, 40), (1, 24), (2, 28))] if rows else []
+    # a column is as wide as its longest cell up to `cap`; a longer cell (a long default) overflows its own row
+    caps = (40, 24, 28)
+    widths = [max([len(r[c]) for r in rows if r[1] and len(r[c]) <= cap] or [0]) for c, cap in enumerate(caps)]
     lines = [f"usage: {prog} [--key=value ...]"] + ([summary] if summary else []) + [
         "", "options (also key=value, --key value, --dashed-key; a bool option alone means true):"]
     for row in rows:
