@@ -49,8 +49,8 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
-from .images import load_image, preprocess, to_rgb
-from .text import (
+from ..images import load_image, preprocess, to_rgb
+from ..text import (
     CAPTION_PREFIXES,
     LANGUAGES,
     MAX_TEXT_LEN,
