@@ -49,7 +49,7 @@ MINI = ["--sizes=gemma-0.24m,bart-0.64m", "--budgets=32,64", "--eval_images=4", 
 def test_mini_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
     calls = []
     real = scaling.train_run
-    monkeypatch.setattr(scaling, "train_run", lambda tc: calls.append(tc.out) or real(tc))
+    monkeypatch.setattr(scaling.sweep, "train_run", lambda tc: calls.append(tc.out) or real(tc))
     out = tmp_path / "sweep"
     args = MINI + [f"--out={out}"]
     # interrupted: only the first run trains

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .config import FlorenzConfig, apply_overrides, get_config
+from ..config import FlorenzConfig, apply_overrides, get_config
 
 # ---- the model ladder ---------------------------------------------------------------------------------------
 # (kind, vision base width w -> DaViT dims (w, 2w, 4w, 8w), shared width d of projection/encoder/decoder,
@@ -85,7 +85,7 @@ def model_config(size: str, image_size: int = 64) -> FlorenzConfig:
 
 
 def count_parameters(cfg: FlorenzConfig) -> int:
-    from .florenz import Florenz
+    from ..florenz import Florenz
 
     with torch.device("meta"):
         return sum(p.numel() for p in Florenz(cfg).parameters())
@@ -167,7 +167,7 @@ def write_atomic(path: Path, text: str) -> None:
 def prepare_shared(cfg: SweepConfig, out: Path) -> tuple[Path, list]:
     """<out>/tokenizers (trained on the training records, built once) and the held-out records, their images
     written to <out>/heldout/ (generation reads image files)."""
-    from .data import Record, build_synthetic_tokenizers, synthetic_records
+    from ..data import Record, build_synthetic_tokenizers, synthetic_records
 
     tok = out / "tokenizers"
     if not (tok / "decoder" / "tokenizer.json").is_file():
@@ -218,7 +218,7 @@ def detect_language(text: str, vocab: dict[str, set[str]]) -> str | None:
 
 
 def train_config(cfg: SweepConfig, size: str, budget: int, out: Path, tok_dir: Path):
-    from .train import recipe
+    from ..train import recipe
 
     tc = recipe("tiny")  # from scratch
     tc.preset, tc.model = size, model_config(size, cfg.image_size)
@@ -248,9 +248,9 @@ def init_checkpoint(cfg: SweepConfig, size: str, path: Path) -> str:
 def open_gates_checkpoint(mcfg, seed: int, gate_init: float, path: Path) -> str:
     """A fresh Gemma-decoder model (torch.manual_seed(seed), as train builds it) with every cross-attention gate at
     `gate_init`, exported to `path` (config.json + safetensors) unless it is there already; returns the path."""
-    from .checkpoint import save_state_dict
-    from .convert import CONFIG_NAME
-    from .florenz import Florenz
+    from ..checkpoint import save_state_dict
+    from ..convert import CONFIG_NAME
+    from ..florenz import Florenz
 
     path = Path(path)
     if not (path / CONFIG_NAME).is_file():
@@ -275,14 +275,14 @@ def open_gates_checkpoint(mcfg, seed: int, gate_init: float, path: Path) -> str:
 
 def train_run(tc) -> dict:
     """Train (or resume) one run; a separate function so tests can count calls."""
-    from .train import train
+    from ..train import train
 
     return train(tc)
 
 
 def evaluate_run(cfg: SweepConfig, final: Path, tok_dir: Path, records, vocab) -> dict:
-    from . import eval as ev
-    from .generate import load_pipeline
+    from .. import eval as ev
+    from ..generate import load_pipeline
 
     device = _device(cfg)
     pipe = load_pipeline(final, tokenizers=tok_dir, device=device)
@@ -640,7 +640,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_sweep(cfg)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
