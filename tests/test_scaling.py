@@ -34,7 +34,7 @@ def test_loss_groups_custom_groups():
 
 
 def test_ladder_sizes_and_bart():
-    counts = {s: scaling.count_parameters(scaling.model_config(s)) for s in scaling.LADDER}
+    counts = {s: scaling.count_config_parameters(scaling.model_config(s)) for s in scaling.LADDER}
     gemma = [counts[s] for s in scaling.LADDER if s.startswith("gemma")][:5]
     assert gemma == sorted(gemma) and 1.5e5 < gemma[0] < 3e5 and 4e6 < gemma[4] < 7e6
     assert scaling.model_config("bart-0.64m").decoder.kind == "bart"

@@ -1,38 +1,11 @@
-"""Scaling laws of captioning emergence, in miniature (issue 10; SPEC §8-§9).
-
-    python -m florenz_fast.scaling                                   # the default CPU sweep (~40 min, 2 cores)
-    python -m florenz_fast.scaling --sizes=gemma-0.24m,gemma-0.67m --budgets=400,800 --out=runs/mini
-    python -m florenz_fast.scaling --device=cuda --sizes=gemma-1.4m,gemma-5.6m,gemma-22m --budgets=...
-
-A sweep over model sizes (a ladder of from-scratch Gemma-decoder models and one BART-decoder model) x seen
-samples D. Every run is trained with `florenz_fast.train.train` (recipe `tiny`, AdamW, cosine to the run's own
-end; from scratch, with the vision tower and image-token pipeline frozen at their random init as Florenz
-freezes its pretrained ones, and the cross-attention gates opened, see SweepConfig) on the synthetic set in
-which captioning exists only in en/de (fr/es appear only as translation targets, SPEC §8), all runs sharing
-one tokenizer directory (<out>/tokenizers). Each run is
-evaluated on held-out synthetic images (another seed) that carry captions in every language:
-
-- loss groups (token-weighted cross-entropy by teacher forcing, `eval.records_losses`): in-distribution =
-  caption-en/de, unseen = caption-fr/es (the languages withheld here; SPEC §9 names es/zh for the real data),
-  translation = translate-*;
-- caption BLEU / chrF per language (`eval.generate_texts`, `eval.bleu`, `eval.chrf`; SPEC §9 beam search),
-  without and with the SPEC §6 caption prefix, plus the share of captions written in the asked-for language.
-
-Then, per group, a fit of L(N, D) = E + A * N^-alpha + B * D^-beta over the Gemma ladder (N = all parameters,
-the frozen vision tower included; D = samples seen), in log space with L-BFGS from a grid of starts (plain
-torch), bootstrap confidence intervals (runs resampled with replacement) and a held-out check (fit without the
-largest model, predict its losses). Written to <out>/report.json, report.md and PNGs, atomically.
-
-Resumable: a run whose eval.json exists is skipped; an interrupted run resumes through train's own
-checkpoints (<out>/runs/<run>/checkpoints), the same command finishes the sweep.
-"""
+"""The sweep: SweepConfig, the data all runs share, one run (train config, init checkpoint with open gates,
+train, evaluate), run_sweep (resumable) and the command line (`python -m florenz_fast.scaling`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -40,56 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import FlorenzConfig, apply_overrides, get_config
-
-# ---- the model ladder ---------------------------------------------------------------------------------------
-# (kind, vision base width w -> DaViT dims (w, 2w, 4w, 8w), shared width d of projection/encoder/decoder,
-#  encoder layers, decoder layers, heads). ffn = 2d everywhere; Gemma kv_heads = heads/2.
-# Parameter counts (all parameters; all train from scratch) are computed from the built model.
-LADDER: dict[str, tuple] = {
-    "gemma-0.24m": ("gemma2", 8, 32, 1, 2, 2),
-    "gemma-0.67m": ("gemma2", 12, 64, 2, 3, 4),
-    "gemma-1.4m": ("gemma2", 16, 96, 2, 4, 4),
-    "gemma-2.0m": ("gemma2", 16, 128, 3, 4, 4),
-    "gemma-5.6m": ("gemma2", 24, 192, 4, 6, 4),
-    "gemma-22m": ("gemma2", 32, 384, 6, 8, 8),  # GPU sizes: same command with --device=cuda
-    "gemma-60m": ("gemma2", 48, 640, 8, 10, 10),
-    "bart-0.64m": ("bart", 12, 64, 2, 2, 4),
-}
-
-IN_LANGS = ("en", "de")  # captioning seen in training (SPEC §8)
-UNSEEN_LANGS = ("fr", "es")  # translation only in training; captions only in the held-out set
-ALL_LANGS = IN_LANGS + UNSEEN_LANGS
-GROUPS = {"in_distribution": tuple(f"caption-{lang}" for lang in IN_LANGS),
-          "unseen": tuple(f"caption-{lang}" for lang in UNSEEN_LANGS)}
-GROUP_NAMES = ("in_distribution", "unseen", "translation")
-
-
-def model_config(size: str, image_size: int = 64) -> FlorenzConfig:
-    """A FlorenzConfig for a ladder entry (vocabulary 512: the synthetic tokenizers)."""
-    if size not in LADDER:
-        raise KeyError(f"unknown size {size!r}; known: {', '.join(LADDER)}")
-    kind, w, d, enc_layers, dec_layers, heads = LADDER[size]
-    cfg = get_config("tiny" if kind == "gemma2" else "tiny-bart")
-    cfg.name, cfg.image_size = size, image_size
-    cfg.vision.dims, cfg.vision.projection_dim = (w, 2 * w, 4 * w, 8 * w), d
-    e = cfg.encoder
-    e.d_model, e.layers, e.heads, e.ffn = d, enc_layers, heads, 2 * d
-    dec = cfg.decoder
-    dec.hidden, dec.layers, dec.heads, dec.head_dim, dec.ffn, dec.encoder_width = d, dec_layers, heads, d // heads, 2 * d, d
-    if kind == "gemma2":
-        dec.kv_heads, dec.query_pre_attn_scalar = max(1, heads // 2), float(d // heads)
-    else:
-        dec.kv_heads = heads
-    return cfg.validate()
-
-
-def count_parameters(cfg: FlorenzConfig) -> int:
-    from ..florenz import Florenz
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in Florenz(cfg).parameters())
-
+from ..config import apply_overrides
+from .ladder import ALL_LANGS, GROUPS, LADDER, count_config_parameters, model_config
+from .report import build_report, markdown, write_atomic, write_report
 
 # ---- the sweep config -----------------------------------------------------------------------------------------
 
@@ -152,13 +78,6 @@ class SweepConfig:
 
 def run_name(size: str, budget: int) -> str:
     return f"{size}-d{budget}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 # ---- shared data: tokenizers and the held-out set --------------------------------------------------------------
@@ -340,7 +259,7 @@ def _run_sweep(cfg: SweepConfig) -> dict:
     results = []
     t_sweep = time.perf_counter()
     for size in cfg.size_list():
-        n_params = count_parameters(model_config(size, cfg.image_size))
+        n_params = count_config_parameters(model_config(size, cfg.image_size))
         for budget in cfg.budget_list():
             name = run_name(size, budget)
             run_dir = out / "runs" / name
@@ -381,256 +300,11 @@ def _run_sweep(cfg: SweepConfig) -> dict:
     return report
 
 
-# ---- the fit ------------------------------------------------------------------------------------------------
-# L(N, D) = E + A * N^-alpha + B * D^-beta, fitted as log L = logsumexp(e, a - alpha log N, b - beta log D)
-# by least squares in log space (relative errors: the groups' losses differ by an order of magnitude), with
-# L-BFGS from a grid of starts (the objective is non-convex; Chinchilla's approach 3, without the Huber term).
-
-PARAM_NAMES = ("E", "A", "alpha", "B", "beta")
-
-
-def _log_pred(theta: torch.Tensor, logN: torch.Tensor, logD: torch.Tensor) -> torch.Tensor:
-    e, a, alpha, b, beta = theta.unbind(-1)
-    terms = torch.stack([e.expand_as(logN), a - alpha * logN, b - beta * logD], -1)
-    return torch.logsumexp(terms, -1)
-
-
-def _lbfgs(theta0: torch.Tensor, logN, logD, logL, iters: int = 200) -> tuple[torch.Tensor, float]:
-    theta = theta0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=iters, tolerance_grad=1e-12, tolerance_change=1e-15,
-                            history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = ((_log_pred(theta, logN, logD) - logL) ** 2).mean()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        loss = float(((_log_pred(theta, logN, logD) - logL) ** 2).mean())
-    return theta.detach(), loss if math.isfinite(loss) else float("inf")
-
-
-def fit_law(N, D, L, starts: torch.Tensor | None = None) -> dict:
-    """Fit L = E + A N^-alpha + B D^-beta to points (N, D, L); returns the constants and the fit's RMS error
-    in log space. Needs at least 6 points with >= 2 distinct N and D."""
-    N, D, L = (torch.as_tensor(x, dtype=torch.float64) for x in (N, D, L))
-    if len(L) < 6 or len(set(N.tolist())) < 2 or len(set(D.tolist())) < 2:
-        raise ValueError(f"fit_law: need >= 6 points over >= 2 sizes and >= 2 budgets, got {len(L)}")
-    if (L <= 0).any():
-        raise ValueError("fit_law: losses must be positive")
-    logN, logD, logL = N.log(), D.log(), L.log()
-    if starts is None:
-        grid = torch.cartesian_prod(*(torch.tensor(v, dtype=torch.float64) for v in (
-            [float(logL.min()) - 1.0, float(logL.min()) - 0.1],  # e = log E
-            [0.0, 4.0, 8.0], [0.2, 0.6],  # a, alpha
-            [0.0, 4.0, 8.0], [0.2, 0.6])))  # b, beta
-        starts = grid
-    best, best_loss = None, float("inf")
-    for s in starts:
-        theta, loss = _lbfgs(s, logN, logD, logL)
-        if loss < best_loss and torch.isfinite(theta).all():
-            best, best_loss = theta, loss
-    if best is None:
-        raise RuntimeError("fit_law: no start converged")
-    e, a, alpha, b, beta = best.tolist()
-    return {"E": math.exp(e), "A": math.exp(a), "alpha": alpha, "B": math.exp(b), "beta": beta,
-            "rms_log_error": math.sqrt(best_loss), "theta": best.tolist()}
-
-
-def predict(fit: dict, N, D) -> torch.Tensor:
-    N, D = torch.as_tensor(N, dtype=torch.float64), torch.as_tensor(D, dtype=torch.float64)
-    return _log_pred(torch.tensor(fit["theta"], dtype=torch.float64), N.log(), D.log()).exp()
-
-
-def bootstrap(N, D, L, fit: dict, n: int, seed: int = 0) -> dict:
-    """95 % percentile intervals of each constant over `n` refits on runs resampled with replacement (each
-    refit starts from the full fit and from the grid's two best-spread starts)."""
-    N, D, L = (torch.as_tensor(x, dtype=torch.float64) for x in (N, D, L))
-    g = torch.Generator().manual_seed(seed)
-    draws = []
-    start = torch.tensor(fit["theta"], dtype=torch.float64)
-    for _ in range(n):
-        idx = torch.randint(len(L), (len(L),), generator=g)
-        if len(set(N[idx].tolist())) < 2 or len(set(D[idx].tolist())) < 2 or len(set(idx.tolist())) < 6:
-            continue
-        try:
-            f = fit_law(N[idx], D[idx], L[idx], starts=start[None])
-        except (ValueError, RuntimeError):
-            continue
-        draws.append([f[k] for k in PARAM_NAMES])
-    if not draws:
-        return {"n": 0}
-    t = torch.tensor(draws, dtype=torch.float64)
-    lo, hi = torch.quantile(t, 0.025, dim=0), torch.quantile(t, 0.975, dim=0)
-    return {"n": len(draws), **{k: [float(lo[i]), float(hi[i])] for i, k in enumerate(PARAM_NAMES)}}
-
-
-def fits_for(rows: list[dict], group: str, n_boot: int) -> dict:
-    """Fit, bootstrap and held-out check (fit without the largest model, predict it) for one loss group."""
-    pts = [(r["params"], r["samples"], r["loss_groups"][group]) for r in rows
-           if r["kind"] == "gemma2" and r["loss_groups"].get(group)]
-    if not pts:
-        return {"skipped": "no points"}
-    N, D, L = zip(*pts)
-    try:
-        fit = fit_law(N, D, L)
-    except ValueError as exc:
-        return {"skipped": str(exc)}
-    res = {"fit": fit, "points": len(pts), "bootstrap": bootstrap(N, D, L, fit, n_boot)}
-    largest = max(N)
-    train_pts = [p for p in pts if p[0] < largest]
-    test_pts = [p for p in pts if p[0] == largest]
-    try:
-        small = fit_law(*zip(*train_pts))
-        pred = predict(small, [p[0] for p in test_pts], [p[1] for p in test_pts]).tolist()
-        res["held_out"] = {"params": largest, "fit_on_smaller": {k: small[k] for k in PARAM_NAMES},
-                           "rows": [{"samples": p[1], "actual": p[2], "predicted": q, "rel_error": q / p[2] - 1}
-                                    for p, q in zip(test_pts, pred)]}
-        res["held_out"]["mean_abs_rel_error"] = sum(abs(r["rel_error"]) for r in res["held_out"]["rows"]) / len(pred)
-    except ValueError as exc:
-        res["held_out"] = {"skipped": str(exc)}
-    return res
-
-
-# ---- report -------------------------------------------------------------------------------------------------
-
-
-def build_report(cfg: SweepConfig, rows: list[dict], seconds: float) -> dict:
-    rows = sorted(rows, key=lambda r: (r["kind"] != "gemma2", r["params"], r["budget"]))
-    fits = {g: fits_for(rows, g, cfg.bootstrap) for g in GROUP_NAMES}
-    report = {"config": dataclasses.asdict(cfg), "form": "L(N, D) = E + A * N^-alpha + B * D^-beta "
-              "(N = parameters, the frozen vision tower included; D = samples seen); least squares on log L, "
-              "L-BFGS from a grid of starts",
-              "runs": rows, "fits": fits, "sweep_seconds_this_invocation": seconds,
-              "train_seconds_total": sum(r["train_seconds"] for r in rows),
-              "eval_seconds_total": sum(r["eval_seconds"] for r in rows), "plots": []}
-    return report
-
-
-def _law_text(fit: dict) -> str:
-    return (f"L = {fit['E']:.3f} + {fit['A']:.3g}·N^-{fit['alpha']:.3f} + {fit['B']:.3g}·D^-{fit['beta']:.3f}"
-            f"  (rms log error {fit['rms_log_error']:.3f})")
-
-
-def markdown(report: dict) -> str:
-    lines = [f"# Scaling sweep: {len(report['runs'])} runs", "",
-             f"Form: {report['form']}.", "",
-             f"Time: {report['train_seconds_total']:.0f} s training + {report['eval_seconds_total']:.0f} s evaluation "
-             f"(summed over runs, as recorded when each ran).", "", "## Fits (Gemma ladder)", ""]
-    for g in GROUP_NAMES:
-        f = report["fits"][g]
-        if "fit" not in f:
-            lines.append(f"- **{g}**: fit skipped ({f.get('skipped')})")
-            continue
-        lines.append(f"- **{g}**: {_law_text(f['fit'])}, {f['points']} runs")
-        b = f["bootstrap"]
-        if b.get("n"):
-            lines.append("  - 95 % bootstrap CI (" + str(b["n"]) + " refits): " + ", ".join(
-                f"{k} [{b[k][0]:.3g}, {b[k][1]:.3g}]" for k in PARAM_NAMES))
-        h = f.get("held_out", {})
-        if "rows" in h:
-            lines.append(f"  - held-out check (fit without N={h['params']:,}, predict it): mean |rel. error| "
-                         f"{h['mean_abs_rel_error']:.1%}; " + ", ".join(
-                             f"D={r['samples']:.0f}: {r['predicted']:.3f} vs {r['actual']:.3f}" for r in h["rows"]))
-        elif h:
-            lines.append(f"  - held-out check skipped ({h.get('skipped')})")
-    lines += ["", "## Runs", "",
-              "| run | params | samples | in-dist | unseen | translation | " +
-              " | ".join(f"BLEU {k}" for k in _caption_keys(report)) + " | " +
-              " | ".join(f"in-lang {k}" for k in _caption_keys(report)) + " |",
-              "|---|---:|---:|---:|---:|---:|" + "---:|" * (2 * len(_caption_keys(report)))]
-    for r in report["runs"]:
-        lg = r["loss_groups"]
-        lines.append(f"| {r['run']} | {r['params']:,} | {r['samples']:.0f} | {lg['in_distribution']:.3f} | "
-                     f"{lg['unseen']:.3f} | {lg['translation']:.3f} | " +
-                     " | ".join(f"{r['captions'][k]['bleu']:.1f}" for k in _caption_keys(report)) + " | " +
-                     " | ".join(f"{r['captions'][k]['in_language']:.0%}" for k in _caption_keys(report)) + " |")
-    lines += ["", "BLEU = sacreBLEU corpus BLEU of the captions (one reference); `+prefix` = decoding continues the "
-              "SPEC §6 caption prefix; in-lang = share of captions whose words belong to the asked-for language.", ""]
-    if report["plots"]:
-        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]] + [""]
-    return "\n".join(lines)
-
-
-def _caption_keys(report: dict) -> list[str]:
-    return list(report["runs"][0]["captions"]) if report["runs"] else []
-
-
-def plot(report: dict, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in report["runs"] if r["kind"] == "gemma2"]
-    sizes = sorted({r["params"] for r in rows})
-    names = []
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    cmap = plt.get_cmap("viridis")
-    for ax, g in zip(axes, GROUP_NAMES):
-        fit = report["fits"][g].get("fit")
-        for i, n in enumerate(sizes):
-            pts = sorted((r["samples"], r["loss_groups"][g]) for r in rows if r["params"] == n)
-            color = cmap(i / max(1, len(sizes) - 1))
-            ax.plot(*zip(*pts), "o", color=color, label=f"N={n / 1e6:.2f}M")
-            if fit:
-                ds = torch.logspace(math.log10(pts[0][0]), math.log10(pts[-1][0]), 50, dtype=torch.float64)
-                ax.plot(ds, predict(fit, torch.full_like(ds, n), ds), "-", color=color, alpha=0.7)
-        for r in report["runs"]:
-            if r["kind"] != "gemma2":
-                ax.plot(r["samples"], r["loss_groups"][g], "x", color="red",
-                        label=f"{r['size']}" if r["budget"] == min(x["budget"] for x in report["runs"]
-                                                                    if x["size"] == r["size"]) else None)
-        ax.set_xscale("log"), ax.set_yscale("log")
-        ax.set_xlabel("samples seen D"), ax.set_ylabel("loss (nats/token)")
-        ax.set_title(f"{g}" + (f": α={fit['alpha']:.2f}, β={fit['beta']:.2f}" if fit else " (no fit)"))
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "loss_vs_samples.png.tmp.png", dpi=110)
-    os.replace(out / "loss_vs_samples.png.tmp.png", out / "loss_vs_samples.png")
-    plt.close(fig)
-    names.append("loss_vs_samples.png")
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, n in enumerate(sizes):
-        color = cmap(i / max(1, len(sizes) - 1))
-        pts = sorted((r["samples"], r["loss_groups"]["in_distribution"], r["loss_groups"]["unseen"])
-                     for r in rows if r["params"] == n)
-        d, ind, uns = zip(*pts)
-        axes[0].plot(d, ind, "o--", color=color, label=f"in-dist N={n / 1e6:.2f}M")
-        axes[0].plot(d, uns, "s-", color=color, label=f"unseen N={n / 1e6:.2f}M")
-        bl = sorted((r["samples"], r["captions"].get("fr+prefix", {}).get("bleu", 0.0),
-                     r["captions"].get("en", {}).get("bleu", 0.0)) for r in rows if r["params"] == n)
-        axes[1].plot([b[0] for b in bl], [b[2] for b in bl], "o--", color=color, label=f"en N={n / 1e6:.2f}M")
-        axes[1].plot([b[0] for b in bl], [b[1] for b in bl], "s-", color=color, label=f"fr+prefix N={n / 1e6:.2f}M")
-    axes[0].set_xscale("log"), axes[0].set_yscale("log")
-    axes[0].set_xlabel("samples seen D"), axes[0].set_ylabel("caption loss (nats/token)")
-    axes[0].set_title("unseen (fr, es; squares) vs in-distribution (en, de; circles)")
-    axes[1].set_xscale("log"), axes[1].set_xlabel("samples seen D"), axes[1].set_ylabel("caption BLEU")
-    axes[1].set_title("caption BLEU: en vs fr (with prefix)")
-    for ax in axes:
-        ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "unseen_vs_in_distribution.png.tmp.png", dpi=110)
-    os.replace(out / "unseen_vs_in_distribution.png.tmp.png", out / "unseen_vs_in_distribution.png")
-    plt.close(fig)
-    names.append("unseen_vs_in_distribution.png")
-    return names
-
-
-def write_report(report: dict, out: Path) -> None:
-    if any(r["kind"] == "gemma2" for r in report["runs"]):
-        report["plots"] = plot(report, out)
-    write_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    write_atomic(out / "report.md", markdown(report))
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+        print(sys.modules[__package__].__doc__)  # the package's docstring: the experiment
         print("options (--key=value):", ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(SweepConfig)))
         return 0
     try:
