@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from ..config import apply_overrides
 from .ladder import ALL_LANGS, GROUPS, LADDER, count_config_parameters, model_config
 from .report import build_report, markdown, write_atomic, write_report
 
@@ -302,15 +301,8 @@ def _run_sweep(cfg: SweepConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(sys.modules[__package__].__doc__)  # the package's docstring: the experiment
-        print("options (--key=value):", ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(SweepConfig)))
-        return 0
-    try:
-        cfg = apply_overrides(SweepConfig(), argv)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    run_sweep(cfg)
-    return 0
+    """`python -m florenz_fast.scaling --key=value ...` through the engine's one CLI layer (--help lists the keys)."""
+    from .. import cli
+
+    return cli.main(SweepConfig, run_sweep, argv, prog="python -m florenz_fast.scaling",
+                    description=sys.modules[__package__].__doc__)
