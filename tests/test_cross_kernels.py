@@ -1,7 +1,7 @@
 """The encoder-decoder pieces, fused: packed cross-attention, the all-layer cross K/V projection, the image-token
 projection (florenz_kernels.image_tokens), and the whole model with the `triton` backend vs the reference.
 
-CPU: Triton interpreter (tests/triton_interpreter.py), fp32 and fp16. The error rule is the attention kernel's
+CPU: Triton interpreter (tests/helpers/triton_interpreter.py), fp32 and fp16. The error rule is the attention kernel's
 (tests/test_softcap_attention.py): max error vs float64 within 2x that of the reference run in the same precision,
 plus 32 fp32 ulps at the tensor's scale (tests/test_softcap_attention.assert_within_2x says why).
 """
@@ -13,8 +13,8 @@ import dataclasses
 import pytest
 import torch
 
-from tests.static_reports import compile_reports
-from tests.triton_interpreter import DEVICE
+from tests.helpers.static_reports import compile_reports
+from tests.helpers.triton_interpreter import DEVICE
 from florenz_fast import ops
 from florenz_fast.config import get_config
 from florenz_fast.florenz import Florenz

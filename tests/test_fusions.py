@@ -1,6 +1,6 @@
 """Decoder fusions (florenz_kernels: linear_cross_entropy, rms_norm, geglu, rope) against float64 references.
 
-CPU: the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set by tests/triton_interpreter.py before the kernel
+CPU: the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set by tests/helpers/triton_interpreter.py before the kernel
 modules are imported), fp32 and fp16 (the interpreter's bf16 tl.dot is wrong; none of these kernels dot, but we keep to
 the rule). GPU tests (marked `gpu`) run bf16 at Gemma-2 sizes.
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests import error_rule  # noqa: E402
-from tests.static_reports import compile_reports  # noqa: E402
-from tests.triton_interpreter import DEVICE  # (first: switches the interpreter on)
+from tests.helpers import error_rule  # noqa: E402
+from tests.helpers.static_reports import compile_reports  # noqa: E402
+from tests.helpers.triton_interpreter import DEVICE  # (first: switches the interpreter on)
 from florenz_fast import ops  # noqa: E402
 from florenz_kernels import geglu as gg  # noqa: E402
 from florenz_kernels import linear_cross_entropy as lce  # noqa: E402

@@ -1,13 +1,13 @@
 """florenz_kernels.softcap_attention (Triton, forward + backward) against the float64 references.
 
-On CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by tests/triton_interpreter.py before the
+On CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by tests/helpers/triton_interpreter.py before the
 kernel module is imported). The interpreter's bf16 tl.dot is wrong (DESIGN.md),
 so CPU runs cover fp32 and fp16; bf16 is covered on the GPU (tests marked `gpu`).
 
 Rule (DESIGN.md 3, flash-attention's): the kernel's max error against the float64 reference must be within 2x
 the max error of the same reference computed in the kernel's precision (florenz_fast.ops' `torch` backend, which
 defines the semantics), plus 32 fp32 ulps at the tensor's scale (max(1, max|ref|) * 3.8e-6; it only matters for
-fp32, where both errors sit at rounding level: see assert_within_2x; tests/error_rule.py).
+fp32, where both errors sit at rounding level: see assert_within_2x; tests/helpers/error_rule.py).
 The references: ops.attention(backend="torch") in float64 (checked against test_ops' naive loops in
 test_reference_is_the_naive_one) and, for the log-sum-exp, softcap_attention_reference in float64.
 
@@ -19,9 +19,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests import error_rule  # noqa: E402
-from tests.static_reports import compile_reports  # noqa: E402
-from tests.triton_interpreter import DEVICE  # noqa: E402  (first: switches the interpreter on)
+from tests.helpers import error_rule  # noqa: E402
+from tests.helpers.static_reports import compile_reports  # noqa: E402
+from tests.helpers.triton_interpreter import DEVICE  # noqa: E402  (first: switches the interpreter on)
 from florenz_fast import ops  # noqa: E402
 from florenz_kernels import softcap_attention as sa  # noqa: E402
 from tests.test_ops import naive_attention  # noqa: E402
