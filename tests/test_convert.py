@@ -15,8 +15,8 @@ from florenz_fast.florenz import Florenz
 from florenz_fast.modules import Layout
 from florenz_fast.prepare import CROSS_INIT_STD, main as prepare_main, remap_embedding
 from florenz_fast.text import load_decoder_tokenizer, load_encoder_tokenizer
-from tests.hf_models import florence2_reference, gemma2_reference
-from tests.tokenizer_fixtures import make_bart_like_tokenizer, make_gemma_like_tokenizer
+from tests.helpers.hf_models import florence2_reference, gemma2_reference
+from tests.helpers.tokenizer_fixtures import make_bart_like_tokenizer, make_gemma_like_tokenizer
 
 
 def _model(name="tiny", seed=0) -> Florenz:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from florenz_fast import ops
+from tests.helpers import error_rule
 
 pytestmark = pytest.mark.skipif(not ops.extension_available(), reason=ops.extension_status()[1])
 
@@ -29,7 +30,7 @@ def err(a, b):
 
 def lowp_ok(got, ref_lowp, ref64):
     """flash-attention's rule: within 2x the error of the reference computed in the same low precision."""
-    return err(got, ref64) <= 2 * err(ref_lowp, ref64) + 1e-6
+    return error_rule.within_2x(got, ref64, ref_lowp, atol=1e-6)
 
 
 # (H, Hk): GQA ratios 1, 2, 8

@@ -14,8 +14,8 @@ from florenz_fast.convert import import_florence2
 from florenz_fast.florenz import Florenz
 from florenz_fast.modules import Layout
 from florenz_fast.ops import softcap
-from tests import hf_models
-from tests.hf_models import IMAGE_TOKEN_ID, florence2_reference
+from tests.helpers import hf_models
+from tests.helpers.hf_models import IMAGE_TOKEN_ID, florence2_reference
 
 TOL = 1e-5
 
