@@ -51,13 +51,13 @@ The same switch selects the decoder fusions (one backend name for the whole engi
     rope(q, k, cos, sin) -> (q, k)                                  rotate-half RoPE; cos/sin (B|1, 1, L, D)
     linear_cross_entropy(hidden, weight, labels, softcap=30.0, ignore_index=-100, z_loss=0.0, reduction="mean")
                                                                     lm_head + final softcap + cross-entropy
-
-    image_tokens(x, pos, weight, ln_weight, ln_bias, eps)           the image-token projection (vision tower)
+    image_tokens(x, pos, weight, ln_weight, ln_bias, eps)           x + pos, mean token first, projection,
+                                                                    LayerNorm (the vision tower's last step)
 
 Each has a `torch` implementation (florenz_kernels.reference: the definition, what the model computed before the
 fusions; math in promote_types(dtype, float32), so float64 stays float64) and a `triton` one from florenz_kernels
-(`register_backend(name, fn, op=...)`). A backend that registers only
-attention (e.g. a future flash-attn one) leaves the fusions on `torch`. The triton fusions fall back to
+(`register_backend(name, fn, op=...)`). A backend that registers only attention (e.g. a future flash-attn one)
+leaves the fusions on `torch`. The triton fusions fall back to
 `torch` where their kernels do not run: CPU tensors without TRITON_INTERPRET=1, float64, mixed dtypes they do
 not cover — except the fused loss, whose chunked algorithm runs on a plain CPU with torch ops for the per-row
 part (it never materialises the (T, V) logits). The triton `rope` rotates q and k in place and keeps their
