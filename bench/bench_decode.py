@@ -47,7 +47,7 @@ def decode_point(B, C, peak, flash):
     lens = torch.full((B,), C, dtype=torch.int32, device="cuda")
     nbytes = 2 * B * HK * C * D * 2 + 2 * B * H * D * 2
     row = {"batch": B, "cache": C, "bytes": nbytes}
-    ours = lambda: ops.decode_attention(q, k, v, lens, scale=SCALE, softcap=SOFTCAP, impl="cuda")  # noqa: E731
+    ours = lambda: ops.decode_attention(q, k, v, lens, scale=SCALE, softcap=SOFTCAP, backend="ext")  # noqa: E731
     ref = lambda: ops.decode_attention_reference(q, k, v, lens, SCALE, SOFTCAP, 0)  # noqa: E731
     nb = min(B, 8)  # validate on a slice (the fp64 reference of the whole batch is large)
     ref64 = ops.decode_attention_reference(q[:nb].double(), k[:nb].double(), v[:nb].double(), lens[:nb], SCALE,
@@ -79,7 +79,7 @@ def cross_point(n_images, beams, S, layers, peak):
     nbytes = 2 * n_images * S * width * 2 + 2 * N * H * D * 2
     row = {"images": n_images, "beams": beams, "encoder_tokens": S, "bytes": nbytes}
     ours = lambda: ops.cross_decode_attention(q, k, v, index, lens, scale=SCALE, softcap=SOFTCAP,  # noqa: E731
-                                              impl="cuda")
+                                              backend="ext")
     ref = lambda: ops.cross_decode_attention_reference(q, k, v, index, lens, SCALE, SOFTCAP)  # noqa: E731
     ref64 = ops.cross_decode_attention_reference(q.double(), k.double(), v.double(), index, lens, SCALE, SOFTCAP)
     row["check"] = check(ours(), ref64, ref())
@@ -112,7 +112,7 @@ def rope_point(B, C):
         vc[b, :, slot] = v[:, :, 0]
         return qr
 
-    fused = lambda: ops.rope_kv_append(q, k, v, kc, vc, lens, rotary.inv_freq, impl="cuda")  # noqa: E731
+    fused = lambda: ops.rope_kv_append(q, k, v, kc, vc, lens, rotary.inv_freq, backend="ext")  # noqa: E731
     qa, kca = unfused(), kc.clone()
     qb = fused()
     diff = max((qa.float() - qb.float()).abs().max().item(), (kca.float() - kc.float()).abs().max().item())

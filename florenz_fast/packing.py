@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from .ops import cu_seqlens_from_lengths
 from .text import ENCODER_SPECIALS, IGNORE_INDEX, shift_right
 
 ENCODER_PAD_ID = ENCODER_SPECIALS["pad"][1]  # 1
@@ -234,10 +235,6 @@ def collate_padded(examples: Sequence[Example], n_image_tokens: int) -> Batch:
     )
 
 
-def _cu_seqlens(lengths: list[int]) -> torch.Tensor:
-    return F.pad(torch.tensor(lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
-
-
 def collate_packed(examples: Sequence[Example], n_image_tokens: int) -> Batch:
     """One packed row (1, sum P_i) / (1, sum L_i) with cu_seqlens; see the module doc."""
     _check_examples(examples, n_image_tokens)
@@ -251,8 +248,8 @@ def collate_packed(examples: Sequence[Example], n_image_tokens: int) -> Batch:
         decoder_input_ids=torch.cat(dec_in)[None],
         labels=torch.cat(labels)[None],
         keys=[ex.key for ex in examples],
-        prompt_cu_seqlens=_cu_seqlens([len(t) for t in prompt]),
-        decoder_cu_seqlens=_cu_seqlens([len(t) for t in labels]),
+        prompt_cu_seqlens=cu_seqlens_from_lengths([len(t) for t in prompt]),
+        decoder_cu_seqlens=cu_seqlens_from_lengths([len(t) for t in labels]),
         n_image_tokens=n_image_tokens,
     )
 

@@ -24,7 +24,7 @@ module is imported, so set TRITON_INTERPRET=1 before touching a kernel module on
 
 import importlib
 
-__all__: list[str] = ["softcap_attention", "linear_cross_entropy", "rms_norm", "geglu", "rope"]
+__all__: list[str] = ["softcap_attention", "linear_cross_entropy", "rms_norm", "geglu", "rope", "reference"]
 
 
 def __getattr__(name: str):

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .reference import image_tokens_reference  # noqa: F401  (the one reference)
+
 __all__ = ["image_tokens", "image_token_norm", "image_tokens_reference"]
 
 _ROW_TILE_ELEMS = 4096  # rows x padded width held at once by one program (fp32 registers)
@@ -301,11 +303,3 @@ def static_resource_report(kind: str, width: int, dtype: torch.dtype, capability
                             num_warps=warps, num_stages=1)
     report.update(kind=kind, width=width, dtype=ty)
     return report
-
-
-def image_tokens_reference(x_BNC, pos_NC, weight_dC, ln_weight, ln_bias, eps: float = 1e-5):
-    """The unfused sequence in plain PyTorch (florenz_fast.vision.ImageTokenProjector's arithmetic, tested equal):
-    add the positions, prepend the mean token, project, LayerNorm."""
-    y = x_BNC + pos_NC
-    y = torch.cat([y.mean(dim=1, keepdim=True), y], dim=1)
-    return F.layer_norm(F.linear(y, weight_dC), (weight_dC.shape[0],), ln_weight, ln_bias, eps)

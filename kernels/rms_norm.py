@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import add_rms_norm_reference, rms_norm_reference  # noqa: F401  (the one reference)
+
 __all__ = ["rms_norm", "add_rms_norm", "rms_norm_reference", "add_rms_norm_reference", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -317,19 +319,6 @@ def add_rms_norm(residual: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, 
     h, o2, _, _ = rms_norm_fwd(residual, y, weight, scale, next_weight, float(eps),
                                float(eps if next_eps is None else next_eps))
     return h, (o2 if next_weight is not None else None)
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float() if x.dtype != torch.float64 else x
-    out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (out * (1.0 + weight.to(out.dtype))).type_as(x)
-
-
-def add_rms_norm_reference(residual, y, weight, eps, *, scale=None, next_weight=None, next_eps=None):
-    n = rms_norm_reference(y, weight, eps)
-    h = residual + (n if scale is None else scale.to(n.dtype) * n)
-    return h, (None if next_weight is None else rms_norm_reference(h, next_weight, eps if next_eps is None
-                                                                    else next_eps))
 
 
 # ---- static checks (no GPU) ----------------------------------------------------------------------------------

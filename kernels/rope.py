@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import positions_from_cu_seqlens, rope_reference  # noqa: F401  (the one reference)
+
 __all__ = ["rope_", "rope_tables", "positions_from_cu_seqlens", "rope_reference", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -155,33 +157,6 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float = 10000.0):
     inv_freq = 1.0 / (theta ** exponent)
     angles = positions[..., None].float() * inv_freq
     return angles.cos(), angles.sin()
-
-
-def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Position of each packed token inside its own segment: [0..len0-1, 0..len1-1, ...] (int64)."""
-    total = int(cu_seqlens[-1])
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
-    return torch.arange(total, device=cu_seqlens.device) - starts
-
-
-def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Out of place, same layouts as rope_, in the dtype promoted from q and the tables."""
-    packed = q.dim() == 3
-    q4 = q.transpose(0, 1)[None] if packed else q
-    k4 = k.transpose(0, 1)[None] if packed else k
-    c = (cos[None] if cos.dim() == 2 else cos)[:, None]
-    s = (sin[None] if sin.dim() == 2 else sin)[:, None]
-    c, s = torch.cat([c, c], -1), torch.cat([s, s], -1)
-
-    def rot(x):
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([-x2, x1], dim=-1)
-
-    qo, ko = q4 * c + rot(q4) * s, k4 * c + rot(k4) * s
-    if packed:
-        qo, ko = qo[0].transpose(0, 1), ko[0].transpose(0, 1)
-    return qo, ko
 
 
 # ---- static checks (no GPU) ----------------------------------------------------------------------------------

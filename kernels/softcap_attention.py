@@ -59,6 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import check_attention_inputs, softcap_attention_reference  # noqa: F401  (the one reference)
+
 __all__ = [
     "softcap_attention",
     "softcap_attention_reference",
@@ -927,32 +929,18 @@ def softcap_attention(q, k, v, *, softcap: float = 0.0, scale: float | None = No
                       window: int | None = None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                       max_seqlen_k=None, key_padding_mask=None):
     """Fused softcapped attention; returns (out, lse). Shapes and conventions: module docstring."""
-    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
-    if packed and (cu_seqlens_q is None or cu_seqlens_k is None):
-        raise ValueError("softcap_attention: packed input needs both cu_seqlens_q and cu_seqlens_k")
-    want = 3 if packed else 4
-    if q.dim() != want or k.dim() != want or v.dim() != want:
-        raise ValueError(f"softcap_attention: q, k, v must be {'(T, H, D)' if packed else '(B, H, L, D)'}, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"softcap_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    check_attention_inputs(q, k, v, causal=causal, window=window, key_padding_mask=key_padding_mask,
+                           cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, name="softcap_attention",
+                           check_values=False)
+    packed = cu_seqlens_q is not None
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"softcap_attention: q, k, v must share one of fp16/bf16/fp32, got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] != k.shape[-1] or q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"softcap_attention: head dims q {q.shape[-1]} / k {k.shape[-1]} must match and be "
-                         f"<= {MAX_HEAD_DIM}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"softcap_attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]}")
-    if window and not causal:
-        raise ValueError("softcap_attention: a sliding window is only defined for causal attention")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"softcap_attention: head dim {q.shape[-1]} must be <= {MAX_HEAD_DIM}")
     if window is not None and window < 0:
         raise ValueError(f"softcap_attention: window must be >= 0, got {window}")
     if packed:
-        if key_padding_mask is not None:
-            raise ValueError("softcap_attention: key_padding_mask is for the padded layout")
-        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-            raise ValueError("softcap_attention: cu_seqlens_q and cu_seqlens_k differ in length")
         cu_seqlens_q = cu_seqlens_q.to(device=q.device, dtype=torch.int32).contiguous()
         cu_seqlens_k = cu_seqlens_k.to(device=q.device, dtype=torch.int32).contiguous()
         if max_seqlen_q is None:
@@ -960,65 +948,12 @@ def softcap_attention(q, k, v, *, softcap: float = 0.0, scale: float | None = No
         if max_seqlen_k is None:
             max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if cu_seqlens_k.numel() > 1 else 0
     else:
-        if q.shape[0] != k.shape[0]:
-            raise ValueError(f"softcap_attention: batch sizes differ, q {q.shape[0]} vs k {k.shape[0]}")
-        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):
-            raise ValueError(f"softcap_attention: key_padding_mask must be (B, S) = {(k.shape[0], k.shape[2])}")
         max_seqlen_q, max_seqlen_k = q.shape[2], k.shape[2]
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return softcap_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, key_padding_mask, int(max_seqlen_q),
                                  int(max_seqlen_k), float(scale), float(softcap or 0.0), bool(causal),
                                  int(window or 0))
-
-
-def softcap_attention_reference(q, k, v, *, softcap: float = 0.0, scale: float | None = None, causal: bool = True,
-                                window: int | None = None, cu_seqlens_q=None, cu_seqlens_k=None,
-                                key_padding_mask=None, **_ignored):
-    """Pure-torch (out, lse) with the same conventions, in max(input dtype, fp32) for the softmax; materialises
-    the scores (tests and small shapes only)."""
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-
-    def block(q_BHLD, k_BHSD, v_BHSD, kpm_BS):
-        L, S = q_BHLD.shape[2], k_BHSD.shape[2]
-        groups = q_BHLD.shape[1] // k_BHSD.shape[1]
-        k_BHSD = k_BHSD.repeat_interleave(groups, 1)
-        v_BHSD = v_BHSD.repeat_interleave(groups, 1)
-        s = torch.matmul(q_BHLD, k_BHSD.transpose(-1, -2)) * scale
-        if softcap:
-            s = torch.tanh(s / softcap) * softcap
-        s = s.to(torch.promote_types(s.dtype, torch.float32))
-        vis = torch.ones(L, S, dtype=torch.bool, device=q.device)
-        if causal:
-            pos_q = torch.arange(L, device=q.device)[:, None] + (S - L)
-            pos_k = torch.arange(S, device=q.device)[None, :]
-            vis = pos_k <= pos_q
-            if window:
-                vis &= (pos_q - pos_k) < window
-        vis = vis[None, None]
-        if kpm_BS is not None:
-            vis = vis & kpm_BS[:, None, None, :].bool()
-        s = s.masked_fill(~vis, float("-inf"))
-        lse = torch.logsumexp(s, -1)
-        p = torch.exp(s - lse[..., None].masked_fill(torch.isinf(lse[..., None]), 0.0)).masked_fill(~vis, 0.0)
-        out = torch.matmul(p.to(q_BHLD.dtype), v_BHSD)
-        return out, lse
-
-    if cu_seqlens_q is None:
-        return block(q, k, v, key_padding_mask)
-    T, H, D = q.shape
-    out = q.new_zeros(T, H, D)
-    lse = torch.full((H, T), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
-    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for n in range(len(bq) - 1):
-        qs, ks = slice(bq[n], bq[n + 1]), slice(bk[n], bk[n + 1])
-        if qs.stop == qs.start or ks.stop == ks.start:
-            continue
-        o, l_ = block(q[qs].transpose(0, 1)[None], k[ks].transpose(0, 1)[None], v[ks].transpose(0, 1)[None], None)
-        out[qs] = o[0].transpose(0, 1)
-        lse[:, qs] = l_[0]
-    return out, lse
 
 
 # ---- static checks (no GPU): compile every config for a target, read registers / spills / shared memory ----

@@ -19,6 +19,7 @@ from tests.helpers import error_rule  # noqa: E402
 from tests.helpers.ci import skip_or_fail  # noqa: E402
 from tests.helpers.static_reports import compile_reports  # noqa: E402
 from florenz_fast import ops  # noqa: E402
+from florenz_fast.ops import registry  # noqa: E402
 from florenz_kernels import geglu as gg  # noqa: E402
 from florenz_kernels import linear_cross_entropy as lce  # noqa: E402
 from florenz_kernels import rms_norm as rn  # noqa: E402
@@ -323,7 +324,7 @@ def test_tiny_model_triton_backend_equals_reference(packed):
 
     def run(m, backend, dtype):
         m.zero_grad(set_to_none=True)
-        prev = ops._default_backend
+        prev = registry._default_backend
         ops.set_backend(backend)
         try:
             a = [t.to(dtype) if t.is_floating_point() else t for t in args]

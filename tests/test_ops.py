@@ -1,7 +1,7 @@
 """florenz_fast.ops.attention (backend `torch`) against a deliberately naive float64 implementation.
 
 The naive reference (tests/helpers/naive_attention.py) uses the documented conventions only (module docstring of
-florenz_fast/ops.py), with explicit Python loops over batch / head / query position and the visible key set
+florenz_fast/ops/__init__.py), with explicit Python loops over batch / head / query position and the visible key set
 built one key at a time:
   scores = q . k * scale; softcap c > 0: c * tanh(s / c); softmax over the visible keys only;
   GQA: query head h reads kv head h // (H // Hk);
@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from florenz_fast import ops
+from florenz_fast.ops import dense as ops_dense, flex as ops_flex, registry
 from tests.helpers import error_rule
 from tests.helpers.naive_attention import naive_attention  # the naive reference described above
 
@@ -469,7 +470,7 @@ def test_malformed_cu_seqlens_raise_value_error(cu_q):
 @pytest.fixture
 def backend_state(monkeypatch):
     """Restore the process-wide default, FLORENZ_ATTN_BACKEND and the registry after the test."""
-    saved_default, saved_registry = ops._default_backend, dict(ops._BACKENDS)
+    saved_default, saved_registry = registry._default_backend, dict(registry._BACKENDS)
     monkeypatch.delenv("FLORENZ_ATTN_BACKEND", raising=False)
     calls = []
 
@@ -479,9 +480,9 @@ def backend_state(monkeypatch):
 
     ops.register_backend("probe", probe)
     yield calls
-    ops._default_backend = saved_default
-    ops._BACKENDS.clear()
-    ops._BACKENDS.update(saved_registry)
+    registry._default_backend = saved_default
+    registry._BACKENDS.clear()
+    registry._BACKENDS.update(saved_registry)
 
 
 def test_torch_backend_is_registered():
@@ -635,7 +636,7 @@ def test_plain_pytorch_backends_equal_the_reference(case, backend, one_intra_op_
     q, k, v, kw = _fast_case(_FAST_CASES[case])
     if backend == "sdpa" and (kw["softcap"] or kw["window"]):
         with pytest.raises(ops.Unsupported):
-            ops._attention_sdpa(q, k, v, **{**dict(key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
+            ops_dense._attention_sdpa(q, k, v, **{**dict(key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
                                                    max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0), **kw})
     ours = _fwd_bwd(q, k, v, kw, backend)  # sdpa: softcap/window calls fall through the chain to `torch`
     ref = _fwd_bwd(q, k, v, kw, "torch")
@@ -650,17 +651,17 @@ def test_flex_backend_forward_equals_the_reference(case, one_intra_op_thread):
     q, k, v, kw = _fast_case(_FAST_CASES[case])
     calls = []
     with torch.no_grad():
-        flex = ops._flex_fn
+        flex = ops_flex._flex_fn
 
         def counting(device_type):
             calls.append(device_type)
             return flex(device_type)
 
-        ops._flex_fn = counting
+        ops_flex._flex_fn = counting
         try:
             ours = ops.attention(q, k, v, backend="flex", **kw)
         finally:
-            ops._flex_fn = flex
+            ops_flex._flex_fn = flex
         ref = ops.attention(q, k, v, backend="torch", **kw)
     assert calls == ["cpu"], "FlexAttention did not run"
     assert ours.dtype == torch.float64 and torch.isfinite(ours).all()
@@ -670,7 +671,7 @@ def test_flex_backend_forward_equals_the_reference(case, one_intra_op_thread):
 def test_flex_backend_cpu_gradients_fall_through_to_the_reference():
     q, k, v, kw = _fast_case(_FAST_CASES[6])  # packed, causal, window, softcap
     with pytest.raises(ops.Unsupported, match="no backward on the CPU"):
-        ops._attention_flex(q.requires_grad_(), k, v, **{**dict(key_padding_mask=None, dropout_p=0.0), **kw})
+        ops_flex._attention_flex(q.requires_grad_(), k, v, **{**dict(key_padding_mask=None, dropout_p=0.0), **kw})
     ours = _fwd_bwd(q.detach(), k, v, kw, "flex")
     for a, b in zip(ours, _fwd_bwd(q.detach(), k, v, kw, "torch")):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -79,14 +79,6 @@ def kernel_fwd_bwd(q, k, v, g, kw):
     return out.detach(), lse.detach(), q.grad, k.grad, v.grad
 
 
-# The two float64 references compute one function and differ only by float64 rounding. `out` is a convex
-# combination of v's rows, so relative to max|v| they differ by at most about (D + S) * eps64 * max|s|
-# = (256 + 2048) * 1.1e-16 * 50 = 1.3e-11 at the largest case (the GPU grid: D 256, S 2048, logits capped at 50).
-# 1e-10 is above that and far below any real difference: a reference whose scale is off by 1e-6 relative moves the
-# output by ~1e-6 and fails it (tried).
-REFERENCES_AGREE = 1e-10
-
-
 def check_case(c, dtype, device=DEVICE, grads=True):
     q, k, v, g, kw = case_tensors(c, dtype, device)
     out, lse, dq, dk, dv = kernel_fwd_bwd(q, k, v, g, kw)
@@ -97,10 +89,10 @@ def check_case(c, dtype, device=DEVICE, grads=True):
         if name != "out" and not grads:
             continue
         assert_within_2x(ours, ref64, ref_low, f"{name} {dtype}")
-    # the kernel module's float64 reference (it also gives the log-sum-exp) is the ops reference above, so `out`'s
-    # 2x bound holds against it too (to REFERENCES_AGREE)
-    ref_out, ref_lse = sa.softcap_attention_reference(q.double(), k.double(), v.double(), **kw)
-    torch.testing.assert_close(ref_out, r64[0], rtol=0, atol=REFERENCES_AGREE * max(1.0, v.abs().max().item()))
+    # the kernel module's float64 reference is now the ops reference itself (florenz_kernels.reference, one per
+    # op), so comparing their outputs here would compare a function with itself; that reference is held to the
+    # naive loops in test_softcap_attention.test_reference_is_the_naive_one and test_ops. It also gives the lse:
+    _, ref_lse = sa.softcap_attention_reference(q.double(), k.double(), v.double(), **kw)
     # log-sum-exp in fp32 vs float64: relative 1e-5 of its scale for fp32, the score rounding for 16-bit inputs
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite), "lse is -inf exactly for rows that see no key"
