@@ -62,7 +62,6 @@ import triton.language as tl
 __all__ = [
     "softcap_attention",
     "softcap_attention_reference",
-    "register_transformers_attention",
     "INTERPRET",
 ]
 
@@ -1058,38 +1057,3 @@ def static_resource_report(kind: str, head_dim: int, dtype: torch.dtype, capabil
     report = compile_report(fn, const, arg_type, aligned, capability, num_warps=config[2], num_stages=config[3])
     report.update(kind=kind, head_dim=head_dim, dtype=ty, config=tuple(config))
     return report
-
-
-# ---- integration with transformers (other models) ---------------------------------------------------------
-
-
-def _transformers_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
-                            sliding_window=None, is_causal=None, **kwargs):
-    """transformers AttentionInterface function: query (B, H, L, D), key/value (B, Hk, S, D) -> ((B, L, H, D),
-    None). `attention_mask` is what the mask function registered with it returns: None or the (B, S) bool
-    key-padding mask (transformers' `flash_attention_mask`); causality and the window come from the module."""
-    if dropout and module.training:
-        raise NotImplementedError("florenz softcap attention has no attention dropout")
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    kpm = None
-    if attention_mask is not None:
-        if attention_mask.dim() != 2:
-            raise ValueError("florenz softcap attention expects the 2D padding mask of its registered mask "
-                             f"function, got shape {tuple(attention_mask.shape)}")
-        kpm = attention_mask[:, -key.shape[2]:].bool()
-    out, _ = softcap_attention(query, key, value, softcap=float(softcap or 0.0), scale=scaling, causal=bool(causal),
-                               window=int(sliding_window) if (causal and sliding_window) else None,
-                               key_padding_mask=kpm)
-    return out.transpose(1, 2), None  # out has q's strides: for transformers' (B, L, H, D) storage this is free
-
-
-def register_transformers_attention(name: str = "florenz_softcap") -> str:
-    """Register this kernel with transformers' AttentionInterface (and the matching 2D padding-mask function
-    with its AttentionMaskInterface) so `from_pretrained(..., attn_implementation=name)` or
-    `config._attn_implementation = name` runs it. Returns `name`."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
-
-    AttentionInterface.register(name, _transformers_attention)
-    AttentionMaskInterface.register(name, flash_attention_mask)
-    return name
