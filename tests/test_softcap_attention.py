@@ -282,7 +282,9 @@ def test_ops_backend_triton_matches_torch():
 def test_transformers_gemma2_matches_eager():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    name = sa.register_transformers_attention("florenz_softcap")
+    from florenz_kernels.integrations.transformers import register_transformers_attention
+
+    name = register_transformers_attention("florenz_softcap")
     cfg = Gemma2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=6,
                        attn_logit_softcapping=5.0, final_logit_softcapping=30.0, max_position_embeddings=64)
@@ -300,6 +302,21 @@ def test_transformers_gemma2_matches_eager():
     real = mask.bool()
     err = (ours - ref)[real].abs().max().item()
     assert err < 1e-4 * max(1.0, ref[real].abs().max().item()), err
+
+
+def test_transformers_integration_imports_lazily():
+    # florenz_kernels and its transformers integration import neither transformers nor triton until called
+    import pathlib
+    import subprocess
+    import sys
+
+    code = ("import sys, florenz_kernels, florenz_kernels.integrations.transformers as t; "
+            "assert callable(t.register_transformers_attention); "
+            "print(sorted(m for m in ('transformers', 'triton') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]"
 
 
 # ---- static GPU checks (no GPU): every config compiles for sm_80 / sm_90, no spills, shared memory fits --------
