@@ -40,7 +40,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -54,10 +53,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from florenz_fast import cli, ops  # noqa: E402
-from florenz_fast.config import get_config  # noqa: E402
-from florenz_fast.florenz import Florenz, apply_trainable_policy  # noqa: E402
-from florenz_fast.metrics import NVML, device_peak_tflops, train_flops_per_sample  # noqa: E402
+from florenz_fast import cli, ops
+from florenz_fast.config import get_config
+from florenz_fast.florenz import Florenz, apply_trainable_policy
+from florenz_fast.metrics import NVML, device_peak_tflops, train_flops_per_sample
 
 TRAIN_CONFIGS = {"published": ("padded", "torch"), "torch": ("packed", "torch"), "dense": ("packed", "sdpa+dense"),
                  "triton": ("packed", "triton"), "sdpa+triton": ("packed", "sdpa+triton"),
@@ -320,7 +319,8 @@ def scaling_estimate(args) -> dict:
             for mode in ("ddp", "fsdp2"):
                 if mode == "ddp":
                     comm = ring * counts["trainable"] * 2 / link
-                    mem_gib = (params * 2 + counts["trainable"] * (4 + 4 + 4 + 2)) / 2**30  # bf16 weights, fp32 master+adam, grads
+                    # bf16 weights, fp32 master+adam, grads
+                    mem_gib = (params * 2 + counts["trainable"] * (4 + 4 + 4 + 2)) / 2**30
                 else:
                     comm = ((n - 1) / n) * (2 * params * 2 + counts["trainable"] * 4) / link if n > 1 else 0.0
                     mem_gib = (params * 2 + counts["trainable"] * 14) / n / 2**30
@@ -353,7 +353,8 @@ def markdown(report) -> str:
             mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
             mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
             sp = f"{r['speedup_vs_published']:.2f}x" if r["speedup_vs_published"] else "-"
-            lines.append(f"| {r['config']} | {r['collation']} | {r['attention']} | {r['steps']} | {r['median_s']:.3f} | "
+            lines.append(f"| {r['config']} | {r['collation']} | {r['attention']} | {r['steps']} | "
+                         f"{r['median_s']:.3f} | "
                          f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['tokens_per_cpu_s']:.1f} | {sp} | "
                          f"{r['model_tflops_per_s']:.4f} | "
                          f"{mfu} | {mem} | {r['first_batch_loss_diff']:.2g} |")

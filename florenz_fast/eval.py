@@ -32,7 +32,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import re
 import sys
 import unicodedata
 from collections import Counter
@@ -291,13 +290,16 @@ def evaluate(pipe, args: "EvalConfig") -> dict:
                 if not (_exists(raw / f"{split}.en") and _exists(raw / f"{split}.{tgt}")):
                     continue
                 if not images:
-                    raise ValueError(f"--multi30k {split} needs --{'flickr30k' if source == 'flickr' else 'mscoco'}-images")
-                add_translation(f"multi30k/{split}/en-{tgt}", read_multi30k_task1(args.multi30k, split, tgt, images), tgt)
+                    raise ValueError(f"--multi30k {split} needs "
+                                     f"--{'flickr30k' if source == 'flickr' else 'mscoco'}-images")
+                add_translation(f"multi30k/{split}/en-{tgt}", read_multi30k_task1(args.multi30k, split, tgt, images),
+                                tgt)
     if args.multi30k_task2:
         if not args.flickr30k_images:
             raise ValueError("--multi30k-task2 needs --flickr30k-images")
         for lang in ("en", "de"):
-            add_caption(f"multi30k-task2/{lang}", read_multi30k_task2(args.multi30k_task2, lang, args.flickr30k_images), lang)
+            add_caption(f"multi30k-task2/{lang}", read_multi30k_task2(args.multi30k_task2, lang, args.flickr30k_images),
+                        lang)
     if args.commute:
         for tgt in ("de", "fr", "ru", "zh"):
             if not (Path(args.commute) / f"en-{tgt}").is_dir():
@@ -412,8 +414,9 @@ class EvalConfig:
 
 
 def run_cli(cfg: EvalConfig) -> int:
-    import torch
     from dataclasses import replace
+
+    import torch
 
     from .generate import load_pipeline
 

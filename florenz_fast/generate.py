@@ -34,8 +34,6 @@ Shape legend: B images, K beams, N = B * K rows, P decoder prompt length, T = P 
 from __future__ import annotations
 
 import json
-import math
-import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path

@@ -40,8 +40,15 @@ from .config import FlorenzConfig, apply_overrides, get_config
 from .convert import CONFIG_NAME, load_pretrained
 from .distributed import World, all_reduce_sum, init_world, no_sync, wrap_model
 from .florenz import Florenz, apply_trainable_policy
-from .metrics import (NVML, MetricsWriter, device_peak_tflops, peak_memory_gib, plot_losses, sparkline,
-                      train_flops_per_sample)
+from .metrics import (
+    NVML,
+    MetricsWriter,
+    device_peak_tflops,
+    peak_memory_gib,
+    plot_losses,
+    sparkline,
+    train_flops_per_sample,
+)
 from .train_state import full_model_state_dict, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -54,7 +61,8 @@ class OptimConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at the last step
     grad_clip: float = 1.0  # 0 = off
-    impl: str = "auto"  # auto (apex FusedAdam if importable on CUDA, else torch fused on CUDA / foreach) | apex | fused | foreach
+    # auto (apex FusedAdam if importable on CUDA, else torch fused on CUDA / foreach) | apex | fused | foreach
+    impl: str = "auto"
 
 
 @dataclass

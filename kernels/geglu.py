@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._tl_math import tanh_exp
-from .reference import geglu_reference  # noqa: F401  (the one reference)
+from .reference import geglu_reference
 
 __all__ = ["geglu", "geglu_reference", "INTERPRET"]
 

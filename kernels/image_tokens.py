@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .reference import image_tokens_reference  # noqa: F401  (the one reference)
+from .reference import image_tokens_reference
 
 __all__ = ["image_tokens", "image_token_norm", "image_tokens_reference"]
 

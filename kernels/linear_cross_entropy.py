@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ._tl_math import tanh  # FAST_TANH: tanh.approx.f32 for bf16 logits (2^-11 < their 2^-9 rounding)
-from .reference import linear_cross_entropy_reference  # noqa: F401  (the one reference)
+from .reference import linear_cross_entropy_reference
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "INTERPRET"]
 
@@ -190,7 +190,6 @@ def default_chunk_size(T: int, V: int, dtype: torch.dtype, device: torch.device)
 
 def _chunked(h_TD, w_VD, labels_T, row_scale_T, softcap, ignore_index, z_loss, chunk, need_dh, need_dw):
     T, D = h_TD.shape
-    V = w_VD.shape[0]
     loss = torch.empty(T, dtype=torch.promote_types(h_TD.dtype, torch.float32), device=h_TD.device)
     dh = torch.empty_like(h_TD) if need_dh else None
     n_chunks = math.ceil(T / chunk) if T else 0

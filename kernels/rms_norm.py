@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import add_rms_norm_reference, rms_norm_reference  # noqa: F401  (the one reference)
+from .reference import add_rms_norm_reference, rms_norm_reference
 
 __all__ = ["rms_norm", "add_rms_norm", "rms_norm_reference", "add_rms_norm_reference", "INTERPRET"]
 
@@ -235,7 +235,8 @@ def rms_norm_bwd(dh: torch.Tensor, dnext: Optional[torch.Tensor], y: torch.Tenso
 
 @rms_norm_bwd.register_fake
 def _(dh, dnext, y, h, weight, scale, next_weight, rstd1, rstd2, residual_dtype):
-    return (torch.empty_like(y, dtype=residual_dtype) if residual_dtype is not None else y.new_empty(_EMPTY), torch.empty_like(y),
+    return (torch.empty_like(y, dtype=residual_dtype) if residual_dtype is not None else y.new_empty(_EMPTY),
+            torch.empty_like(y),
             torch.empty_like(weight), torch.empty_like(scale) if scale is not None else y.new_empty(_EMPTY),
             torch.empty_like(next_weight) if next_weight is not None else y.new_empty(_EMPTY))
 

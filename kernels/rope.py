@@ -19,8 +19,8 @@ to x's dtype. Tables: angle = position * theta^(-2j / D) in fp32 (j < D2), as tr
 Backward: the inverse rotation (s -> -s) of the incoming gradients, written to new tensors.
 
 Registered as torch.library ops `florenz::rope_` (mutates its input) and `florenz::rope_bwd` (functional);
-autograd through a torch.autograd.Function per tensor that marks it dirty (one launch each for q and k). Set TRITON_INTERPRET=1 before importing
-on a CPU.
+autograd through a torch.autograd.Function per tensor that marks it dirty (one launch each for q and k). Set
+TRITON_INTERPRET=1 before importing on a CPU.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import positions_from_cu_seqlens, rope_reference  # noqa: F401  (the one reference)
+from .reference import positions_from_cu_seqlens, rope_reference
 
 __all__ = ["rope_", "rope_tables", "positions_from_cu_seqlens", "rope_reference", "INTERPRET"]
 

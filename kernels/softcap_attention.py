@@ -64,7 +64,7 @@ import triton
 import triton.language as tl
 
 from ._tl_math import tanh
-from .reference import check_attention_inputs, softcap_attention_reference  # noqa: F401  (the one reference)
+from .reference import check_attention_inputs, softcap_attention_reference
 
 __all__ = [
     "softcap_attention",
@@ -779,7 +779,7 @@ def _forward(q, k, v, cu_q, cu_k, kpm, max_q, max_k, scale, softcap, causal, win
     cq = cu_q if cu_q is not None else q
     ck = cu_k if cu_k is not None else q
     sl2, soc, cl2 = _scalars(scale, softcap, q.dtype)
-    grid = lambda meta: (triton.cdiv(g.L, meta["BLOCK_M"]), g.B * g.H)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(g.L, meta["BLOCK_M"]), g.B * g.H)
     _fwd[grid](q, k, v, out, lse, cq, ck, kpm_t, *g.strides(q), *g.strides(k), *g.strides(v), *g.strides(out),
                slb, slh, s_kpm, g.L, g.S, g.H, g.groups, int(window or 0), sl2, soc, cl2, _bucket(g.L),
                IS_VARLEN=g.varlen, IS_CAUSAL=bool(causal), HAS_WINDOW=bool(window), HAS_KPM=kpm is not None,

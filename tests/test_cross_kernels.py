@@ -13,10 +13,6 @@ import dataclasses
 import pytest
 import torch
 
-from tests.helpers.triton_interpreter import DEVICE  # (first: switches the interpreter on)
-from tests.helpers import error_rule
-from tests.helpers.ci import skip_or_fail
-from tests.helpers.static_reports import compile_reports
 from florenz_fast import ops
 from florenz_fast.config import get_config
 from florenz_fast.florenz import Florenz
@@ -24,8 +20,14 @@ from florenz_fast.modules import project_kv_all_layers
 from florenz_fast.vision import ImageTokenProjector
 from florenz_kernels import image_tokens as it
 from florenz_kernels import softcap_attention as sa
-from tests.helpers.builders import tiny_model as _model, tiny_sample as _sample
-from tests.helpers.softcap_cases import assert_within_2x, check_case, kpm_holes as _kpm
+from tests.helpers import error_rule
+from tests.helpers.builders import tiny_model as _model
+from tests.helpers.builders import tiny_sample as _sample
+from tests.helpers.ci import skip_or_fail
+from tests.helpers.softcap_cases import assert_within_2x, check_case
+from tests.helpers.softcap_cases import kpm_holes as _kpm
+from tests.helpers.static_reports import compile_reports
+from tests.helpers.triton_interpreter import DEVICE  # (first: switches the interpreter on)
 
 if DEVICE == "cpu" and not sa.INTERPRET:
     skip_or_fail("florenz_kernels was imported without TRITON_INTERPRET=1 before this module")
@@ -126,7 +128,7 @@ def test_model_with_fused_projection_equals_per_layer(preset):
     pixels = torch.cat([s[0] for s in samples])
     prompt = torch.cat([s[1] for s in samples], dim=1)
     dec = torch.cat([s[2] for s in samples], dim=1)
-    cu = lambda lens: ops.cu_seqlens_from_lengths(lens)  # noqa: E731
+    cu = lambda lens: ops.cu_seqlens_from_lengths(lens)
     kw = dict(prompt_cu_seqlens=cu([6, 10]), decoder_cu_seqlens=cu([5, 12]))
     results = []
     for fused in (True, False):

@@ -1,6 +1,7 @@
 """Decode-time ops of csrc/ (florenz::decode_attention, cross_decode_attention, rope_kv_append): the extension's CPU
 implementation (ops backend `ext` on CPU tensors) against the float64 reference of florenz_fast.ops (backend `torch`),
-input checks, and (marked gpu) the CUDA kernels (`ext` on CUDA tensors) against both. Skipped where the extension is not built (a CPU-only torch); CI builds it (the Makefile set-up)."""
+input checks, and (marked gpu) the CUDA kernels (`ext` on CUDA tensors) against both. Skipped where the extension is
+not built (a CPU-only torch); CI builds it (the Makefile set-up)."""
 
 from __future__ import annotations
 

@@ -215,7 +215,8 @@ def test_eval_cli_end_to_end(tiny_ckpt, capsys):
             (t2 / "raw" / f"test_2016.{i}.{lang}").write_text(f"caption {i} one\ncaption {i} two\n")
     (t2 / "image_splits" / "test_2016.txt").write_text("0.png\n1.png\n")
     xm = root / "xm.jsonl"
-    xm.write_text("".join(json.dumps({"image/key": k, "zh": {"caption": ["红色的圆"]}, "en": {"caption": ["a red circle", "red"]}}) + "\n" for k in ("0", "1")))
+    xm.write_text("".join(json.dumps({"image/key": k, "zh": {"caption": ["红色的圆"]},
+                                      "en": {"caption": ["a red circle", "red"]}}) + "\n" for k in ("0", "1")))
     (root / "xmimg").mkdir()
     for k in ("0", "1"):
         Image.new("RGB", (20, 20), "green").save(root / "xmimg" / f"{k}.jpg")

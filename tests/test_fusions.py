@@ -14,16 +14,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from florenz_fast import ops
+from florenz_fast.ops import registry
+from florenz_kernels import geglu as gg
+from florenz_kernels import linear_cross_entropy as lce
+from florenz_kernels import rms_norm as rn
+from florenz_kernels import rope as rp
+from tests.helpers import error_rule
+from tests.helpers.ci import skip_or_fail
+from tests.helpers.static_reports import compile_reports
 from tests.helpers.triton_interpreter import DEVICE  # (first: switches the interpreter on)
-from tests.helpers import error_rule  # noqa: E402
-from tests.helpers.ci import skip_or_fail  # noqa: E402
-from tests.helpers.static_reports import compile_reports  # noqa: E402
-from florenz_fast import ops  # noqa: E402
-from florenz_fast.ops import registry  # noqa: E402
-from florenz_kernels import geglu as gg  # noqa: E402
-from florenz_kernels import linear_cross_entropy as lce  # noqa: E402
-from florenz_kernels import rms_norm as rn  # noqa: E402
-from florenz_kernels import rope as rp  # noqa: E402
 
 if DEVICE == "cpu" and not lce.INTERPRET:
     skip_or_fail("florenz_kernels were imported without TRITON_INTERPRET=1 before this module")

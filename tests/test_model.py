@@ -7,7 +7,8 @@ import torch
 
 from florenz_fast import ops
 from florenz_fast.florenz import IGNORE_INDEX
-from tests.helpers.builders import tiny_model as _model, tiny_sample as _sample
+from tests.helpers.builders import tiny_model as _model
+from tests.helpers.builders import tiny_sample as _sample
 
 TOL = 1e-5
 

@@ -22,10 +22,11 @@ import pytest
 import torch
 
 from florenz_fast import ops
-from florenz_fast.ops import dense as ops_dense, flex as ops_flex, registry
+from florenz_fast.ops import dense as ops_dense
+from florenz_fast.ops import flex as ops_flex
+from florenz_fast.ops import registry
 from tests.helpers import error_rule
 from tests.helpers.naive_attention import naive_attention  # the naive reference described above
-
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tiny tensors (tests/conftest.py)
 

@@ -147,7 +147,8 @@ def naive_rope(x, c, s):
 def test_rope_float64():
     B, H, Hk, L, D = 2, 4, 2, 9, 16
     q, k = rand(B, H, L, D, seed=1), rand(B, Hk, L, D, seed=2)
-    angles = (torch.arange(L, dtype=torch.float64) + 1000)[:, None] * 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    angles = ((torch.arange(L, dtype=torch.float64) + 1000)[:, None]
+              * 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D))
     c_half, s_half = angles.cos()[None], angles.sin()[None]  # (1, L, D/2): the kernel layout
     want = naive_rope(q, c_half[:, None], s_half[:, None]), naive_rope(k, c_half[:, None], s_half[:, None])
     cos, sin = torch.cat([c_half, c_half], -1)[:, None], torch.cat([s_half, s_half], -1)[:, None]  # (1, 1, L, D)

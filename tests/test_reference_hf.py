@@ -52,7 +52,7 @@ def test_gemma_window_is_effective(gemma_pair):
     with torch.no_grad():
         windowed = ours.logits(ours.decode(ids, enc, Layout()))
         for layer in ours.decoder.layers:
-            layer.window, saved = None, layer.window
+            layer.window = None
         try:
             full = ours.logits(ours.decode(ids, enc, Layout()))
         finally:

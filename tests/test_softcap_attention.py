@@ -21,18 +21,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers.triton_interpreter import DEVICE  # noqa: E402  (first: switches the interpreter on)
-from tests.helpers.ci import skip_or_fail  # noqa: E402
-from tests.helpers.static_reports import compile_reports  # noqa: E402
-from florenz_fast import ops  # noqa: E402
-from florenz_kernels import softcap_attention as sa  # noqa: E402
-from tests.helpers.naive_attention import naive_attention  # noqa: E402
-from tests.helpers.softcap_cases import assert_within_2x, check_case  # noqa: E402
-from tests.helpers.softcap_cases import case_tensors as _case_tensors  # noqa: E402
-from tests.helpers.softcap_cases import kernel_fwd_bwd as _kernel_fwd_bwd  # noqa: E402
-from tests.helpers.softcap_cases import kpm_holes as _kpm  # noqa: E402
-from tests.helpers.softcap_cases import ops_fwd_bwd as _ops_fwd_bwd  # noqa: E402
-from tests.helpers.softcap_cases import randn as _randn  # noqa: E402
+from florenz_fast import ops
+from florenz_kernels import softcap_attention as sa
+from tests.helpers.ci import skip_or_fail
+from tests.helpers.naive_attention import naive_attention
+from tests.helpers.softcap_cases import assert_within_2x, check_case
+from tests.helpers.softcap_cases import case_tensors as _case_tensors
+from tests.helpers.softcap_cases import kernel_fwd_bwd as _kernel_fwd_bwd
+from tests.helpers.softcap_cases import kpm_holes as _kpm
+from tests.helpers.softcap_cases import ops_fwd_bwd as _ops_fwd_bwd
+from tests.helpers.softcap_cases import randn as _randn
+from tests.helpers.static_reports import compile_reports
+from tests.helpers.triton_interpreter import DEVICE
 
 if DEVICE == "cpu" and not sa.INTERPRET:
     skip_or_fail("florenz_kernels.softcap_attention was imported without TRITON_INTERPRET=1 before this module")

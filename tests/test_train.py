@@ -77,11 +77,11 @@ def test_activation_checkpointing_changes_nothing(policy):
 def test_selective_checkpointing_saves_the_triton_attention_forward(monkeypatch):
     # The `triton` backend's attention forward is on the save list: under the selective policy the backward reads
     # its saved (out, lse) instead of running the kernel's forward again.
-    from tests.triton_interpreter import DEVICE  # first: switches the interpreter on without CUDA
     from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
     from florenz_fast.distributed import _selective_policy
     from florenz_kernels import softcap_attention as sa
+    from tests.triton_interpreter import DEVICE  # first: switches the interpreter on without CUDA
 
     assert _selective_policy(None, torch.ops.florenz.softcap_attention_fwd.default) == CheckpointPolicy.MUST_SAVE
     assert _selective_policy(None, torch.ops.aten.exp.default) == CheckpointPolicy.PREFER_RECOMPUTE

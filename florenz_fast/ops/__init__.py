@@ -85,15 +85,17 @@ import torch
 
 from florenz_kernels.reference import cu_seqlens_from_lengths, positions_from_cu_seqlens, softcap, visibility_mask
 
-from .registry import (OPS, Unsupported, available_backends, get_backend, register_backend,  # noqa: F401
-                       set_backend)
-from .attention import attention  # noqa: E402  (registers `torch`)
-from . import dense as _dense, flex as _flex  # noqa: E402,F401  (register `dense`, `sdpa`, `flex`)
-from .fusions import add_rms_norm, geglu, image_tokens, linear_cross_entropy, rms_norm, rope  # noqa: E402
-from .decode import (cached_attention, cross_decode_attention, cross_decode_attention_reference,  # noqa: E402
+# The order below is the registration order: the registry first, then each module registers its backends.
+# isort: off
+from .registry import OPS, Unsupported, available_backends, get_backend, register_backend, set_backend
+from .attention import attention  # registers `torch`
+from . import dense as dense, flex as flex  # register `dense`, `sdpa`, `flex` (imported for that)
+from .fusions import add_rms_norm, geglu, image_tokens, linear_cross_entropy, rms_norm, rope
+from .decode import (cached_attention, cross_decode_attention, cross_decode_attention_reference,
                      decode_attention, decode_attention_reference, extension_available, extension_status,
                      rope_kv_append, rope_kv_append_reference)
-from .triton import triton_runs_on, use_fused_kernels  # noqa: E402  (registers `triton` where importable)
+from .triton import triton_runs_on, use_fused_kernels  # registers `triton` where importable
+# isort: on
 
 AttentionFn = Callable[..., torch.Tensor]
 

@@ -58,5 +58,6 @@ def image_tokens(x_BNC: torch.Tensor, pos_NC: torch.Tensor, weight_dC: torch.Ten
 
 for _op, _fn in (("rms_norm", ref.rms_norm_reference), ("add_rms_norm", ref.add_rms_norm_reference),
                  ("geglu", ref.geglu_reference), ("rope", ref.rope_full_reference),
-                 ("linear_cross_entropy", ref.linear_cross_entropy_reference), ("image_tokens", ref.image_tokens_reference)):
+                 ("linear_cross_entropy", ref.linear_cross_entropy_reference),
+                 ("image_tokens", ref.image_tokens_reference)):
     register_backend("torch", _fn, op=_op)

@@ -7,7 +7,6 @@ import math
 
 import torch
 
-
 # ---- the fit ------------------------------------------------------------------------------------------------
 # L(N, D) = E + A * N^-alpha + B * D^-beta, fitted as log L = logsumexp(e, a - alpha log N, b - beta log D)
 # by least squares in log space (relative errors: the groups' losses differ by an order of magnitude), with

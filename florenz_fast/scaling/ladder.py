@@ -40,7 +40,8 @@ def model_config(size: str, image_size: int = 64) -> FlorenzConfig:
     e = cfg.encoder
     e.d_model, e.layers, e.heads, e.ffn = d, enc_layers, heads, 2 * d
     dec = cfg.decoder
-    dec.hidden, dec.layers, dec.heads, dec.head_dim, dec.ffn, dec.encoder_width = d, dec_layers, heads, d // heads, 2 * d, d
+    dec.hidden, dec.layers, dec.heads, dec.head_dim, dec.ffn, dec.encoder_width = (
+        d, dec_layers, heads, d // heads, 2 * d, d)
     if kind == "gemma2":
         dec.kv_heads, dec.query_pre_attn_scalar = max(1, heads // 2), float(d // heads)
     else:

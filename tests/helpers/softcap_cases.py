@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from tests.helpers.triton_interpreter import DEVICE  # noqa: E402  (first: switches the interpreter on)
-from tests.helpers import error_rule  # noqa: E402
-from florenz_fast import ops  # noqa: E402
-from florenz_kernels import softcap_attention as sa  # noqa: E402
+from florenz_fast import ops
+from florenz_kernels import softcap_attention as sa
+from tests.helpers import error_rule
+from tests.helpers.triton_interpreter import DEVICE
 
 
 def randn(*shape, seed, dtype=torch.float32, device=DEVICE, scale=1.0):

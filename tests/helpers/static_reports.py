@@ -11,7 +11,6 @@ import time
 
 from tests.helpers.ci import skip_or_fail
 
-
 # Appended to a script that defines `jobs` (a list) and `one(job) -> dict`: runs the compiles in worker processes
 # (one per core, at most 4) and prints their reports as one JSON list.
 _POOL = r"""
