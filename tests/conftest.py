@@ -5,6 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+# First, before any test module is collected: on a machine without CUDA this switches the Triton interpreter on
+# (TRITON_INTERPRET=1) before anything imports a florenz_kernels kernel module, so that no test module depends on
+# the order of its imports or on which module pytest collects first.
+from tests.helpers import triton_interpreter  # noqa: F401
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

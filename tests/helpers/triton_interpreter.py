@@ -19,7 +19,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     os.environ["TRITON_INTERPRET"] = "1"
-    if not any(m.startswith("florenz_kernels.") for m in sys.modules):
+    # florenz_kernels.reference (the torch-only references, which florenz_fast.ops imports) and the lazy
+    # integrations load no Triton: only a kernel module already imported in compiled mode rules the re-import out
+    _TORCH_ONLY = ("florenz_kernels.reference", "florenz_kernels.integrations")
+    if not any(m.startswith("florenz_kernels.") and not m.startswith(_TORCH_ONLY) for m in sys.modules):
         for _name in [m for m in sys.modules if (m == "triton" or m.startswith("triton."))
                       and not m.startswith("triton._C")]:  # the C extension cannot load twice; it holds no jit
             del sys.modules[_name]
