@@ -127,9 +127,9 @@ def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
       q: fp16 / bf16 / fp32, padded (B, H, L, D) or packed (T, H, D); D even; any strides with a contiguous last
         dim (rotated where it lives, e.g. a transposed projection output).
       k: same layout, dtype, batch / length and head dim as q; its own head count Hk.
-      cos, sin: fp32 tables of the first half of the angles (D/2 = D2 columns), one row per token, equal shapes
-        and strides with a contiguous last dim: padded (Bc, L, D2) with Bc in {1, B} (or (L, D2)); packed
-        (T, D2) or (1, T, D2), built from per-segment positions:
+      cos, sin: tables of the first half of the angles (D2 = D/2 columns; fp32 from rope_tables), one row per
+        token, equal shapes and strides with a contiguous last dim: padded (Bc, L, D2) with Bc in {1, B} (or
+        (L, D2)); packed (T, D2) or (1, T, D2), built from per-segment positions:
         `rope_tables(positions_from_cu_seqlens(cu_seqlens), D, theta)`.
 
     Returns:
