@@ -81,7 +81,7 @@ def test_selective_checkpointing_saves_the_triton_attention_forward(monkeypatch)
 
     from florenz_fast.distributed import _selective_policy
     from florenz_kernels import softcap_attention as sa
-    from tests.triton_interpreter import DEVICE  # first: switches the interpreter on without CUDA
+    from tests.helpers.triton_interpreter import DEVICE  # the interpreter is on without CUDA (conftest)
 
     assert _selective_policy(None, torch.ops.florenz.softcap_attention_fwd.default) == CheckpointPolicy.MUST_SAVE
     assert _selective_policy(None, torch.ops.aten.exp.default) == CheckpointPolicy.PREFER_RECOMPUTE
