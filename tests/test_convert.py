@@ -46,6 +46,7 @@ def _logits(model, inputs):
         return model(*inputs).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny", "tiny-bart"])
 @pytest.mark.parametrize("shard_bytes", [5 * 2**30, 200_000])  # one file, and several shards + index
 def test_save_load_round_trip(tmp_path, name, shard_bytes):
@@ -80,6 +81,7 @@ def test_released_layout_round_trip(tmp_path, name):
     assert torch.equal(_logits(fresh, inputs), _logits(model, inputs))
 
 
+@pytest.mark.slow
 def test_microsoft_florence2_layout(tmp_path):
     """Microsoft's layout (vision `.fn.` wrappers, bare image_projection, shared embedding) loads like native."""
     ref = florence2_reference(get_config("tiny-bart"), seed=5)
@@ -145,6 +147,7 @@ def test_wrong_config_for_checkpoint(tmp_path):
         load_pretrained(tmp_path / "ck")
 
 
+@pytest.mark.slow
 def test_prepare_gemma_preset(tmp_path):
     cfg = get_config("tiny")
     florence = florence2_reference(cfg, seed=6)

@@ -50,11 +50,13 @@ CROSS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CROSS))
 def test_cross_attention_fp32(name):
     check_case(_kpm(CROSS[name]), torch.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["packed_ragged_gqa2", "packed_D256_gqa2", "padded_mask_gqa2"])
 def test_cross_attention_fp16(name):
     check_case(_kpm(CROSS[name]), torch.float16)
@@ -180,6 +182,7 @@ def _projector_run(proj, feats, g, backend, dtype):
 
 
 # 224 px (7 x 7 map -> 50 tokens) and 768 px (24 x 24 -> 577 tokens); widths: a power of two and an odd one
+@pytest.mark.slow
 @pytest.mark.parametrize("side,C,d", [(7, 64, 96), (24, 32, 1024), (24, 48, 80)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_image_tokens_match_the_reference(side, C, d, dtype):
@@ -225,6 +228,7 @@ def test_image_tokens_inputs_checked():
         it.image_tokens(torch.randn(2, 0, 8), torch.randn(0, 8), torch.randn(6, 8), torch.ones(6), torch.zeros(6))
 
 
+@pytest.mark.slow
 def test_image_token_norm_opcheck():
     P = torch.randn(2, 9, 24, device=DEVICE, requires_grad=True)
     posb = torch.randn(9, 24, device=DEVICE, requires_grad=True)
@@ -248,6 +252,7 @@ def _model_run(model, batch, dtype, backend):
     return [out.detach()] + [p.grad for p in model.parameters()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_whole_model_triton_equals_torch(layout):
     model = _model("tiny")
@@ -301,6 +306,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_static_image_token_kernels_compile_without_spills():
     reports = compile_reports(_STATIC, timeout=900)
     assert len(reports) == 4 * 3 * 2 * 2

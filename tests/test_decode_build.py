@@ -77,6 +77,7 @@ def _toolkit() -> str | None:
     return root if os.path.exists(os.path.join(root, "bin", "nvcc")) else None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REQUIRED and not (torch.version.cuda and _toolkit() and shutil.which("cmake")),
                     reason="no CUDA torch, CUDA toolkit or cmake")
 def test_cmake_builds_the_standalone_library(tmp_path):

@@ -74,6 +74,7 @@ def _ce_case(T=37, D=16, V=203, dtype=torch.float32, ignore_every=3, seed=0):
     return h, w, labels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("softcap,z_loss", [(30.0, 0.0), (30.0, 1e-3), (0.0, 0.0), (2.0, 1e-2)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -99,6 +100,7 @@ def test_linear_ce_cpu_torch_rows_path(monkeypatch, reduction):
              lambda h, w: lce.linear_cross_entropy_reference(h, w, labels, **kw), [h, w], [g], "torch rows")
 
 
+@pytest.mark.slow
 def test_linear_ce_all_labels_ignored():
     h, w, labels = _ce_case()
     labels[:] = -100
@@ -123,6 +125,7 @@ def test_linear_ce_ignored_tokens_get_no_gradient_and_no_loss():
     assert hh.grad[ignored].abs().max().item() == 0.0 and hh.grad[~ignored].abs().max().item() > 0
 
 
+@pytest.mark.slow
 def test_linear_ce_non_uniform_token_weights_recompute():
     """A per-token gradient that differs between tokens cannot rescale the saved dW: the recompute path."""
     h, w, labels = _ce_case()
@@ -318,6 +321,7 @@ def _tiny_model_and_batch(packed: bool):
     return model, (pixels, prompt, dec), dict(kw, labels=labels)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packed", [False, True])
 def test_tiny_model_triton_backend_equals_reference(packed):
     model, args, kw = _tiny_model_and_batch(packed)
@@ -384,6 +388,7 @@ def static_reports():
     return compile_reports(_STATIC_SCRIPT, pool=True)
 
 
+@pytest.mark.slow
 def test_static_every_kernel_compiles_for_sm80_and_sm90(static_reports):
     seen = {(r["module"], r["kernel"], r["dtype"], r["sm"]) for r in static_reports}
     want = {("linear_cross_entropy", "_ce_rows_kernel"), ("rms_norm", "_fwd_kernel"), ("rms_norm", "_bwd_kernel"),

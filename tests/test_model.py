@@ -22,6 +22,7 @@ def model(request):
     return _model(request.param)
 
 
+@pytest.mark.slow
 def test_gates_are_nonzero_and_matter():
     model = _model("tiny")
     pixels, prompt, dec = _sample(model.cfg, 6, 5, 0)
@@ -33,6 +34,7 @@ def test_gates_are_nonzero_and_matter():
     assert (out - closed).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_sample_alone_equals_sample_in_padded_batch(model):
     cfg = model.cfg
     samples = [_sample(cfg, 6, 5, 0), _sample(cfg, 11, 13, 1), _sample(cfg, 3, 1, 2)]
@@ -75,6 +77,7 @@ def _packed_samples(cfg):
     return samples, pixels, prompt, dec, kw
 
 
+@pytest.mark.slow
 def test_packed_equals_padded(model):
     samples, pixels, prompt, dec, kw = _packed_samples(model.cfg)
     with torch.no_grad():
@@ -86,6 +89,7 @@ def test_packed_equals_padded(model):
             start += de.shape[1]
 
 
+@pytest.mark.slow
 def test_loss_ignores_padding_labels_and_backpropagates(model):
     cfg = model.cfg
     pixels, prompt, dec = _sample(cfg, 5, 6, 7)
@@ -133,6 +137,7 @@ def test_encoder_positions_have_a_limit():
         model(torch.randn(1, 3, 64, 64), too_long, torch.ones(1, 2, dtype=torch.long))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sdpa+dense", "dense", "flex", "sdpa+flex"])
 def test_plain_pytorch_backends_run_the_whole_model(model, backend):
     _, pixels, prompt, dec, kw = _packed_samples(model.cfg)

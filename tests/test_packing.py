@@ -105,6 +105,7 @@ def _losses_and_grads(model: Florenz, batch: Batch):
     return out.loss.detach(), sums.detach(), counts, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny", "tiny-bart"])
 def test_packed_and_padded_give_same_per_sample_losses_and_gradients(preset):
     model = _model(preset)
@@ -127,6 +128,7 @@ def test_packed_and_padded_give_same_per_sample_losses_and_gradients(preset):
     assert max(g.abs().max().item() for g in grads_pad.values()) > 1e-3  # gradients are not trivially zero
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny", "tiny-bart"])
 def test_packing_mistakes_would_be_caught(preset):
     """The equality above can fail: letting samples see each other moves the losses far beyond the tolerance.

@@ -96,6 +96,7 @@ def _batch(cfg, image_size, seed=0):
     return pixels, prompt, mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image_size", [64, 96])  # 96: stage 2 and 3 maps are padded up to the window
 def test_vision_and_encoder_match_transformers(florence_pair, image_size):
     ref, ours = florence_pair

@@ -9,6 +9,7 @@ from florenz_fast import scaling
 from florenz_fast.eval import loss_groups
 
 
+@pytest.mark.slow
 def test_fit_recovers_known_constants():
     true = {"E": 1.7, "A": 300.0, "alpha": 0.45, "B": 900.0, "beta": 0.6}
     N = torch.tensor([2e5, 5e5, 1e6, 2e6, 5e6, 1e7], dtype=torch.float64)
@@ -46,6 +47,7 @@ MINI = ["--sizes=gemma-0.24m,bart-0.64m", "--budgets=32,64", "--eval_images=4", 
         "--bootstrap=5", "--max_new_tokens=8", "--num_beams=2"]
 
 
+@pytest.mark.slow
 def test_mini_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
     calls = []
     real = scaling.train_run
@@ -95,6 +97,7 @@ def test_bad_arguments():
     assert scaling.main(["--budgets=a,b"]) == 2
 
 
+@pytest.mark.slow
 def test_a_tiny_model_learns_to_read_the_image(tmp_path, one_intra_op_thread):
     # The sweep's training set-up (from scratch, vision tower frozen at init, gates open) on a probe whose caption
     # only the image can tell: a circle of one of 5 colours. A decoder that ignores the image is at ~1/5; a broken

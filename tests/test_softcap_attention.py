@@ -90,11 +90,13 @@ FP16 = ["L97_gqa2_softcap", "L257_softcap_window", "L7_S97_window", "cross_D24",
         "D256_L7", "packed_self", "packed_cross"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FP32)
 def test_fp32_forward_backward(name):
     check_case(_kpm(CASES[name]), torch.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FP16)
 def test_fp16_forward_backward(name):
     check_case(_kpm(CASES[name]), torch.float16)
@@ -169,6 +171,7 @@ def test_lse_is_differentiable(layout):
         assert err <= 1e-5 * max(1.0, ref.abs().max().item()), err
 
 
+@pytest.mark.slow
 def test_gqa_gradients_are_reduced_per_kv_head():
     # GQA without expanding K/V: dK/dV equal the group sums of the gradients through expanded K/V
     q, k, v, g, kw = _case_tensors(dict(B=1, H=8, Hk=2, L=21, D=16, softcap=2.0, window=7), torch.float32)
@@ -236,6 +239,7 @@ def _op_args(layout, requires_grad):
     return args
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_opcheck(layout):
     torch.library.opcheck(torch.ops.florenz.softcap_attention_fwd.default, _op_args(layout, True))
@@ -246,6 +250,7 @@ def test_opcheck(layout):
                            causal, window))
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph():
     # the op is opaque to dynamo (custom_op + fake): the compiled graph calls the same kernels, no graph break
     c = dict(B=1, H=4, Hk=2, L=21, D=16, window=5, softcap=3.0)
@@ -265,6 +270,7 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ops_backend_triton_matches_torch():
     assert "triton" in ops.available_backends()
     for name in ("kpm_causal_window", "packed_cross_causal", "cross_D24"):
@@ -358,6 +364,7 @@ def static_reports():
     return compile_reports(_STATIC_SCRIPT, pool=True)
 
 
+@pytest.mark.slow
 def test_static_every_config_compiles_for_sm80_and_sm90(static_reports):
     kinds = {(r["kind"], r["head_dim"], r["dtype"], r["sm"]) for r in static_reports}
     for d in (64, 128, 256):

@@ -57,6 +57,7 @@ def test_flop_convention_is_checked():
         forward_flops_per_sample(Florenz(cfg), cfg, 3, 3, convention="useful")
 
 
+@pytest.mark.slow
 def test_short_cpu_run_writes_a_valid_report(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "throughput.py"), "--preset=tiny", "--samples=8", "--batch=4",
            "--repeats=1", "--mode=train", "--train_configs=published,dense", "--threads=1", "--sweep_batches=2",
@@ -85,6 +86,7 @@ def test_short_cpu_run_writes_a_valid_report(tmp_path):
         throughput.validate_report(broken)
 
 
+@pytest.mark.slow
 def test_scaling_estimate_is_labelled_and_consistent(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--scaling", f"--out={tmp_path}"],
                          capture_output=True, text=True, timeout=300)

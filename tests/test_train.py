@@ -33,6 +33,7 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_default_recipe_learns(tmp_path):
     cfg = parse_args([f"--out={tmp_path}", "--steps=60", "--data.synthetic_images=64", "--save_every=1000"])
     summary = train(cfg)
@@ -102,6 +103,7 @@ def test_selective_checkpointing_saves_the_triton_attention_forward(monkeypatch)
         assert len(calls) == runs  # 2: the recompute-everything policy runs the forward kernel again in backward
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     args = QUICK + ["--steps=8", "--save_every=4"]
     train(parse_args(args + [f"--out={tmp_path / 'whole'}"]))
@@ -131,6 +133,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     args = QUICK + ["--steps=6", "--save_every=3"]
     script = tmp_path / "killer.py"
@@ -147,6 +150,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     assert not (ckpts / "step-000006.tmp").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_accumulation(tmp_path, parallel):
     args = QUICK + NO_DROPOUT + ["--steps=3", "--save_every=1000"]
