@@ -115,6 +115,7 @@ def test_linear_ce_all_labels_ignored():
     assert tok.abs().max().item() == 0.0
 
 
+@pytest.mark.slow
 def test_linear_ce_ignored_tokens_get_no_gradient_and_no_loss():
     h, w, labels = _ce_case(ignore_every=2)
     hh = h.clone().requires_grad_()
@@ -154,6 +155,7 @@ def test_linear_ce_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+@pytest.mark.slow
 def test_ops_backends_agree_on_the_loss():
     h, w, labels = _ce_case()
     a = ops.linear_cross_entropy(h, w, labels, softcap=30.0, reduction="none", backend="torch")
@@ -396,6 +398,7 @@ def test_static_every_kernel_compiles_for_sm80_and_sm90(static_reports):
     assert seen == {(m, k, dt, sm) for m, k in want for dt in ("bf16", "fp32") for sm in (80, 90)}
 
 
+@pytest.mark.slow
 def test_static_no_register_spills_and_shared_memory_fits(static_reports):
     bad = [(r["module"], r["kernel"], r["dtype"], r["sm"], r["constexprs"], r["stack"], r["local"], r["spill_insts"])
            for r in static_reports if r["stack"] or r["local"] or r["spill_insts"]]

@@ -153,6 +153,7 @@ def test_softcap_exact_two_key_example():
     torch.testing.assert_close(uncapped[0, 0, 0, :2].cpu(), torch.tensor([1.0, 0.0]), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_lse_is_differentiable(layout):
     # loss uses both outputs: d lse / d s = P folds into the backward's delta
@@ -285,6 +286,7 @@ def test_ops_backend_triton_matches_torch():
 # ---- transformers integration --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_transformers_gemma2_matches_eager():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
@@ -374,12 +376,14 @@ def test_static_every_config_compiles_for_sm80_and_sm90(static_reports):
                 assert {k for k, dd, t, s in kinds if dd == d and t == dt and s == sm} == want, (d, sm, dt)
 
 
+@pytest.mark.slow
 def test_static_no_register_spills(static_reports):
     bad = [(r["kind"], r["head_dim"], r["dtype"], r["sm"], r["config"], r["variant"], r["stack"], r["local"],
             r["spill_insts"]) for r in static_reports if r["stack"] or r["local"] or r["spill_insts"]]
     assert not bad, f"configs that spill (kind, D, dtype, sm, config, variant, STACK, LOCAL, LDL/STL): {bad}"
 
 
+@pytest.mark.slow
 def test_static_shared_memory_within_device_limit(static_reports):
     limit = {90: sa.SHARED_LIMIT[(9, 0)], 80: sa.SHARED_LIMIT[(8, 0)]}
     bad = [(r["kind"], r["head_dim"], r["dtype"], r["sm"], r["config"], r["shared"]) for r in static_reports
@@ -387,6 +391,7 @@ def test_static_shared_memory_within_device_limit(static_reports):
     assert not bad, f"configs over the per-block shared memory limit: {bad}"
 
 
+@pytest.mark.slow
 def test_static_tensor_cores_used_for_16bit(static_reports):
     # bf16 dots must lower to wgmma on sm_90 (HGMMA) and mma.sync on sm_80 (HMMA), not FMA loops
     for r in static_reports:

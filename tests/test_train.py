@@ -75,6 +75,7 @@ def test_activation_checkpointing_changes_nothing(policy):
     assert ckpt.state_dict().keys() == ref.state_dict().keys()
 
 
+@pytest.mark.slow
 def test_selective_checkpointing_saves_the_triton_attention_forward(monkeypatch):
     # The `triton` backend's attention forward is on the save list: under the selective policy the backward reads
     # its saved (out, lse) instead of running the kernel's forward again.
@@ -173,6 +174,7 @@ def test_two_processes_match_one_with_accumulation(tmp_path, parallel):
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-4  # 3 warm-up steps move weights ~6e-4
 
 
+@pytest.mark.slow
 def test_no_vision_trains_all_but_the_image_path(tmp_path):
     # trainable=no_vision: from scratch, the vision tower and image-token pipeline stay at their init
     from florenz_fast.florenz import IMAGE_PATH
