@@ -231,10 +231,12 @@ class Batch:
         """{task-language key: (sum of token losses, token count)} for logging; detached."""
         return self.group_by_key(*self.per_sample_token_losses(logits.detach()))
 
-    def group_by_key(self, sums: torch.Tensor, counts: torch.Tensor) -> dict[str, tuple[float, int]]:
-        """Per-sample (loss sum, token count), as from per_sample_token_losses, added up per key."""
+    def group_by_key(self, sums, counts) -> dict[str, tuple[float, int]]:
+        """Per-sample (loss sum, token count), as from per_sample_token_losses (tensors, or lists already read
+        back), added up per key."""
         out: dict[str, tuple[float, int]] = {}
-        for key, s, c in zip(self.keys, sums.tolist(), counts.tolist()):
+        sums, counts = (t.tolist() if isinstance(t, torch.Tensor) else list(t) for t in (sums, counts))
+        for key, s, c in zip(self.keys, sums, counts):
             s0, c0 = out.get(key, (0.0, 0))
             out[key] = (s0 + s, c0 + c)
         return out
