@@ -320,6 +320,8 @@ def train(cfg: TrainConfig) -> dict:
         for i, batch in enumerate(micro):
             batch = batch.to(world.device, non_blocking=True)
             inputs = batch.model_inputs(host_layout=True)
+            if cfg.cuda_graphs:  # a new replay: the previous micro-batch's graph outputs are consumed
+                torch.compiler.cudagraph_mark_step_begin()
             with no_sync(train_module, i < len(micro) - 1), _autocast(cfg.precision, world.device):
                 # per-token losses without (B, L, V) logits: the fused loss on the triton backend
                 token_losses, loss = forward_loss(inputs, scale)

@@ -277,3 +277,47 @@ def test_training_step_reads_nothing_back(preset, mode, backend):
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+# ---- one compiled step ------------------------------------------------------------------------------------
+
+_RUN = ["--data.synthetic_images=32", "--data.mode=static", "--data.max_encoder_tokens=96",
+        "--data.max_decoder_tokens=64", "--data.batch_size=4", "--save_every=1000", "--log_every=1000",
+        "--model.encoder.dropout=0", "--model.vision.drop_path=0"]
+
+
+def test_compiled_static_training_is_one_graph(tmp_path):
+    """--compile: forward + loss (and AOTAutograd's backward) traced with fullgraph=True (a graph break fails);
+    20 static batches of different contents give exactly one graph, and a recompile would raise. The losses
+    are the eager step's."""
+    from torch._dynamo.utils import counters
+
+    from florenz_fast.train import parse_args, train
+
+    eager = train(parse_args([f"--out={tmp_path / 'eager'}", "--steps=20", *_RUN]))["losses"]
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = train(parse_args([f"--out={tmp_path / 'compiled'}", "--steps=20", "--compile=true",
+                                     "--compile_backend=aot_eager", *_RUN]))["losses"]
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert len(compiled) == len(eager) == 20
+    assert max(abs(a - b) for a, b in zip(compiled, eager)) <= 1e-4, (eager, compiled)
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_step_matches_eager(tmp_path):
+    """--cuda_graphs on CUDA: the compiled forward + backward replayed as CUDA graphs; 10 steps give the eager
+    step's losses (fp32; inductor's fused reductions reorder sums, hence 1e-3 and not exact)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from florenz_fast.train import parse_args, train
+
+    run = [*_RUN, "--device=cuda", "--steps=10"]
+    eager = train(parse_args([f"--out={tmp_path / 'eager'}", *run]))["losses"]
+    torch._dynamo.reset()
+    graphs = train(parse_args([f"--out={tmp_path / 'graphs'}", "--cuda_graphs=true", *run]))["losses"]
+    assert len(graphs) == len(eager) == 10
+    assert max(abs(a - b) for a, b in zip(graphs, eager)) <= 1e-3, (eager, graphs)
+    torch._dynamo.reset()
