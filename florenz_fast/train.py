@@ -227,13 +227,12 @@ def _build_data(cfg: TrainConfig, world: World, out: Path):
 
 
 def make_forward_loss(module: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-    """`fn(inputs, scale) -> (token_losses, loss)`: forward and loss of one micro-batch, loss = sum of the token
-    losses * scale. --compile: torch.compile'd with fullgraph=True (a graph break is an error, not a slow step);
-    AOTAutograd compiles the backward of the same graph. --cuda_graphs (CUDA): mode="reduce-overhead", the
-    forward and backward graphs replayed as CUDA graphs."""
-    def forward_loss(inputs: dict, scale: torch.Tensor):
-        token_losses = module(**inputs, return_logits=False).token_losses
-        return token_losses, token_losses.sum() * scale
+    """`fn(inputs) -> token_losses`: forward and per-token loss of one micro-batch (the loop sums them per sample).
+    --compile: torch.compile'd with fullgraph=True (a graph break is an error, not a slow step); AOTAutograd
+    compiles the backward of the same graph. --cuda_graphs (CUDA): mode="reduce-overhead", the forward and
+    backward graphs replayed as CUDA graphs (the optimizer step stays outside: fused AdamW, no host read)."""
+    def forward_loss(inputs: dict) -> torch.Tensor:
+        return module(**inputs, return_logits=False).token_losses
 
     if cfg.cuda_graphs and device.type != "cuda":
         raise ValueError("cuda_graphs needs a CUDA device")
@@ -314,7 +313,6 @@ def train(cfg: TrainConfig) -> dict:
         local = [float(sum(b.num_target_tokens for b in micro)), float(sum(b.num_samples for b in micro)),
                  float(sum(b.num_encoder_tokens for b in micro))]
         n_tokens = all_reduce_sum(torch.tensor(local[0], device=world.device), world)
-        scale = world.size / n_tokens  # DDP / FSDP2 average gradients over ranks
         loss_sum = torch.zeros((), device=world.device)
         per_sample = []  # (batch, loss sums, token counts) per micro-batch, read once after the step
         for i, batch in enumerate(micro):
@@ -324,11 +322,12 @@ def train(cfg: TrainConfig) -> dict:
                 torch.compiler.cudagraph_mark_step_begin()
             with no_sync(train_module, i < len(micro) - 1), _autocast(cfg.precision, world.device):
                 # per-token losses without (B, L, V) logits: the fused loss on the triton backend
-                token_losses, loss = forward_loss(inputs, scale)
+                token_losses = forward_loss(inputs)
+            sums, counts = batch.per_sample_sums(token_losses)  # per sample: loss sum, target tokens
+            loss = sums.sum() * world.size / n_tokens  # DDP / FSDP2 average gradients over ranks
             scaler.scale(loss).backward()
-            token_losses = token_losses.detach()
-            loss_sum += token_losses.sum()
-            per_sample.append((batch, *batch.per_sample_sums(token_losses)))  # per sample: loss sum, target tokens
+            loss_sum += sums.detach().sum()
+            per_sample.append((batch, sums.detach(), counts))
         scaler.unscale_(optimizer)
         grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
                      if cfg.optim.grad_clip else torch.tensor(0.0))
@@ -341,9 +340,9 @@ def train(cfg: TrainConfig) -> dict:
 
         # after the step: one device->host copy of everything the log needs
         stats = all_reduce_sum(torch.cat([loss_sum.float().view(1), torch.tensor(local, device=world.device)]), world)
-        values = torch.cat([stats, grad_norm.detach().float().view(1).to(world.device)]
+        values = torch.cat([stats, (stats[0] / stats[1]).view(1), grad_norm.detach().float().view(1).to(world.device)]
                            + [t.float() for _, sums, counts in per_sample for t in (sums, counts)]).tolist()
-        stats, grad_norm, at = values[:4], values[4], 5
+        stats, step_loss, grad_norm, at = values[:4], values[4], values[5], 6
         by_key: dict[str, list[float]] = {}
         for b, sums, _ in per_sample:
             n = sums.numel()
@@ -351,7 +350,6 @@ def train(cfg: TrainConfig) -> dict:
             at += 2 * n
         by_key = _merge_across_ranks(by_key, world)
         encoder_tokens = int(stats[3])
-        step_loss = stats[0] / stats[1]
         losses.append(step_loss)
         if world.device.type == "cuda":
             torch.cuda.synchronize(world.device)

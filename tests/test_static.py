@@ -237,7 +237,8 @@ def _one_step(model: Florenz, batch: Batch) -> torch.Tensor:
     scale = 1.0 / torch.tensor(float(batch.num_target_tokens))
     inputs = batch.model_inputs(host_layout=True)
     with no_device_host_reads():
-        token_losses, loss = forward_loss(inputs, scale)
+        sums, _ = batch.per_sample_sums(forward_loss(inputs))
+        loss = sums.sum() * scale
         loss.backward()
     return loss.detach()
 
