@@ -146,7 +146,7 @@ def attention(
     backend: str | None = None,
 ) -> torch.Tensor:
     """Softcapped, optionally causal / windowed, GQA attention over padded or packed batches (see module doc)."""
-    _check_inputs(q, k, v, causal, window, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
+    _check_inputs(q, k, v, causal, window, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     kw = dict(scale=scale, softcap=softcap, causal=causal, window=window or None, key_padding_mask=key_padding_mask,
               cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
               max_seqlen_k=max_seqlen_k, dropout_p=dropout_p)
@@ -158,7 +158,7 @@ def attention(
     return _attention_torch(q, k, v, **kw)
 
 
-def _check_inputs(q, k, v, causal, window, key_padding_mask, cu_q, cu_k) -> None:
+def _check_inputs(q, k, v, causal, window, key_padding_mask, cu_q, cu_k, max_q=None, max_k=None) -> None:
     packed = cu_q is not None or cu_k is not None
     if packed and (cu_q is None or cu_k is None):
         raise ValueError("packed attention needs both cu_seqlens_q and cu_seqlens_k")
@@ -181,10 +181,12 @@ def _check_inputs(q, k, v, causal, window, key_padding_mask, cu_q, cu_k) -> None
             raise ValueError("attention: key_padding_mask is for the padded layout; packed input uses cu_seqlens")
         if cu_q.numel() != cu_k.numel():
             raise ValueError(f"attention: cu_seqlens_q has {cu_q.numel()} entries, cu_seqlens_k {cu_k.numel()}")
-        # The value checks read cu_seqlens on the host: free for CPU tensors, a device sync per call for CUDA ones
-        # (every attention call of every layer: it starved the GPU in packed training). On CUDA they are left to
-        # whoever builds the batch once (Florenz.decode / Layout.from_lengths check lengths on the host).
-        if cu_q.is_cuda or cu_k.is_cuda:
+        # The value checks read cu_seqlens back to the host: a device sync per call for CUDA tensors (every
+        # attention call of every layer: it starved the GPU in packed training), and a read that a static, compiled
+        # step cannot make on any device (DESIGN.md 13). So they run only for a caller without host metadata: one
+        # that passes max_seqlen_q and max_seqlen_k (Python ints) built cu_seqlens on the host and checked them
+        # there (packing.host_layout, Layout.from_lengths), and CUDA tensors are never read here.
+        if (max_q is not None and max_k is not None) or cu_q.is_cuda or cu_k.is_cuda:
             return
         for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
             if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
@@ -242,24 +244,31 @@ def _attention_torch(q, k, v, *, scale, softcap, causal, window, key_padding_mas
             pad = key_padding_mask[:, None, None, :].bool()
             visible = pad if visible is None else (visible[None, None] & pad)
         return _attention_dense(q, k, v, scale=scale, softcap=softcap, visible_BLS=visible, dropout_p=dropout_p)
-    # packed: one segment at a time (the reference favours obviousness over speed)
-    out = torch.empty_like(q)
-    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for i in range(len(bq) - 1):
-        qs, ks = slice(bq[i], bq[i + 1]), slice(bk[i], bk[i + 1])
-        L, S = qs.stop - qs.start, ks.stop - ks.start
-        if L == 0:
-            continue
-        if S == 0:
-            out[qs] = 0
-            continue
-        visible = visibility_mask(L, S, causal=causal, window=window, device=q.device)
-        seg = _attention_dense(
-            q[qs].transpose(0, 1)[None], k[ks].transpose(0, 1)[None], v[ks].transpose(0, 1)[None],
-            scale=scale, softcap=softcap, visible_BLS=visible, dropout_p=dropout_p,
-        )
-        out[qs] = seg[0].transpose(0, 1)
-    return out
+    # packed: the whole row as one block with a block-diagonal (T, Tk) mask, query segment n seeing key segment n
+    # under the same causal / window rule; segment ids and positions come from cu_seqlens and the shapes
+    # (repeat_interleave with output_size), so nothing is read back to the host. A masked key adds an exact 0 to
+    # the softmax sums, so this is the per-segment definition (float64 to rounding); zero-length segments own no
+    # rows, and a query segment with no keys sees nothing: zeros.
+    T, Tk = q.shape[0], k.shape[0]
+    visible = packed_visibility(cu_seqlens_q, cu_seqlens_k, T, Tk, causal=causal, window=window)
+    out = _attention_dense(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale,
+                           softcap=softcap, visible_BLS=visible, dropout_p=dropout_p)
+    return out[0].transpose(0, 1)
+
+
+def packed_visibility(cu_seqlens_q, cu_seqlens_k, T: int, Tk: int, *, causal: bool, window: int | None):
+    """(T, Tk) bool: packed query t may see packed key s (same segment, causal bottom-right aligned per segment,
+    window); no device->host read."""
+    seg_q, pos_q = segments_from_cu_seqlens(cu_seqlens_q, T)
+    seg_k, pos_k = segments_from_cu_seqlens(cu_seqlens_k, Tk)
+    visible = seg_q[:, None] == seg_k[None, :]
+    if causal:  # query i of segment n sits at key position i + S_n - L_n
+        lq, lk = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long(), (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+        p = (pos_q + (lk - lq)[seg_q])[:, None]
+        visible = visible & (pos_k[None, :] <= p)
+        if window:
+            visible = visible & (p - pos_k[None, :] < window)
+    return visible
 
 
 register_backend("torch", _attention_torch)
@@ -268,12 +277,13 @@ register_backend("torch", _attention_torch)
 # ---- `dense` and `sdpa`: plain PyTorch, packed batches gathered into one padded batch ------------------------
 
 
-def _pad_index(cu: torch.Tensor, width: int) -> torch.Tensor:
-    """(N, width) row of each padded slot in the packed tensor; padding slots point at row T (a zero row)."""
+def _pad_index(cu: torch.Tensor, width: int, total: int) -> torch.Tensor:
+    """(N, width) row of each padded slot in the packed tensor of `total` rows; padding slots point at row
+    `total` (a zero row). `total` comes from the tensor's shape (= cu[-1]): no read of cu."""
     lengths = (cu[1:] - cu[:-1]).long()
     slots = torch.arange(width, device=cu.device)
     idx = cu[:-1, None].long() + slots[None]
-    return torch.where(slots[None] < lengths[:, None], idx, int(cu[-1]))
+    return torch.where(slots[None] < lengths[:, None], idx, total)
 
 
 def _gather_padded(x_THD: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -284,13 +294,17 @@ def _gather_padded(x_THD: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def _packed_as_padded(fn, q, k, v, *, causal, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       **kw):
-    """Run fn(q, k, v, visible_NLS) on the packed batch gathered into padded form; scatter the rows back."""
+    """Run fn(q, k, v, visible_NLS) on the packed batch gathered into padded form; scatter the rows back.
+
+    The padded widths are the caller's max_seqlen_q / max_seqlen_k (Python ints: the model passes the loader's);
+    only a caller without them has the lengths read back here (a device sync)."""
     lq, lk = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long(), (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
     Lmax = int(max_seqlen_q) if max_seqlen_q else int(lq.max()) if lq.numel() else 0
     Smax = int(max_seqlen_k) if max_seqlen_k else int(lk.max()) if lk.numel() else 0
-    if q.shape[0] == 0 or Lmax == 0:
+    T = q.shape[0]
+    if T == 0 or Lmax == 0:
         return torch.zeros_like(q)
-    iq, ik = _pad_index(cu_seqlens_q, Lmax), _pad_index(cu_seqlens_k, max(Smax, 1))
+    iq, ik = _pad_index(cu_seqlens_q, Lmax, T), _pad_index(cu_seqlens_k, max(Smax, 1), k.shape[0])
     pos_q = torch.arange(Lmax, device=q.device)[None, :, None]
     pos_k = torch.arange(max(Smax, 1), device=q.device)[None, None, :]
     visible = pos_k < lk[:, None, None]  # (N, L, S): real keys ...
@@ -300,8 +314,8 @@ def _packed_as_padded(fn, q, k, v, *, causal, window, cu_seqlens_q, cu_seqlens_k
         if window:
             visible = visible & (p - pos_k < window)
     out_N = fn(_gather_padded(q, iq), _gather_padded(k, ik), _gather_padded(v, ik), visible[:, None], **kw)
-    rows = (pos_q[0, :, 0][None] < lq[:, None]).flatten().nonzero()[:, 0]
-    return out_N.transpose(1, 2).flatten(0, 1).index_select(0, rows)
+    seg, pos = segments_from_cu_seqlens(cu_seqlens_q, T)  # packed row t sits in slot (seg, pos): static index math
+    return out_N.transpose(1, 2).flatten(0, 1).index_select(0, seg * Lmax + pos)
 
 
 def _dense_visible(q, k, causal, window, key_padding_mask):
@@ -457,12 +471,19 @@ def cu_seqlens_from_lengths(lengths: list[int] | torch.Tensor, device=None) -> t
     return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
 
 
-def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Position of each packed token inside its own segment: [0..len0-1, 0..len1-1, ...]."""
-    total = int(cu_seqlens[-1])
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
-    return torch.arange(total, device=cu_seqlens.device) - starts
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """Position of each packed token inside its own segment: [0..len0-1, 0..len1-1, ...]. Pass `total` (the
+    packed length, from a shape): without it cu_seqlens[-1] is read back (a device sync)."""
+    return segments_from_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]) if total is None else total)[1]
+
+
+def segments_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment id, position inside the segment) of each of the `total` packed tokens, int64; zero-length
+    segments own no token. No device->host read (repeat_interleave with output_size)."""
+    cu = cu_seqlens.long()
+    seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu[1:] - cu[:-1],
+                                  output_size=total)
+    return seg, torch.arange(total, device=cu.device) - cu[:-1][seg]
 
 
 # ---- `triton` backend: florenz_kernels.softcap_attention (imported on first use) ------------------------
