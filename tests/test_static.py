@@ -282,8 +282,8 @@ def test_training_step_reads_nothing_back(preset, mode, backend):
 
 # ---- one compiled step ------------------------------------------------------------------------------------
 
-_RUN = ["--data.synthetic_images=32", "--data.mode=static", "--data.max_encoder_tokens=96",
-        "--data.max_decoder_tokens=64", "--data.batch_size=4", "--save_every=1000", "--log_every=1000",
+_RUN = ["--data.synthetic_images=32", "--data.mode=static", "--data.max_encoder_tokens=160",
+        "--data.max_decoder_tokens=128", "--data.batch_size=4", "--save_every=1000", "--log_every=1000",
         "--model.encoder.dropout=0", "--model.vision.drop_path=0"]
 
 
