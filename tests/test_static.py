@@ -147,6 +147,31 @@ def test_static_shapes_are_identical_across_batches():
     assert [b.keys for b in packed] == [b.keys for b in batches]
 
 
+def test_static_loader_resumes_exactly():
+    """state_dict / load_state_dict (JSON round trip) continue the identical static batch sequence, 2 ranks."""
+    import json
+
+    examples = [example(1 + (7 * i) % 13, 2 + (5 * i) % 17, i, image_size=8) for i in range(60)]
+    kw = dict(mode="static", n_image_tokens=4, max_encoder_tokens=64, max_decoder_tokens=40, max_samples=5, world=2)
+    for rank in range(2):
+        ref = Loader(ListPipeline(examples), rank=rank, **kw)
+        [next(ref) for _ in range(2)]
+        state = json.loads(json.dumps(ref.state_dict()))
+        following = [next(ref) for _ in range(3)]
+        resumed = Loader(ListPipeline(examples), rank=rank, **kw)
+        resumed.load_state_dict(state)
+        for a, b in zip(following, [next(resumed) for _ in range(3)]):
+            assert a.keys == b.keys
+            for name, x in a.model_inputs().items():
+                y = b.model_inputs()[name]
+                assert (torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y), name
+    with pytest.raises(ValueError, match="static mode needs max_samples"):
+        Loader(ListPipeline(examples), **{**kw, "max_samples": None})
+    with pytest.raises(ValueError, match="batch sequence would differ"):  # a packed state does not resume static
+        Loader(ListPipeline(examples), **kw).load_state_dict(
+            Loader(ListPipeline(examples), **{**kw, "mode": "packed"}).state_dict())
+
+
 def test_collation_checks_ids_and_positions_with_the_models_messages():
     cfg = get_config("tiny")
     limits = InputLimits.from_config(cfg)
