@@ -293,7 +293,9 @@ def test_the_guard_catches_a_read():
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_training_step_reads_nothing_back(preset, mode, backend):
     """Forward, loss and backward of one training step with no device->host read (DESIGN.md 13). `flex` has no
-    CPU backward: its calls fall through the chain to the torch reference, which must be read-free as well."""
+    CPU backward: its calls fall through the chain to the torch reference, which must be read-free as well.
+    `triton` (interpreter) is not here yet: its fused loss reads values in eager mode (the labels check and the
+    backward's shortcuts in kernels/linear_cross_entropy.py); the guard stops it at the first of them."""
     model, batch = _training_batch(preset, mode)
     ops.set_backend(backend)
     try:
