@@ -331,6 +331,8 @@ def train(cfg: TrainConfig) -> dict:
         scaler.unscale_(optimizer)
         grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
                      if cfg.optim.grad_clip else torch.tensor(0.0))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor (replicated), as a plain tensor for the copy below
+            grad_norm = grad_norm.full_tensor()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
