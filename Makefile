@@ -1,7 +1,9 @@
 # florenz-fast: set-up, tests and the main job, all in a pinned virtual environment (.venv).
 #
 #   make train   # sets up .venv (pinned), then runs the main job on its default (tiny model, CPU)
-#   make test    # sets up .venv (pinned), then runs the test suite; PYTEST_ARGS="..." passes options
+#   make test    # sets up .venv (pinned), then runs the lint and the test suite; PYTEST_ARGS="..." passes options
+#   make test-fast  # the inner loop: lint, then the tests not marked `slow` (-m "not slow")
+#   make lint    # ruff check (lint + import order; config in pyproject.toml, version pinned in requirements.txt)
 #
 # Set-up is stamped: .venv/.stamp-install is newer than requirements.txt, setup.py, pyproject.toml
 # and the version file, so a second run installs nothing. A fresh set-up takes ~90 s here.
@@ -13,7 +15,7 @@ STAMP  := $(VENV)/.stamp-install
 PIP    := $(VPY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: venv setup test train clean distclean
+.PHONY: venv setup lint test test-fast train clean distclean
 
 venv setup: $(STAMP)
 
@@ -40,11 +42,18 @@ $(STAMP): requirements.txt setup.py pyproject.toml florenz_fast/__init__.py $(CS
 	$(PIP) install -q --progress-bar off --no-build-isolation -e .
 	touch $@
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
 # pytest exits 5 when it collects no tests; that is a failure here, said in so many words.
-test: $(STAMP)
-	@FLORENZ_REQUIRE_CUDA_EXT=$(REQUIRE_CUDA_EXT) $(VPY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5); treated as a failure" >&2; fi; \
-	exit $$rc
+PYTEST = FLORENZ_REQUIRE_CUDA_EXT=$(REQUIRE_CUDA_EXT) $(VPY) -m pytest -q
+NO_TESTS = if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests (exit 5); treated as a failure" >&2; fi; exit $$rc
+
+test: lint
+	@$(PYTEST) $(PYTEST_ARGS); rc=$$?; $(NO_TESTS)
+
+test-fast: lint
+	@$(PYTEST) -m "not slow" $(PYTEST_ARGS); rc=$$?; $(NO_TESTS)
 
 train: $(STAMP)
 	$(VPY) -m florenz_fast.train

@@ -136,7 +136,7 @@ _ext_modules = _cuda_extensions()
 setup(
     packages=_packages(),
     package_dir={"florenz_kernels": "kernels"},
-    package_data={"florenz_fast": ["data/*.json"]},
+    package_data={"florenz_fast": ["resources/*.json"]},
     include_package_data=False,
     ext_modules=_ext_modules,
     cmdclass=_cmdclass(_ext_modules),

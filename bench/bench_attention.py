@@ -160,7 +160,7 @@ def time_provider(name, fn, B, H, Hk, L):
     with torch.no_grad():
         fwd_ms = _bench(lambda: fn(*args))
     out = fn(*args)
-    bwd_ms = _bench(lambda: torch.autograd.grad(out, args, do, retain_graph=True))
+    bwd_ms = _bench(lambda out=out: torch.autograd.grad(out, args, do, retain_graph=True))
     del out
     return fwd_ms, bwd_ms
 
@@ -340,7 +340,7 @@ def main():
                     parts.append(f"vs {p}: fwd {ours['fwd_tflops'] / r['fwd_tflops']:.2f}x "
                                  f"bwd {ours['bwd_tflops'] / r['bwd_tflops']:.2f}x")
             print(f"{model} L={L}: " + "; ".join(parts))
-    print(f"ours vs FA2-with-softcap published ~300 TFLOP/s fwd at D=256: "
+    print("ours vs FA2-with-softcap published ~300 TFLOP/s fwd at D=256: "
           + ", ".join(f"{r['model']} L={r['L']}: {r['fwd_tflops'] / 300:.2f}x" for r in records
                       if r["provider"] == "ours" and "fwd_tflops" in r and r["L"] == 4096))
 

@@ -38,7 +38,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from florenz_fast import ops  # noqa: E402
+from florenz_fast import ops
 
 H, HK, D, SCALE, SOFTCAP = 8, 4, 256, 256 ** -0.5, 50.0
 PROFILE = False  # --profile: per-kernel device times (torch.profiler) of the fused paths and their peers
@@ -57,7 +57,7 @@ def _bench_graph(fn):
 
     try:
         return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-    except Exception as e:  # noqa: BLE001 - reported as missing, not fatal
+    except Exception as e:
         print(f"  (no CUDA-graph timing: {type(e).__name__}: {str(e)[:120]})")
         torch.cuda.synchronize()
         return None
@@ -112,7 +112,7 @@ def packed_rows(tokens, image_tokens, seed=0):
 
 def cross_inputs(lq, lk, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    mk = lambda n, h: torch.randn(n, h, D, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    mk = lambda n, h: torch.randn(n, h, D, device="cuda", dtype=torch.bfloat16, generator=g)
     return mk(sum(lq), H), mk(sum(lk), HK), mk(sum(lk), HK), mk(sum(lq), H)
 
 
@@ -185,7 +185,7 @@ def cross_providers(lq, lk):
     for name, make in (("flex", flex), ("padded", padded), ("flash_attn", flash)):
         try:
             provs[name] = make()
-        except Exception as e:  # noqa: BLE001 - a missing peer is reported, not fatal
+        except Exception as e:
             provs[name] = f"unavailable: {type(e).__name__}: {e}"[:200]
     return provs, cu_q, cu_k
 
@@ -238,7 +238,7 @@ def run_cross(tokens):
                 if t["fwd_bwd_gpu_ms"]:
                     row.update(fwd_gpu_tflops=fl / t["fwd_gpu_ms"] / 1e9,
                                fwd_bwd_gpu_tflops=3.5 * fl / t["fwd_bwd_gpu_ms"] / 1e9)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             rows.append(row)
             print(json.dumps(row))
@@ -337,9 +337,9 @@ def markdown(rows, env):
              "| part | case | provider | fwd ms wall | fwd ms GPU | fwd+bwd ms wall | fwd+bwd ms GPU | "
              "fwd+bwd TFLOP/s GPU | peer / ours fwd | peer / ours fwd+bwd | check |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    key = lambda r: (r["part"], r.get("image_tokens", r.get("tokens")))  # noqa: E731
+    key = lambda r: (r["part"], r.get("image_tokens", r.get("tokens")))
     base = {key(r): r for r in rows if r.get("provider") in ("ours", "one_gemm", "fused") and "fwd_ms" in r}
-    num = lambda r, k, f="{:.3f}": f.format(r[k]) if r.get(k) is not None else "-"  # noqa: E731
+    num = lambda r, k, f="{:.3f}": f.format(r[k]) if r.get(k) is not None else "-"
     for r in rows:
         if r["part"] == "profile":
             continue
@@ -355,12 +355,12 @@ def markdown(rows, env):
             return f"{r[t] / b[t]:.2f}" if b is not r else "-"
 
         if not b:
-            ratio = lambda phase: "-"  # noqa: E731
+            ratio = lambda phase: "-"
         chk = ("ok" if r["check"]["ok"] else "FAILED") if "check" in r else (
             f"err {r.get('max_err_vs_f64', r.get('max_abs_diff')):.2g}")
         lines.append(f"| {r['part']} | {case} | {r['provider']} | {num(r, 'fwd_ms')} | {num(r, 'fwd_gpu_ms')} | "
-                     f"{num(r, 'fwd_bwd_ms')} | {num(r, 'fwd_bwd_gpu_ms')} | {num(r, 'fwd_bwd_gpu_tflops', '{:.0f}')} | "
-                     f"{ratio('fwd')} | {ratio('fwd_bwd')} | {chk} |")
+                     f"{num(r, 'fwd_bwd_ms')} | {num(r, 'fwd_bwd_gpu_ms')} | "
+                     f"{num(r, 'fwd_bwd_gpu_tflops', '{:.0f}')} | {ratio('fwd')} | {ratio('fwd_bwd')} | {chk} |")
     return "\n".join(lines) + "\n"
 
 

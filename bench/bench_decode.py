@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from florenz_fast import ops  # noqa: E402
+from florenz_fast import ops
 
 H, HK, D, SOFTCAP = 8, 4, 256, 50.0
 SCALE = 256 ** -0.5
@@ -47,8 +47,8 @@ def decode_point(B, C, peak, flash):
     lens = torch.full((B,), C, dtype=torch.int32, device="cuda")
     nbytes = 2 * B * HK * C * D * 2 + 2 * B * H * D * 2
     row = {"batch": B, "cache": C, "bytes": nbytes}
-    ours = lambda: ops.decode_attention(q, k, v, lens, scale=SCALE, softcap=SOFTCAP, impl="cuda")  # noqa: E731
-    ref = lambda: ops.decode_attention_reference(q, k, v, lens, SCALE, SOFTCAP, 0)  # noqa: E731
+    ours = lambda: ops.decode_attention(q, k, v, lens, scale=SCALE, softcap=SOFTCAP, backend="ext")
+    ref = lambda: ops.decode_attention_reference(q, k, v, lens, SCALE, SOFTCAP, 0)
     nb = min(B, 8)  # validate on a slice (the fp64 reference of the whole batch is large)
     ref64 = ops.decode_attention_reference(q[:nb].double(), k[:nb].double(), v[:nb].double(), lens[:nb], SCALE,
                                            SOFTCAP, 0)
@@ -59,7 +59,7 @@ def decode_point(B, C, peak, flash):
     if flash is not None:
         # flash-attn's cache layout is (B, C, Hk, D)
         kf, vf, qf = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), q.transpose(1, 2).contiguous()
-        fa = lambda: flash(qf, kf, vf, cache_seqlens=lens, softmax_scale=SCALE, causal=True,  # noqa: E731
+        fa = lambda: flash(qf, kf, vf, cache_seqlens=lens, softmax_scale=SCALE, causal=True,
                            softcap=SOFTCAP)
         t = bench(fa)
         row["flash_attn"] = {"us": t, "GBps": nbytes / t * 1e-3, "pct_peak": 100 * nbytes / t * 1e-3 / peak}
@@ -78,9 +78,9 @@ def cross_point(n_images, beams, S, layers, peak):
     lens = torch.full((n_images,), S, dtype=torch.int32, device="cuda")
     nbytes = 2 * n_images * S * width * 2 + 2 * N * H * D * 2
     row = {"images": n_images, "beams": beams, "encoder_tokens": S, "bytes": nbytes}
-    ours = lambda: ops.cross_decode_attention(q, k, v, index, lens, scale=SCALE, softcap=SOFTCAP,  # noqa: E731
-                                              impl="cuda")
-    ref = lambda: ops.cross_decode_attention_reference(q, k, v, index, lens, SCALE, SOFTCAP)  # noqa: E731
+    ours = lambda: ops.cross_decode_attention(q, k, v, index, lens, scale=SCALE, softcap=SOFTCAP,
+                                              backend="ext")
+    ref = lambda: ops.cross_decode_attention_reference(q, k, v, index, lens, SCALE, SOFTCAP)
     ref64 = ops.cross_decode_attention_reference(q.double(), k.double(), v.double(), index, lens, SCALE, SOFTCAP)
     row["check"] = check(ours(), ref64, ref())
     for name, fn in (("cuda", ours), ("torch", ref)):
@@ -112,7 +112,7 @@ def rope_point(B, C):
         vc[b, :, slot] = v[:, :, 0]
         return qr
 
-    fused = lambda: ops.rope_kv_append(q, k, v, kc, vc, lens, rotary.inv_freq, impl="cuda")  # noqa: E731
+    fused = lambda: ops.rope_kv_append(q, k, v, kc, vc, lens, rotary.inv_freq, backend="ext")
     qa, kca = unfused(), kc.clone()
     qb = fused()
     diff = max((qa.float() - qb.float()).abs().max().item(), (kca.float() - kc.float()).abs().max().item())
@@ -162,7 +162,8 @@ def main():
     md = [f"# Decode kernels on {device} (torch {torch.__version__})", "",
           f"Gemma-2-2B shapes (H {H}, Hk {HK}, D {D}, softcap {SOFTCAP}), bf16, one new token; % of "
           f"{args.peak_gbs:.0f} GB/s.", "",
-          "| batch | cache | CUDA us | GB/s | % peak | torch us | flash-attn us | check |", "|---|---|---|---|---|---|---|---|"]
+          "| batch | cache | CUDA us | GB/s | % peak | torch us | flash-attn us | check |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in res["decode"]:
         fa = f"{r['flash_attn']['us']:.1f}" if "flash_attn" in r else "n/a"
         md.append(f"| {r['batch']} | {r['cache']} | {r['cuda']['us']:.1f} | {r['cuda']['GBps']:.0f} | "

@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from florenz_fast.config import get_config  # noqa: E402
-from florenz_fast.florenz import Florenz  # noqa: E402
-from florenz_fast.generate import GenerationConfig, generate  # noqa: E402
+from florenz_fast.config import get_config
+from florenz_fast.florenz import Florenz
+from florenz_fast.generate import GenerationConfig, generate
 
 PEAK_BW = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
 
@@ -116,7 +116,8 @@ def run(args):
             outs[name] = out
             dec = max(t - t_enc, 1e-9)
             rec = {"total_s": t, "encode_s": t_enc, "decode_s": dec, "steps": out.steps,
-                   "image_tokens_per_s": batch * out.steps / dec, "beam_tokens_per_s": batch * args.beams * out.steps / dec}
+                   "image_tokens_per_s": batch * out.steps / dec,
+                   "beam_tokens_per_s": batch * args.beams * out.steps / dec}
             if device.type == "cuda" and name.startswith("cached"):
                 nbytes = decode_bytes(model, batch, args.beams, 1, out.steps, enc.shape[1])
                 rec["bytes_per_step"] = nbytes

@@ -6,8 +6,8 @@ One forward + backward of lm_head + softcap 30 + cross-entropy (fp32, 1 in 8 lab
 the hidden states and the weight: `unfused` = florenz_fast.ops' torch backend (the model's reference path:
 logits, softcap, fp32 cross-entropy), `fused` = florenz_kernels.linear_cross_entropy (chunked, no logits; on a
 CPU without TRITON_INTERPRET its per-row part runs as torch ops). Reports the process's peak RSS (VmHWM, reset
-once the inputs exist) and that peak minus the RSS with the inputs (the loss's own memory: the V x D weight gradient both paths
-must produce, plus whatever else the loss holds). Writes bench/results/cpu/loss_memory.{json,md}.
+once the inputs exist) and that peak minus the RSS with the inputs (the loss's own memory: the V x D weight gradient
+both paths must produce, plus whatever else the loss holds). Writes bench/results/cpu/loss_memory.{json,md}.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def child(mode: str, T: int, D: int, V: int, threads: int) -> dict:
     seconds = time.perf_counter() - t0
     peak = _status_mib("VmHWM")
     grads_mib = (h.grad.numel() + w.grad.numel()) * 4 / 2**20  # what both paths must produce
-    return {"mode": mode, "loss": loss.item(), "grads_mib": grads_mib, "beyond_grads_mib": peak - base - grads_mib, "grad_h_norm": h.grad.norm().item(), "grad_w_norm": w.grad.norm().item(),
+    return {"mode": mode, "loss": loss.item(), "grads_mib": grads_mib, "beyond_grads_mib": peak - base - grads_mib,
+            "grad_h_norm": h.grad.norm().item(), "grad_w_norm": w.grad.norm().item(),
             "rss_after_inputs_mib": base, "peak_rss_mib": peak,
             "loss_peak_mib": peak - base, "seconds": seconds}
 

@@ -54,10 +54,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from florenz_fast import ops  # noqa: E402
-from florenz_fast.config import apply_overrides, get_config  # noqa: E402
-from florenz_fast.florenz import Florenz, apply_trainable_policy  # noqa: E402
-from florenz_fast.packing import Batch, ListPipeline, Loader, Packer, collate_padded  # noqa: E402
+from florenz_fast import ops
+from florenz_fast.config import apply_overrides, get_config
+from florenz_fast.florenz import Florenz, apply_trainable_policy
+from florenz_fast.packing import Batch, ListPipeline, Loader, Packer, collate_padded
 
 
 @dataclass

@@ -25,13 +25,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-from florenz_fast import ops  # noqa: E402
-from florenz_fast.config import get_config  # noqa: E402
-from florenz_fast.florenz import Florenz, apply_trainable_policy  # noqa: E402
-from florenz_fast.generate import GenerationConfig, generate  # noqa: E402
+from florenz_fast import ops
+from florenz_fast.config import get_config
+from florenz_fast.florenz import Florenz, apply_trainable_policy
+from florenz_fast.generate import GenerationConfig, generate
 
 
 def export_trace(prof, path: Path) -> None:
@@ -138,7 +138,8 @@ def main(argv=None) -> int:
 
     md = [f"# Profile: {args.preset} on {device} ({args.precision}, training attention `{args.backend}`)", "",
           f"Training: {args.steps} packed steps of up to {args.batch} samples (forward + backward + AdamW). "
-          "Generation: 4 images, 4 beams, 16 new tokens (cached). Traces: train_trace.json.gz, decode_trace.json.gz.", ""]
+          "Generation: 4 images, 4 beams, 16 new tokens (cached). "
+          "Traces: train_trace.json.gz, decode_trace.json.gz.", ""]
     md += table("Training: top ops by self time", train_rows, args.steps)
     md += table("Generation (one generate call): top ops by self time", decode_rows, 1)
     (out / "profile.md").write_text("\n".join(md) + "\n")

@@ -2,10 +2,11 @@
 the way the published Florenz code does, side by side in one process on the same samples.
 
     python bench/throughput.py                                  # CPU: `small`, training + generation, < 5 min
-    python bench/throughput.py --preset florenz-1.0b --device cuda --precision bf16 --samples 256 --batch 32
+    python bench/throughput.py --preset=florenz-1.0b --device=cuda --precision=bf16 --samples=256 --batch=32
     python bench/throughput.py --scaling                        # the multi-GPU estimate (no measurement)
+    python bench/throughput.py --help                           # every option (ThroughputConfig), its default
 
-Training configurations (--train-configs, comma-separated; "name=collation:attention-backend"):
+Training configurations (--train_configs, comma-separated; "name=collation:attention-backend"):
   published   padded batches (every sample padded to the longest of its batch), the `torch` reference attention
               (eager: materialised scores, softcap, masks) everywhere — how the published code trains
   torch       packed batches (cu_seqlens, block-diagonal cross-attention), reference attention
@@ -25,7 +26,7 @@ are checked against the published-code baseline's.
 
 Generation (bench/generate.py's run): cached beam search (plus its CUDA-graph decode step on a GPU) vs the
 uncached recompute-everything path that mirrors the published code; same random-weight model and images, 4
-beams, every sequence decoding --new-tokens tokens; tokens compared.
+beams, every sequence decoding --new_tokens tokens; tokens compared.
 
 FLOPs: florenz_fast.metrics.train_flops_per_sample, the analytic "model" count (causal attention counts half the
 square, no padding; the "executed" convention equals torch's FlopCounterMode on the tiny and small presets,
@@ -35,15 +36,16 @@ Writes throughput.json, throughput.md and throughput.png to --out (default bench
 
 from __future__ import annotations
 
-import argparse
 import copy
+import dataclasses
 import json
 import math
-import os
 import platform
 import statistics
 import sys
 import time
+import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,16 +53,47 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from florenz_fast import ops  # noqa: E402
-from florenz_fast.config import get_config  # noqa: E402
-from florenz_fast.florenz import Florenz, apply_trainable_policy  # noqa: E402
-from florenz_fast.metrics import NVML, device_peak_tflops, train_flops_per_sample  # noqa: E402
+from florenz_fast import cli, ops
+from florenz_fast.config import get_config
+from florenz_fast.florenz import Florenz, apply_trainable_policy
+from florenz_fast.metrics import NVML, device_peak_tflops, train_flops_per_sample
 
 TRAIN_CONFIGS = {"published": ("padded", "torch"), "torch": ("packed", "torch"), "dense": ("packed", "sdpa+dense"),
                  "triton": ("packed", "triton"), "sdpa+triton": ("packed", "sdpa+triton"),
                  "flex": ("packed", "sdpa+flex")}
 GPU_ONLY = {"triton", "sdpa+triton", "flex"}
 SCHEMA_VERSION = 1
+
+
+@dataclass
+class ThroughputConfig:
+    """bench/throughput.py's options (`--key=value`; `python bench/throughput.py --help` lists them)."""
+
+    preset: str = "small"
+    mode: str = "both"  # train | generate | both
+    train_configs: str = ""  # comma-separated TRAIN_CONFIGS names (default: published,torch,dense + the GPU ones)
+    device: str = "auto"  # auto = cuda when available, else cpu
+    precision: str = ""  # fp32 | bf16 | fp16 ("" = bf16 on a GPU, fp32 on the CPU)
+    samples: int = 64
+    batch: int = 8
+    sweep_batches: str = ""  # also train at these batch sizes (e.g. 4,16,32): throughput and peak memory vs batch
+    repeats: int = 3
+    gen_batch: int = 8
+    beams: int = 4
+    new_tokens: int = 64
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    out: str = ""  # report directory ("" = bench/results/<device>/)
+    scaling: bool = False  # only the multi-GPU estimate
+    peak_tflops: float = 989.0
+    efficiency: float = 0.55  # sustained fraction of peak (estimate)
+    nvlink_gbps: float = 450.0
+    network_gbps: float = 50.0
+    overlap: float = 0.7
+
+    def validate(self) -> "ThroughputConfig":
+        if self.mode not in ("train", "generate", "both"):
+            raise ValueError(f"mode must be one of ('train', 'generate', 'both'), got {self.mode!r}")
+        return self
 
 
 def bench_module(name: str):
@@ -235,13 +268,12 @@ def run_training(args, device, cfg, samples, configs, batch_size=None):
 def run_generation(args, device):
     """bench/generate.py's side-by-side run: cached beam search (and, on the GPU, its CUDA-graph decode step) vs
     the uncached recompute-everything path that mirrors the published code; same images, identical tokens."""
-    import argparse as _argparse
-
     bench_generate = bench_module("generate")
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.precision]
-    ns = _argparse.Namespace(device=str(device), preset=args.preset, batch=str(args.gen_batch), beams=args.beams,
-                             new_tokens=args.new_tokens, dtype=dtype, cuda_graph=device.type == "cuda",
-                             skip_uncached=False, uncached_max_batch=args.gen_batch)
+    # bench/generate.py's run() reads its own (argparse) options as attributes
+    ns = types.SimpleNamespace(device=str(device), preset=args.preset, batch=str(args.gen_batch), beams=args.beams,
+                               new_tokens=args.new_tokens, dtype=dtype, cuda_graph=device.type == "cuda",
+                               skip_uncached=False, uncached_max_batch=args.gen_batch)
     rows = bench_generate.run(ns)
     lines = ["| batch | beams | new tokens | mode | total s | decode s | beam tokens/s | vs published | same tokens |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -287,7 +319,8 @@ def scaling_estimate(args) -> dict:
             for mode in ("ddp", "fsdp2"):
                 if mode == "ddp":
                     comm = ring * counts["trainable"] * 2 / link
-                    mem_gib = (params * 2 + counts["trainable"] * (4 + 4 + 4 + 2)) / 2**30  # bf16 weights, fp32 master+adam, grads
+                    # bf16 weights, fp32 master+adam, grads
+                    mem_gib = (params * 2 + counts["trainable"] * (4 + 4 + 4 + 2)) / 2**30
                 else:
                     comm = ((n - 1) / n) * (2 * params * 2 + counts["trainable"] * 4) / link if n > 1 else 0.0
                     mem_gib = (params * 2 + counts["trainable"] * 14) / n / 2**30
@@ -320,7 +353,8 @@ def markdown(report) -> str:
             mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
             mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
             sp = f"{r['speedup_vs_published']:.2f}x" if r["speedup_vs_published"] else "-"
-            lines.append(f"| {r['config']} | {r['collation']} | {r['attention']} | {r['steps']} | {r['median_s']:.3f} | "
+            lines.append(f"| {r['config']} | {r['collation']} | {r['attention']} | {r['steps']} | "
+                         f"{r['median_s']:.3f} | "
                          f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['tokens_per_cpu_s']:.1f} | {sp} | "
                          f"{r['model_tflops_per_s']:.4f} | "
                          f"{mfu} | {mem} | {r['first_batch_loss_diff']:.2g} |")
@@ -426,30 +460,10 @@ def validate_report(report: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--mode", default="both", choices=("train", "generate", "both"))
-    ap.add_argument("--train-configs", default="")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", default="")
-    ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--sweep-batches", default="", help="also train at these batch sizes (e.g. 4,16,32): "
-                    "throughput and peak memory vs batch size, plotted")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--gen-batch", type=int, default=8)
-    ap.add_argument("--beams", type=int, default=4)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--out", default="")
-    ap.add_argument("--scaling", action="store_true", help="only the multi-GPU estimate")
-    ap.add_argument("--peak-tflops", type=float, default=989.0)
-    ap.add_argument("--efficiency", type=float, default=0.55, help="sustained fraction of peak (estimate)")
-    ap.add_argument("--nvlink-gbps", type=float, default=450.0)
-    ap.add_argument("--network-gbps", type=float, default=50.0)
-    ap.add_argument("--overlap", type=float, default=0.7)
-    args = ap.parse_args(argv)
+    return cli.main(ThroughputConfig, run, argv, prog="python bench/throughput.py", description=__doc__)
 
+
+def run(args: ThroughputConfig) -> int:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -465,7 +479,7 @@ def main(argv=None) -> int:
     env = dict(device=device_name(device), torch=torch.__version__, triton=triton_version,
                python=platform.python_version(), threads=torch.get_num_threads())
     nvml = NVML(device)
-    report = dict(schema_version=SCHEMA_VERSION, env=env, args=vars(args))
+    report = dict(schema_version=SCHEMA_VERSION, env=env, args=dataclasses.asdict(args))
     if args.scaling:
         report["scaling"] = scaling_estimate(args)
     else:

@@ -30,7 +30,7 @@ class BartDecoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(d, eps=eps)
 
     def forward(self, x, layout: Layout, enc_BSd, enc_layout: Layout, cross_kv=None):
-        drop = lambda t: F.dropout(t, self.dropout, self.training)  # noqa: E731
+        drop = lambda t: F.dropout(t, self.dropout, self.training)
         x = self.self_attn_layer_norm(x + drop(self.self_attn(x, layout, causal=True)))
         cross = self.encoder_attn(x, layout, enc_BSd, enc_layout, projected_kv=cross_kv)
         x = self.encoder_attn_layer_norm(x + drop(cross))

@@ -280,31 +280,40 @@ def _coerce(text: str, hint: Any, where: str) -> Any:
     raise ValueError(f"{where}: cannot set a field of type {hint}")
 
 
+def field_hint(cls: type, path: str, where: str) -> Any:
+    """The annotation of the dotted field `path` of the dataclass `cls`; ValueError naming the key if none."""
+    parts = path.split(".")
+    hint = cls
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(hint):
+            raise ValueError(f"{where}: {'.'.join(parts[:i])} is not a section")
+        hints = typing.get_type_hints(hint)
+        if part not in hints:
+            raise ValueError(
+                f"{where}: unknown key {part!r} in {hint.__name__}; "
+                f"known: {', '.join(f.name for f in dataclasses.fields(hint))}"
+            )
+        hint = hints[part]
+    return hint
+
+
 def apply_overrides(obj: Any, overrides: list[str]) -> Any:
     """Apply `key.sub=value` (a leading `--` is allowed) to a dataclass tree in place and return it.
 
     Types follow the field annotations; unknown keys raise ValueError naming the key and the choices.
+    florenz_fast.cli puts a command line (other spellings, --help, `error:` lines) in front of this.
     """
     for item in overrides:
         text = item[2:] if item.startswith("--") else item
         if "=" not in text:
             raise ValueError(f"override {item!r} is not of the form key=value")
         path, value = text.split("=", 1)
+        hint = field_hint(type(obj), path, f"override {item!r}")
+        *sections, last = path.split(".")
         target = obj
-        parts = path.split(".")
-        for i, part in enumerate(parts):
-            if not dataclasses.is_dataclass(target):
-                raise ValueError(f"override {item!r}: {'.'.join(parts[:i])} is not a section")
-            hints = typing.get_type_hints(type(target))
-            if part not in hints:
-                raise ValueError(
-                    f"override {item!r}: unknown key {part!r} in {type(target).__name__}; "
-                    f"known: {', '.join(f.name for f in dataclasses.fields(target))}"
-                )
-            if i == len(parts) - 1:
-                setattr(target, part, _coerce(value, hints[part], f"override {item!r}"))
-            else:
-                target = getattr(target, part)
+        for part in sections:
+            target = getattr(target, part)
+        setattr(target, last, _coerce(value, hint, f"override {item!r}"))
     if hasattr(obj, "validate"):
         obj.validate()
     return obj

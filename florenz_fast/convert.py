@@ -175,7 +175,8 @@ def export_state_dict(model: Florenz, layout: str = "released") -> dict[str, tor
 def import_florenz_released(model: Florenz, path, *, dtype=None, device=None) -> None:
     """Load a released Florenz checkpoint (names as in florenz_checkpoint_keys.json) into `model`."""
     _load_part(model, _as_source(path), "released",
-               _keys_under(model, ("vision_tower.", "projector.", "encoder.", "decoder.")), ignore=lambda k: False, dtype=dtype, device=device)
+               _keys_under(model, ("vision_tower.", "projector.", "encoder.", "decoder.")), ignore=lambda k: False,
+               dtype=dtype, device=device)
 
 
 # ---- Florence-2 -----------------------------------------------------------------------------------------

@@ -60,10 +60,18 @@ def all_reduce_sum(x: torch.Tensor, world: World) -> torch.Tensor:
 # the elementwise work, norms and softmax (cheap, and most of the activation memory).
 _SAVE_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
              torch.ops.aten.baddbmm.default, torch.ops.aten.linear.default}
+# The Triton attention forward (the `triton` backend's op) is kept too: its outputs (out, the size of q, and an
+# fp32 lse per query row) are what its backward reads anyway, and recomputing them re-runs the whole Q.K^T / P.V
+# pass. Matched by name, not imported: the op is registered when florenz_kernels.softcap_attention is first
+# imported (by the backend on its first call, possibly after this policy was built), and importing it here would
+# pull triton into the engine.
+_SAVE_OP_NAMES = {"florenz::softcap_attention_fwd"}
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if op in _SAVE_OPS or (isinstance(op, torch._ops.OpOverload) and op.name() in _SAVE_OP_NAMES):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _layer_lists(model: Florenz) -> list[nn.ModuleList]:
@@ -71,7 +79,8 @@ def _layer_lists(model: Florenz) -> list[nn.ModuleList]:
 
 
 def apply_activation_checkpointing(model: Florenz, policy: str) -> None:
-    """policy: none | full (recompute each encoder/decoder layer in backward) | selective (keep matmul outputs)."""
+    """policy: none | full (recompute each encoder/decoder layer in backward) | selective (keep the matmul and
+    Triton attention outputs, recompute the rest)."""
     if policy == "none":
         return
     if policy not in ("full", "selective"):

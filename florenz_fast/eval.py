@@ -1,10 +1,11 @@
 """Evaluation (SPEC §9): translation and captioning metrics, CoMMuTE disambiguation, the scaling-law loss groups.
 
-    python -m florenz_fast.eval --ckpt DIR --out report/ \
-        --multi30k multi30k-dataset/data/task1 --flickr30k-images flickr30k/ --mscoco-images coco/ \
-        --multi30k-task2 multi30k-dataset/data/task2 \
-        --commute CoMMuTE/ --xm3600 captions.jsonl --xm3600-images xm3600/ \
-        --coco-karpathy dataset_coco.json --coco-images coco/ --loss-manifest val.jsonl
+    python -m florenz_fast.eval --ckpt=DIR --out=report/ \
+        --multi30k=multi30k-dataset/data/task1 --flickr30k_images=flickr30k/ --mscoco_images=coco/ \
+        --multi30k_task2=multi30k-dataset/data/task2 \
+        --commute=CoMMuTE/ --xm3600=captions.jsonl --xm3600_images=xm3600/ \
+        --coco_karpathy=dataset_coco.json --coco_images=coco/ --loss_manifest=val.jsonl
+    python -m florenz_fast.eval --help      # every option (EvalConfig) with its default
 
 Local copies in their published layouts (text files may be gzipped, `NAME.gz`):
   Multi30K task 1 (translation en→de/fr): DIR/raw/{split}.{en,de,fr}, DIR/image_splits/{split}.txt (one image
@@ -28,16 +29,16 @@ es, zh) and translation rows. Hypotheses are generated with SPEC §9's beam sear
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import math
-import re
 import sys
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from . import cli
 
 SPLITS_TASK1 = {"test_2016_flickr": "flickr", "test_2017_flickr": "flickr", "test_2018_flickr": "flickr",
                 "test_2017_mscoco": "mscoco"}
@@ -260,7 +261,7 @@ def commute_accuracy(pipe, items: list[Item], tgt: str, batch_size: int = 16) ->
     return {"accuracy": sum(wins) / len(wins), "items": len(wins), "correct": sum(wins)}
 
 
-def evaluate(pipe, args) -> dict:
+def evaluate(pipe, args: "EvalConfig") -> dict:
     report: dict = {"translation": {}, "captioning": {}, "commute": {}, "loss_groups": None}
     bs, lim = args.batch_size, args.limit
 
@@ -289,13 +290,16 @@ def evaluate(pipe, args) -> dict:
                 if not (_exists(raw / f"{split}.en") and _exists(raw / f"{split}.{tgt}")):
                     continue
                 if not images:
-                    raise ValueError(f"--multi30k {split} needs --{'flickr30k' if source == 'flickr' else 'mscoco'}-images")
-                add_translation(f"multi30k/{split}/en-{tgt}", read_multi30k_task1(args.multi30k, split, tgt, images), tgt)
+                    raise ValueError(f"--multi30k {split} needs "
+                                     f"--{'flickr30k' if source == 'flickr' else 'mscoco'}-images")
+                add_translation(f"multi30k/{split}/en-{tgt}", read_multi30k_task1(args.multi30k, split, tgt, images),
+                                tgt)
     if args.multi30k_task2:
         if not args.flickr30k_images:
             raise ValueError("--multi30k-task2 needs --flickr30k-images")
         for lang in ("en", "de"):
-            add_caption(f"multi30k-task2/{lang}", read_multi30k_task2(args.multi30k_task2, lang, args.flickr30k_images), lang)
+            add_caption(f"multi30k-task2/{lang}", read_multi30k_task2(args.multi30k_task2, lang, args.flickr30k_images),
+                        lang)
     if args.commute:
         for tgt in ("de", "fr", "ru", "zh"):
             if not (Path(args.commute) / f"en-{tgt}").is_dir():
@@ -373,44 +377,68 @@ def write_report(report: dict, out_dir) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m florenz_fast.eval", description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--tokenizers")
-    p.add_argument("--preset")
-    p.add_argument("--out", required=True, help="directory for report.json and report.md")
-    for name in ("multi30k", "multi30k-task2", "flickr30k-images", "mscoco-images", "commute", "xm3600",
-                 "xm3600-images", "coco-karpathy", "coco-images", "loss-manifest"):
-        p.add_argument(f"--{name}")
-    p.add_argument("--xm3600-langs", default="en,de,fr,es,ru,zh")
-    p.add_argument("--prefix", action="store_true", help="caption with the language prefix (stripped)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, default=0, help="at most this many items per set (0: all)")
-    p.add_argument("--num-beams", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    args = p.parse_args(argv)
-    import torch
+# ---- the command line -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalConfig:
+    """`python -m florenz_fast.eval`: the sets to evaluate (each optional; layouts in the module doc)."""
+
+    ckpt: str  # florenz-fast checkpoint directory (config.json + safetensors)
+    out: str  # directory for report.json and report.md
+    tokenizers: str | None = None  # dir with encoder/ and decoder/ tokenizer.json (default: beside the checkpoint)
+    preset: str | None = None  # fail unless the checkpoint is this preset
+    multi30k: str | None = None  # Multi30K task 1 directory (translation en->de/fr)
+    multi30k_task2: str | None = None  # Multi30K task 2 directory (captioning en/de; needs flickr30k_images)
+    flickr30k_images: str | None = None
+    mscoco_images: str | None = None
+    commute: str | None = None  # CoMMuTE directory
+    xm3600: str | None = None  # XM3600 captions.jsonl (needs xm3600_images)
+    xm3600_images: str | None = None
+    coco_karpathy: str | None = None  # dataset_coco.json (needs coco_images)
+    coco_images: str | None = None
+    loss_manifest: str | None = None  # JSONL manifest for the scaling-law loss groups
+    xm3600_langs: str = "en,de,fr,es,ru,zh"
+    prefix: bool = False  # caption with the language prefix (stripped)
+    batch_size: int = 8
+    limit: int = 0  # at most this many items per set (0: all)
+    num_beams: int = 4
+    max_new_tokens: int = 128
+    device: str = "auto"  # auto = cuda when available, else cpu
+    dtype: str | None = None  # float32 | bfloat16 | float16 (default: the checkpoint's)
+
+    def validate(self) -> "EvalConfig":
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be one of ('float32', 'bfloat16', 'float16'), got {self.dtype!r}")
+        return self
+
+
+def run_cli(cfg: EvalConfig) -> int:
     from dataclasses import replace
+
+    import torch
 
     from .generate import load_pipeline
 
     try:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = load_pipeline(args.ckpt, tokenizers=args.tokenizers, preset=args.preset, device=device,
-                             dtype=getattr(torch, args.dtype) if args.dtype else None)
-        pipe.config = replace(pipe.config, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens).validate()
-        report = evaluate(pipe, args)
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = load_pipeline(cfg.ckpt, tokenizers=cfg.tokenizers, preset=cfg.preset, device=device,
+                             dtype=getattr(torch, cfg.dtype) if cfg.dtype else None)
+        pipe.config = replace(pipe.config, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens).validate()
+        report = evaluate(pipe, cfg)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report["meta"] = {"ckpt": str(args.ckpt), "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
-                      "prefix": args.prefix, "limit": args.limit}
-    j, m = write_report(report, args.out)
+    report["meta"] = {"ckpt": str(cfg.ckpt), "num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens,
+                      "prefix": cfg.prefix, "limit": cfg.limit}
+    j, m = write_report(report, cfg.out)
     print(markdown(report))
     print(f"wrote {j} and {m}")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.main(EvalConfig, run_cli, argv, prog="python -m florenz_fast.eval", description=__doc__)
 
 
 if __name__ == "__main__":

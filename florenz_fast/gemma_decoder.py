@@ -105,7 +105,7 @@ class GemmaDecoderLayer(nn.Module):
     def __init__(self, cfg: DecoderConfig, index: int):
         super().__init__()
         self.window = cfg.sliding_window if index % 2 == 0 and cfg.sliding_window else None
-        norm = lambda: RMSNorm(cfg.hidden, cfg.rms_eps)  # noqa: E731
+        norm = lambda: RMSNorm(cfg.hidden, cfg.rms_eps)
         self.self_attn = GemmaAttention(cfg)
         self.encoder_attn = GemmaAttention(cfg, d_kv=cfg.encoder_width)
         self.encoder_attn_gate = nn.Parameter(torch.zeros(1))

@@ -4,6 +4,7 @@
     out.tokens[b]   # generated ids after the decoder prompt (eos last unless cut at max_new_tokens)
     out.scores[b]   # beam score: sum of log-probs / generated length ** length_penalty (greedy: sum of log-probs)
     score(model, pixels, input_ids, attention_mask, labels)          # log-likelihood and perplexity per row
+    python -m florenz_fast.generate --ckpt=DIR --image=a.jpg --lang=de  # or --batch=rows.jsonl; --help: options
 
 What is cached (cache=True):
   - the image: vision tower + encoder run once per image, never per beam or per step;
@@ -32,10 +33,7 @@ Shape legend: B images, K beams, N = B * K rows, P decoder prompt length, T = P 
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,6 +42,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import cli
 from .modules import Layout
 from .text import CAPTION_PREFIXES, IGNORE_INDEX, LANGUAGES, TASKS, encode_prompt, pad_batch, prompt_for, shift_right
 
@@ -524,42 +523,60 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m florenz_fast.generate", description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True, help="florenz-fast checkpoint directory (config.json + safetensors)")
-    p.add_argument("--tokenizers", help="directory with encoder/ and decoder/ tokenizer.json (default: found "
-                   "beside the checkpoint)")
-    p.add_argument("--preset", help="fail unless the checkpoint is this preset")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image", help="one image file")
-    src.add_argument("--batch", help="JSONL file of {image, task, lang, src?, id?} rows")
-    p.add_argument("--task", default="caption", choices=TASKS)
-    p.add_argument("--lang", default="en", help=f"target language, one of {', '.join(LANGUAGES)}")
-    p.add_argument("--src", help="source text for --task translate")
-    p.add_argument("--prefix", action="store_true", help="start captions with the language's prefix (stripped)")
-    p.add_argument("--out", help="JSONL results (default: stdout)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-beams", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--no-repeat-ngram-size", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--cuda-graph", action="store_true", help="capture the decode step in a CUDA graph")
-    args = p.parse_args(argv)
+# ---- the command line -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateConfig:
+    """`python -m florenz_fast.generate` (its search settings go into the pipeline's GenerationConfig)."""
+
+    ckpt: str  # florenz-fast checkpoint directory (config.json + safetensors)
+    tokenizers: str | None = None  # dir with encoder/ and decoder/ tokenizer.json (default: beside the checkpoint)
+    preset: str | None = None  # fail unless the checkpoint is this preset
+    image: str | None = None  # one image file (give exactly one of image, batch)
+    batch: str | None = None  # JSONL file of {image, task, lang, src?, id?} rows
+    task: str = "caption"  # for --image: one of TASKS (text.py)
+    lang: str = "en"  # for --image: target language, one of LANGUAGES (text.py)
+    src: str | None = None  # source text for --task=translate
+    prefix: bool = False  # start captions with the language's prefix (stripped)
+    out: str | None = None  # JSONL results (default: stdout)
+    batch_size: int = 8  # images per generate call
+    num_beams: int = 4
+    max_new_tokens: int = 128
+    no_repeat_ngram_size: int = 3
+    device: str = "auto"  # auto = cuda when available, else cpu
+    dtype: str | None = None  # float32 | bfloat16 | float16 (default: the checkpoint's)
+    cuda_graph: bool = False  # capture the decode step in a CUDA graph
+
+    def validate(self) -> "GenerateConfig":
+        if (self.image is None) == (self.batch is None):
+            raise ValueError(f"image, batch: give exactly one (got {'both' if self.image is not None else 'neither'})")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.dtype not in (None, *DTYPES):
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        return self
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def run_cli(cfg: GenerateConfig) -> int:
     try:
-        if args.batch:
-            requests = read_requests(args.batch)
+        if cfg.batch:
+            requests = read_requests(cfg.batch)
         else:
-            r = Request(image=Path(args.image), task=args.task, lang=args.lang, src=args.src)
+            r = Request(image=Path(cfg.image), task=cfg.task, lang=cfg.lang, src=cfg.src)
             check_request(r, "--image/--task/--lang")
             requests = [r]
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        dtype = getattr(torch, args.dtype) if args.dtype else None
-        pipe = load_pipeline(args.ckpt, tokenizers=args.tokenizers, preset=args.preset, device=args.device,
-                             dtype=dtype, cuda_graph=args.cuda_graph)
-        pipe.config = replace(pipe.config, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                              no_repeat_ngram_size=args.no_repeat_ngram_size).validate()
+        dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = load_pipeline(cfg.ckpt, tokenizers=cfg.tokenizers, preset=cfg.preset, device=device,
+                             dtype=dtype, cuda_graph=cfg.cuda_graph)
+        pipe.config = replace(pipe.config, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
+                              no_repeat_ngram_size=cfg.no_repeat_ngram_size).validate()
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -567,16 +584,20 @@ def main(argv=None) -> int:
 
     results = []
     with tqdm(total=len(requests), desc="generate", unit="img", disable=len(requests) == 1) as bar:
-        for s in range(0, len(requests), args.batch_size):
-            chunk = requests[s:s + args.batch_size]
-            results += pipe.generate(chunk, prefix=args.prefix)
+        for s in range(0, len(requests), cfg.batch_size):
+            chunk = requests[s:s + cfg.batch_size]
+            results += pipe.generate(chunk, prefix=cfg.prefix)
             bar.update(len(chunk))
-    if args.out:
-        write_jsonl_atomic(Path(args.out), results)
+    if cfg.out:
+        write_jsonl_atomic(Path(cfg.out), results)
     else:
         for row in results:
             print(json.dumps(row, ensure_ascii=False))
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.main(GenerateConfig, run_cli, argv, prog="python -m florenz_fast.generate", description=__doc__)
 
 
 if __name__ == "__main__":

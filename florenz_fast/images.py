@@ -1,4 +1,5 @@
-"""Image loading and preprocessing (SPEC §2): RGB (transparency on white), bicubic resize to a square, ImageNet mean/std.
+"""Image loading and preprocessing (SPEC §2): RGB (transparency on white), bicubic resize to a square,
+ImageNet mean/std.
 
 224 px for continued pre-training (50 image tokens), 768 px for fine-tuning and evaluation (577).
 """

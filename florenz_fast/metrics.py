@@ -55,7 +55,8 @@ def forward_flops_per_sample(model: torch.nn.Module, cfg: FlorenzConfig, prompt_
     n_img = cfg.num_image_tokens()
     enc_tokens = n_img + prompt_tokens
     projector = 2 * model.projector.image_projection.weight.numel() * n_img
-    encoder = 2 * _linear_params(model.encoder) * enc_tokens + 4 * cfg.encoder.layers * enc_tokens ** 2 * cfg.encoder.d_model
+    encoder = (2 * _linear_params(model.encoder) * enc_tokens
+               + 4 * cfg.encoder.layers * enc_tokens ** 2 * cfg.encoder.d_model)
     d = cfg.decoder
     attn_width = d.heads * d.head_dim
     self_keys = target_tokens if executed else target_tokens / 2
@@ -104,7 +105,7 @@ class NVML:
             pynvml.nvmlInit()
             self.pynvml = pynvml
             self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-        except Exception:  # no library or no driver access: readings are optional
+        except Exception:  # noqa: BLE001 - no library or no driver access: readings are optional
             self.handle = None
 
     def read(self) -> dict[str, float]:

@@ -134,9 +134,10 @@ class KVCache:
 
 def attend_cached(q_N1X, k_N1X, v_N1X, cache: KVCache, pos: torch.Tensor, *, heads: int, kv_heads: int,
                   rope=None, **kw) -> torch.Tensor:
-    """One decode step of self-attention: write this token's (roped) k/v into its slot, attend over the valid
-    slots through ops.attention (non-causal, key mask). `pos` is a 0-dim int64 tensor on the device (no host
-    sync, so the step can be captured in a CUDA graph). Returns (N, 1, heads * D)."""
+    """One decode step of self-attention: write this token's (roped) k/v into its slot, attend over the written
+    slots through ops.cached_attention (non-causal; the CUDA decode kernel where it applies). `pos` is a 0-dim
+    int64 tensor on the device (no host sync, so the step can be captured in a CUDA graph). Returns
+    (N, 1, heads * D)."""
     N = q_N1X.shape[0]
     q = q_N1X.view(N, 1, heads, -1).transpose(1, 2)
     k = k_N1X.view(N, 1, kv_heads, -1).transpose(1, 2)
@@ -147,13 +148,5 @@ def attend_cached(q_N1X, k_N1X, v_N1X, cache: KVCache, pos: torch.Tensor, *, hea
     slot = torch.remainder(pos, C).view(1)
     cache.k.index_copy_(2, slot, k.to(cache.k.dtype))
     cache.v.index_copy_(2, slot, v.to(cache.v.dtype))
-    if q.is_cuda and ops.extension_available() and q.dtype in (torch.float16, torch.bfloat16) \
-            and not kw.get("dropout_p") and q.shape[-1] in (64, 128, 256):
-        # the CUDA flash-decoding kernel (csrc/): the same slot rule (position p in slot p % C), no key mask
-        lens = (pos + 1).to(torch.int32).expand(N)
-        out = ops.decode_attention(q, cache.k, cache.v, lens, scale=kw["scale"], softcap=kw.get("softcap") or 0.0,
-                                   impl="cuda")
-    else:
-        valid = (torch.arange(C, device=pos.device) <= pos).expand(N, C)
-        out = ops.attention(q, cache.k, cache.v, key_padding_mask=valid, causal=False, **kw)
+    out = ops.cached_attention(q, cache.k, cache.v, pos, **kw)
     return out.transpose(1, 2).reshape(N, 1, -1)

@@ -50,6 +50,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from .ops import cu_seqlens_from_lengths
 from .text import ENCODER_SPECIALS, IGNORE_INDEX, shift_right
 
 ENCODER_PAD_ID = ENCODER_SPECIALS["pad"][1]  # 1
@@ -287,10 +288,6 @@ def collate_padded(examples: Sequence[Example], n_image_tokens: int) -> Batch:
     )
 
 
-def _cu_seqlens(lengths: list[int]) -> torch.Tensor:
-    return F.pad(torch.tensor(lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
-
-
 def collate_packed(examples: Sequence[Example], n_image_tokens: int) -> Batch:
     """One packed row (1, sum P_i) / (1, sum L_i) with cu_seqlens; see the module doc."""
     _check_examples(examples, n_image_tokens)
@@ -304,8 +301,8 @@ def collate_packed(examples: Sequence[Example], n_image_tokens: int) -> Batch:
         decoder_input_ids=torch.cat(dec_in)[None],
         labels=torch.cat(labels)[None],
         keys=[ex.key for ex in examples],
-        prompt_cu_seqlens=_cu_seqlens([len(t) for t in prompt]),
-        decoder_cu_seqlens=_cu_seqlens([len(t) for t in labels]),
+        prompt_cu_seqlens=cu_seqlens_from_lengths([len(t) for t in prompt]),
+        decoder_cu_seqlens=cu_seqlens_from_lengths([len(t) for t in labels]),
         n_image_tokens=n_image_tokens,
         **host_layout(n_image_tokens, [len(t) for t in prompt], [len(t) for t in labels]),
     )
@@ -343,8 +340,8 @@ def collate_static(examples: Sequence[Example], n_image_tokens: int, *, max_samp
     return Batch(
         pixel_values=pixels, input_ids=input_ids, decoder_input_ids=dec_in, labels=labels,
         keys=[ex.key for ex in examples],
-        prompt_cu_seqlens=_cu_seqlens(plen + [E - enc_real] + zeros),
-        decoder_cu_seqlens=_cu_seqlens(llen + [D - dec_real] + zeros),
+        prompt_cu_seqlens=cu_seqlens_from_lengths(plen + [E - enc_real] + zeros),
+        decoder_cu_seqlens=cu_seqlens_from_lengths(llen + [D - dec_real] + zeros),
         n_image_tokens=n_image_tokens, static=True,
         **host_layout(n_image_tokens, plen, llen, slots=M, encoder_tokens=E, decoder_tokens=D),
     )
@@ -379,7 +376,7 @@ def host_layout(n_image_tokens: int, prompt_lengths: list[int], label_lengths: l
         enc_len += [pad_enc] + [0] * (M - n)
         dec_len += [pad_dec] + [0] * (M - n)
         max_q, max_k = decoder_tokens, encoder_tokens  # the bounds: constant, so one graph for every batch
-    return dict(encoder_index=torch.tensor(index, dtype=torch.long), encoder_cu_seqlens=_cu_seqlens(enc_len),
+    return dict(encoder_index=torch.tensor(index, dtype=torch.long), encoder_cu_seqlens=cu_seqlens_from_lengths(enc_len),
                 encoder_positions=torch.tensor(enc_pos, dtype=torch.long)[None],
                 decoder_positions=torch.tensor(dec_pos, dtype=torch.long)[None],
                 max_seqlen_q=max_q, max_seqlen_k=max_k, host_prompt_lengths=list(prompt_lengths),

@@ -27,8 +27,7 @@ import torch
 
 from .checkpoint import open_checkpoint
 from .config import apply_overrides, get_config
-from .convert import (detect_florence2_layout, external_name, import_florence2, import_gemma2, rows_of,
-                      save_pretrained)
+from .convert import detect_florence2_layout, external_name, import_florence2, import_gemma2, rows_of, save_pretrained
 from .florenz import Florenz
 from .text import TextTokenizer, load_decoder_tokenizer, load_encoder_tokenizer
 

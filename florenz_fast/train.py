@@ -3,6 +3,7 @@
     python -m florenz_fast.train                                  # the `tiny` recipe: synthetic data, CPU, minutes
     python -m florenz_fast.train --recipe=cpt --preset=florenz-3.5b --init=prepared/ --data.path=train.jsonl
     torchrun --nproc_per_node=8 florenz_fast/train.py --recipe=cpt --parallel=fsdp ...
+    python -m florenz_fast.train --help                           # the TrainConfig tree with its defaults
 
 Overrides are `--key=value` on the TrainConfig tree below (`--optim.lr=3e-4`, `--data.mode=padded`,
 `--model.decoder.layers=4`); `--recipe` and `--preset` are applied first, whatever their position.
@@ -33,13 +34,21 @@ if __package__ in (None, ""):  # started as a file (torchrun florenz_fast/train.
 import torch
 from tqdm import tqdm
 
+from . import cli
 from .checkpoint import save_state_dict
 from .config import FlorenzConfig, apply_overrides, get_config
 from .convert import CONFIG_NAME, load_pretrained
 from .distributed import World, all_reduce_sum, init_world, no_sync, wrap_model
 from .florenz import Florenz, apply_trainable_policy
-from .metrics import (NVML, MetricsWriter, device_peak_tflops, peak_memory_gib, plot_losses, sparkline,
-                      train_flops_per_sample)
+from .metrics import (
+    NVML,
+    MetricsWriter,
+    device_peak_tflops,
+    peak_memory_gib,
+    plot_losses,
+    sparkline,
+    train_flops_per_sample,
+)
 from .train_state import full_model_state_dict, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -52,7 +61,8 @@ class OptimConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at the last step
     grad_clip: float = 1.0  # 0 = off
-    impl: str = "auto"  # auto (apex FusedAdam if importable on CUDA, else torch fused on CUDA / foreach) | apex | fused | foreach
+    # auto (apex FusedAdam if importable on CUDA, else torch fused on CUDA / foreach) | apex | fused | foreach
+    impl: str = "auto"
 
 
 @dataclass
@@ -461,9 +471,9 @@ def _print_summary(cfg: TrainConfig, summary: dict, totals: dict, out: Path, tok
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
-    train(cfg)
-    return 0
+    """`python -m florenz_fast.train --help` lists the TrainConfig tree (the `tiny` recipe's values)."""
+    return cli.main(TrainConfig, train, argv, prog="python -m florenz_fast.train", description=__doc__,
+                    build=parse_args, defaults=recipe("tiny"))
 
 
 if __name__ == "__main__":

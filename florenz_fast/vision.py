@@ -237,13 +237,8 @@ class ImageTokenProjector(nn.Module):
         pos_NC = (self.image_position_embed(H, W).reshape(H * W, C)
                   + self.visual_temporal_embed.pos_idx_to_embed[0]).to(x_BNC.dtype)
         norm = self.image_proj_norm
-        if ops.use_fused_kernels(x_BNC):  # florenz_kernels.image_tokens: the same arithmetic, fused
-            from florenz_kernels.image_tokens import image_tokens
-
-            return image_tokens(x_BNC, pos_NC, self.image_projection.weight, norm.weight, norm.bias, norm.eps)
-        x_BNC = x_BNC + pos_NC
-        x_BNC = torch.cat([x_BNC.mean(dim=1, keepdim=True), x_BNC], dim=1)
-        return norm(self.image_projection(x_BNC))
+        # x + pos, the mean token first, projection, LayerNorm (fused on the triton backend)
+        return ops.image_tokens(x_BNC, pos_NC, self.image_projection.weight, norm.weight, norm.bias, norm.eps)
 
 
 def check_pixels(pixels: torch.Tensor, cfg: FlorenzConfig) -> None:

@@ -16,6 +16,11 @@ Kernels:
   rms_norm           Gemma RMSNorm, alone or fused with the residual add, a gate scale and the next norm.
   geglu              gelu_tanh(gate) * up, forward + backward.
   rope               rotate-half RoPE in place on q and k (padded and packed).
+  image_tokens       the image-token projection (DaViT features -> encoder tokens): GEMMs + one fused LayerNorm.
+
+Integrations (other libraries; each imports its library only when called):
+  integrations.transformers  `register_transformers_attention(name)`: softcap_attention as a transformers
+                     AttentionInterface function (`attn_implementation=name`).
 
 Importing the package itself stays free of torch and triton: submodules load on first attribute access
 (`florenz_kernels.softcap_attention` is the submodule). Triton decides interpreted vs compiled when a kernel
@@ -24,7 +29,8 @@ module is imported, so set TRITON_INTERPRET=1 before touching a kernel module on
 
 import importlib
 
-__all__: list[str] = ["softcap_attention", "linear_cross_entropy", "rms_norm", "geglu", "rope"]
+__all__: list[str] = ["softcap_attention", "linear_cross_entropy", "rms_norm", "geglu", "rope", "image_tokens",
+                       "integrations", "reference"]
 
 
 def __getattr__(name: str):

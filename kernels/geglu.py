@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._tl_math import tanh_exp
+from .reference import geglu_reference
 
 __all__ = ["geglu", "geglu_reference", "INTERPRET"]
 
@@ -112,7 +113,19 @@ geglu_fwd.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gelu_tanh(gate) * up (module docstring)."""
+    """GeGLU: F.gelu(gate, approximate="tanh") * up, elementwise, forward and backward in Triton.
+
+    Args:
+      gate: (...) fp16 / bf16 / fp32, any shape (made contiguous and flattened); the gelu input.
+      up: same shape, dtype and device as gate.
+
+    The activation is computed in fp32 from the inputs and rounded to the input dtype before the product (as
+    the eager pair of ops rounds it).
+
+    Returns:
+      out, gate's shape and dtype (contiguous). Differentiable in gate and up; only gate and up are saved for the
+      backward (gelu(gate) is recomputed).
+    """
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
         raise ValueError(f"geglu: gate {tuple(gate.shape)} {gate.dtype} {gate.device} and up {tuple(up.shape)} "
                          f"{up.dtype} {up.device} must match")
@@ -122,10 +135,6 @@ def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("florenz geglu: CPU tensors need TRITON_INTERPRET=1 set before importing "
                            "florenz_kernels.geglu")
     return geglu_fwd(gate, up)
-
-
-def geglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.gelu(gate, approximate="tanh") * up
 
 
 # ---- static checks (no GPU) ----------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .reference import image_tokens_reference
+
 __all__ = ["image_tokens", "image_token_norm", "image_tokens_reference"]
 
 _ROW_TILE_ELEMS = 4096  # rows x padded width held at once by one program (fp32 registers)
@@ -258,14 +260,42 @@ image_token_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def image_token_norm(P: torch.Tensor, posb: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                      eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm([mean_n(P + posb) ; P + posb]) over the last dim -> (B, 1 + N, d), fused (see module doc)."""
+    """The normalisation half of the image-token projection, one Triton pass:
+    LayerNorm([mean_n(P + posb) ; P + posb]) over the last dim (the mean token first).
+
+    Args:
+      P: (B, N, d) fp16 / bf16 / fp32 projected feature-map tokens (x @ W^T), last dim contiguous; N >= 1.
+      posb: (N, d) projected position embeddings (pos @ W^T), shared by the batch (read in fp32; its gradient
+        comes back in posb's dtype).
+      ln_weight, ln_bias: (d,) LayerNorm affine parameters (any float dtype, read in fp32).
+      eps: LayerNorm epsilon.
+
+    Returns:
+      (B, 1 + N, d) in P's dtype (LayerNorm math in fp32); row 0 of each image is the mean token. Differentiable
+      in P, posb, ln_weight and ln_bias (Triton backward).
+    """
     _check(P, posb, ln_weight, ln_bias)
     return image_token_norm_fwd(P, posb, ln_weight, ln_bias, float(eps))[0]
 
 
 def image_tokens(x_BNC: torch.Tensor, pos_NC: torch.Tensor, weight_dC: torch.Tensor, ln_weight: torch.Tensor,
                  ln_bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """The fused image-token projection: (B, N, C) DaViT tokens -> (B, 1 + N, d) (see module doc)."""
+    """The fused image-token projection: DaViT features -> the encoder's image tokens,
+    LayerNorm([mean_n(x + pos) ; x + pos] @ W^T), computed as two GEMMs (x @ W^T, pos @ W^T) and
+    image_token_norm (the projection is linear, so the mean token is the mean of the projected rows).
+
+    Args:
+      x_BNC: (B, N, C) DaViT output tokens (N = H*W of the feature map), fp16 / bf16 / fp32.
+      pos_NC: (N, C) position embedding (2D position plus frame-0 temporal embedding).
+      weight_dC: (d, C) projection weight (no bias); x, pos and weight share a dtype, as F.linear needs (or
+        run under autocast).
+      ln_weight, ln_bias: (d,) LayerNorm affine parameters.
+      eps: LayerNorm epsilon.
+
+    Returns:
+      (B, 1 + N, d) in the GEMM's dtype (x's, or the autocast dtype), the mean token first. Equal to
+      image_tokens_reference up to summation order; differentiable in every tensor argument.
+    """
     if x_BNC.dim() != 3 or tuple(pos_NC.shape) != tuple(x_BNC.shape[1:]) or weight_dC.shape[1] != x_BNC.shape[2]:
         raise ValueError(f"image_tokens: x must be (B, N, C), pos (N, C) and weight (d, C); got "
                          f"{tuple(x_BNC.shape)}, {tuple(pos_NC.shape)}, {tuple(weight_dC.shape)}")
@@ -301,11 +331,3 @@ def static_resource_report(kind: str, width: int, dtype: torch.dtype, capability
                             num_warps=warps, num_stages=1)
     report.update(kind=kind, width=width, dtype=ty)
     return report
-
-
-def image_tokens_reference(x_BNC, pos_NC, weight_dC, ln_weight, ln_bias, eps: float = 1e-5):
-    """The unfused sequence in plain PyTorch (florenz_fast.vision.ImageTokenProjector's arithmetic, tested equal):
-    add the positions, prepend the mean token, project, LayerNorm."""
-    y = x_BNC + pos_NC
-    y = torch.cat([y.mean(dim=1, keepdim=True), y], dim=1)
-    return F.layer_norm(F.linear(y, weight_dC), (weight_dC.shape[0],), ln_weight, ln_bias, eps)

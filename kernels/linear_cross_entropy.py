@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tl_math import tanh_exp
+from ._tl_math import tanh  # FAST_TANH: tanh.approx.f32 for bf16 logits (2^-11 < their 2^-9 rounding)
+from .reference import linear_cross_entropy_reference
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "INTERPRET"]
 
@@ -48,15 +49,6 @@ _NO_AUTOTUNE = os.environ.get("FLORENZ_NO_AUTOTUNE", "0") not in ("", "0")
 
 
 # ---- device functions -----------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tanh(x, FAST: tl.constexpr):
-    if FAST:  # one MUFU op, rel. error 2^-11: below the 2^-9 rounding of the bf16 logits it reads
-        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    else:  # exp formula (the interpreter has no libdevice tanh)
-        return tanh_exp(x)
 
 
 @triton.jit
@@ -76,7 +68,7 @@ def _ce_rows_kernel(LOGITS, LABELS, LOSS, ROW_SCALE, stride_row, V, ignore_index
         mask = v0 + offs < V
         z = tl.load(base + v0 + offs, mask=mask, other=0.0).to(tl.float32)
         if SOFTCAP:
-            z = cap * _tanh(z * inv_cap, FAST_TANH)
+            z = cap * tanh(z * inv_cap, FAST_TANH)
         z = tl.where(mask, z, float("-inf"))
         m_new = tl.maximum(m, z)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -87,7 +79,7 @@ def _ce_rows_kernel(LOGITS, LABELS, LOSS, ROW_SCALE, stride_row, V, ignore_index
     lse = m_row + tl.log(s_row)
     z_label = tl.load(base + label, mask=valid, other=0.0).to(tl.float32)
     if SOFTCAP:
-        z_label = cap * _tanh(z_label * inv_cap, FAST_TANH)
+        z_label = cap * tanh(z_label * inv_cap, FAST_TANH)
     loss = lse - z_label
     if HAS_ZLOSS:
         loss += z_loss * lse * lse
@@ -105,7 +97,7 @@ def _ce_rows_kernel(LOGITS, LABELS, LOSS, ROW_SCALE, stride_row, V, ignore_index
             mask = idx < V
             z = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
             if SOFTCAP:
-                t = _tanh(z * inv_cap, FAST_TANH)
+                t = tanh(z * inv_cap, FAST_TANH)
                 p = tl.exp(cap * t - lse)
                 d = (p * p_scale - tl.where(idx == label, scale, 0.0)) * (1.0 - t * t)
             else:
@@ -198,7 +190,6 @@ def default_chunk_size(T: int, V: int, dtype: torch.dtype, device: torch.device)
 
 def _chunked(h_TD, w_VD, labels_T, row_scale_T, softcap, ignore_index, z_loss, chunk, need_dh, need_dw):
     T, D = h_TD.shape
-    V = w_VD.shape[0]
     loss = torch.empty(T, dtype=torch.promote_types(h_TD.dtype, torch.float32), device=h_TD.device)
     dh = torch.empty_like(h_TD) if need_dh else None
     n_chunks = math.ceil(T / chunk) if T else 0
@@ -335,7 +326,31 @@ linear_cross_entropy_fwd.register_autograd(_backward_formula, setup_context=_set
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, softcap: float = 30.0,
                          ignore_index: int = -100, z_loss: float = 0.0, reduction: str = "mean",
                          chunk_size: int | None = None) -> torch.Tensor:
-    """Fused lm_head + softcap + cross-entropy; shapes and semantics in the module docstring."""
+    """Fused lm_head + final logit softcap + cross-entropy, chunked over tokens: never the (T, V) logits.
+
+    z = hidden @ weight^T; softcap c > 0: z = c * tanh(z / c); loss_t = lse_t - z_t,label_t + z_loss * lse_t^2
+    with lse_t = log sum_v exp(z_tv) in fp32; loss_t = 0 where label_t == ignore_index.
+
+    Args:
+      hidden: (..., D) fp16 / bf16 / fp32 (fp64 too, on the torch path), any leading shape (flattened to T
+        tokens). Under autocast hidden and weight are cast to the autocast dtype, as F.linear would; otherwise
+        they must share a dtype.
+      weight: (V, D), the (tied) output embedding, same device.
+      labels: hidden's leading shape, int32 / int64 token ids in [0, V) or ignore_index.
+      softcap: final logit softcap c (Gemma-2: 30); 0 = none.
+      ignore_index: label value that contributes no loss and no gradient.
+      z_loss: weight of the lse^2 auxiliary term (>= 0; 0 = off).
+      reduction: "mean" (sum / number of non-ignored labels; NaN when every label is ignored, as
+        torch's cross_entropy), "sum", or "none".
+      chunk_size: tokens per logits chunk; None = about 2 GiB of logits per chunk on the GPU, 128 MiB on the
+        CPU (default_chunk_size).
+
+    Returns:
+      "mean" / "sum": a 0-dim fp32 tensor (fp64 for fp64 input); "none": labels' shape, the per-token losses.
+      Differentiable in hidden and weight: the gradients are computed during the forward (only dh and dW are
+      kept) and scaled by the incoming gradient in the backward (a non-uniform per-token gradient of a "none"
+      loss recomputes the chunks instead).
+    """
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden (..., D) and weight (V, D) must share D, got hidden "
                          f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}")
@@ -380,24 +395,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         return losses.sum()
     # NaN when every label is ignored, as torch's cross_entropy (without a host sync)
     return torch.where(valid.any(), (losses * token_weight).sum(), torch.nan)
-
-
-def linear_cross_entropy_reference(hidden, weight, labels, *, softcap: float = 30.0, ignore_index: int = -100,
-                                   z_loss: float = 0.0, reduction: str = "mean", **_ignored) -> torch.Tensor:
-    """Unfused pure-torch definition (materialises the logits): in max(input dtype, fp32) after the softcap."""
-    z = hidden @ weight.t()
-    if softcap:
-        z = torch.tanh(z / softcap) * softcap
-    z = z.to(torch.promote_types(z.dtype, torch.float32))
-    lse = torch.logsumexp(z, -1)
-    valid = labels != ignore_index
-    picked = z.gather(-1, torch.where(valid, labels, 0).long()[..., None])[..., 0]
-    loss = torch.where(valid, lse - picked + z_loss * lse * lse, 0.0)
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / valid.sum()
 
 
 # ---- static checks (no GPU): every config compiles for sm_80 / sm_90 without spills ---------------------------

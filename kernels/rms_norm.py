@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import add_rms_norm_reference, rms_norm_reference
+
 __all__ = ["rms_norm", "add_rms_norm", "rms_norm_reference", "add_rms_norm_reference", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -233,7 +235,8 @@ def rms_norm_bwd(dh: torch.Tensor, dnext: Optional[torch.Tensor], y: torch.Tenso
 
 @rms_norm_bwd.register_fake
 def _(dh, dnext, y, h, weight, scale, next_weight, rstd1, rstd2, residual_dtype):
-    return (torch.empty_like(y, dtype=residual_dtype) if residual_dtype is not None else y.new_empty(_EMPTY), torch.empty_like(y),
+    return (torch.empty_like(y, dtype=residual_dtype) if residual_dtype is not None else y.new_empty(_EMPTY),
+            torch.empty_like(y),
             torch.empty_like(weight), torch.empty_like(scale) if scale is not None else y.new_empty(_EMPTY),
             torch.empty_like(next_weight) if next_weight is not None else y.new_empty(_EMPTY))
 
@@ -284,7 +287,17 @@ def _check_runnable(t):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Gemma RMSNorm of the last dim of x (any leading shape)."""
+    """Gemma RMSNorm over the last dim: (x32 * rsqrt(mean(x32^2) + eps) * (1 + w32)).to(x.dtype), fp32 math,
+    the weight applied before the cast back (Gemma, not Llama).
+
+    Args:
+      x: (..., D) fp16 / bf16 / fp32, any leading shape (flattened to R rows), D <= MAX_D (4096).
+      weight: (D,) on x's device, any float dtype (read in fp32); the stored Gemma weight w (the scale is 1 + w).
+      eps: added to the mean square.
+
+    Returns:
+      (..., D) in x's dtype, differentiable in x and weight (Triton backward: deterministic, no atomics).
+    """
     _check("rms_norm x", x, None)
     _check_weight("rms_norm", weight, x.shape[-1], x.device)
     if x.shape[-1] > MAX_D:
@@ -296,7 +309,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(residual: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float, *,
                  scale: torch.Tensor | None = None, next_weight: torch.Tensor | None = None,
                  next_eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """h = residual + scale * norm_weight(y); next_out = norm_next_weight(h) (or None). Module docstring."""
+    """The residual add around a Gemma RMSNorm, optionally fused with the next pre-norm, in one kernel:
+    h = residual + scale * norm_weight(y);  next_out = norm_next_weight(h) when next_weight is given.
+
+    Args:
+      residual: (..., D) fp16 / bf16 / fp32, the residual stream; same shape and device as y (dtypes may differ:
+        under autocast an fp32 residual plus a bf16 projection output).
+      y: (..., D) fp16 / bf16 / fp32, the sublayer output to normalise; D <= MAX_D (4096).
+      weight: (D,) Gemma weight of y's norm (scale 1 + w, read in fp32).
+      eps: that norm's epsilon.
+      scale: optional 1-element tensor on y's device multiplying the normalised y (e.g. tanh(gate) of a gated
+        cross-attention), taken in h's dtype; None = 1.
+      next_weight: optional (D,) weight of the following norm, applied to h (the next pre-norm).
+      next_eps: its epsilon; None = eps.
+
+    Each step is rounded as the eager layer rounds it: the norm to y's dtype, the product with scale and the sum
+    to h's dtype = promote(residual.dtype, y.dtype).
+
+    Returns:
+      (h, next_out): h (..., D) in promote(residual, y) dtype; next_out the same shape and dtype, or None
+      without next_weight. Differentiable in residual, y, weight, scale and next_weight (saved: y, h when the
+      next norm is fused, fp32 per-row rstd).
+    """
     _check("add_rms_norm y", y, None)
     _check("add_rms_norm residual", residual, None)
     if residual.shape != y.shape or residual.device != y.device:
@@ -317,19 +351,6 @@ def add_rms_norm(residual: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, 
     h, o2, _, _ = rms_norm_fwd(residual, y, weight, scale, next_weight, float(eps),
                                float(eps if next_eps is None else next_eps))
     return h, (o2 if next_weight is not None else None)
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float() if x.dtype != torch.float64 else x
-    out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (out * (1.0 + weight.to(out.dtype))).type_as(x)
-
-
-def add_rms_norm_reference(residual, y, weight, eps, *, scale=None, next_weight=None, next_eps=None):
-    n = rms_norm_reference(y, weight, eps)
-    h = residual + (n if scale is None else scale.to(n.dtype) * n)
-    return h, (None if next_weight is None else rms_norm_reference(h, next_weight, eps if next_eps is None
-                                                                    else next_eps))
 
 
 # ---- static checks (no GPU) ----------------------------------------------------------------------------------

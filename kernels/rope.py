@@ -19,8 +19,8 @@ to x's dtype. Tables: angle = position * theta^(-2j / D) in fp32 (j < D2), as tr
 Backward: the inverse rotation (s -> -s) of the incoming gradients, written to new tensors.
 
 Registered as torch.library ops `florenz::rope_` (mutates its input) and `florenz::rope_bwd` (functional);
-autograd through a torch.autograd.Function per tensor that marks it dirty (one launch each for q and k). Set TRITON_INTERPRET=1 before importing
-on a CPU.
+autograd through a torch.autograd.Function per tensor that marks it dirty (one launch each for q and k). Set
+TRITON_INTERPRET=1 before importing on a CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .reference import positions_from_cu_seqlens, rope_reference
 
 __all__ = ["rope_", "rope_tables", "positions_from_cu_seqlens", "rope_reference", "INTERPRET"]
 
@@ -116,7 +118,24 @@ class _Rope(torch.autograd.Function):
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotate q and k in place (module docstring for layouts); returns (q, k)."""
+    """Rotary position embedding (rotate-half) applied to q and k in place.
+
+    With x1 = x[..., :D/2], x2 = x[..., D/2:]: x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin, in fp32, rounded
+    once to x's dtype.
+
+    Args:
+      q: fp16 / bf16 / fp32, padded (B, H, L, D) or packed (T, H, D); D even; any strides with a contiguous last
+        dim (rotated where it lives, e.g. a transposed projection output).
+      k: same layout, dtype, batch / length and head dim as q; its own head count Hk.
+      cos, sin: fp32 tables of the first half of the angles (D/2 = D2 columns), one row per token, equal shapes
+        and strides with a contiguous last dim: padded (Bc, L, D2) with Bc in {1, B} (or (L, D2)); packed
+        (T, D2) or (1, T, D2), built from per-segment positions:
+        `rope_tables(positions_from_cu_seqlens(cu_seqlens), D, theta)`.
+
+    Returns:
+      (q, k), the same tensors, rotated. Autograd-aware: a tensor that requires grad is rotated through a
+      Function marking it dirty; its gradient is the inverse rotation (sin -> -sin). Tables get no gradient.
+    """
     packed = q.dim() == 3
     if q.dim() not in (3, 4) or k.dim() != q.dim():
         raise ValueError(f"rope_: q and k must both be (B, H, L, D) or (T, H, D), got {tuple(q.shape)} and "
@@ -150,38 +169,22 @@ def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float = 10000.0):
-    """(..., D2) fp32 cos and sin for integer positions (...): angle = pos * theta^(-2j/D)."""
+    """RoPE tables for rope_: angle[..., j] = position * theta^(-2j / head_dim), j < head_dim / 2, in fp32
+    (as transformers' Gemma-2).
+
+    Args:
+      positions: integer tensor of any shape (...), e.g. (L,) / (B, L) padded, or (T,) packed positions that
+        restart in each segment (positions_from_cu_seqlens).
+      head_dim: D (even).
+      theta: the RoPE base.
+
+    Returns:
+      (cos, sin), each (..., D/2) fp32 on positions' device.
+    """
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
     inv_freq = 1.0 / (theta ** exponent)
     angles = positions[..., None].float() * inv_freq
     return angles.cos(), angles.sin()
-
-
-def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Position of each packed token inside its own segment: [0..len0-1, 0..len1-1, ...] (int64)."""
-    total = int(cu_seqlens[-1])
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
-    return torch.arange(total, device=cu_seqlens.device) - starts
-
-
-def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Out of place, same layouts as rope_, in the dtype promoted from q and the tables."""
-    packed = q.dim() == 3
-    q4 = q.transpose(0, 1)[None] if packed else q
-    k4 = k.transpose(0, 1)[None] if packed else k
-    c = (cos[None] if cos.dim() == 2 else cos)[:, None]
-    s = (sin[None] if sin.dim() == 2 else sin)[:, None]
-    c, s = torch.cat([c, c], -1), torch.cat([s, s], -1)
-
-    def rot(x):
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([-x2, x1], dim=-1)
-
-    qo, ko = q4 * c + rot(q4) * s, k4 * c + rot(k4) * s
-    if packed:
-        qo, ko = qo[0].transpose(0, 1), ko[0].transpose(0, 1)
-    return qo, ko
 
 
 # ---- static checks (no GPU) ----------------------------------------------------------------------------------

@@ -38,9 +38,13 @@ Kernels (flash-attention 2 structure, never materialising L x S)
                 passes of the same kernel (COMPUTE_DK / COMPUTE_DV), since the two fp32 accumulators spill.
   _bwd_dq_kernel grid (query blocks, B*H): loops over the visible key blocks; dQ in fp32 registers.
   Softcap backward: d(c tanh(x/c))/dx = 1 - tanh^2, with tanh recomputed from the recomputed scores.
-  tanh: `tanh.approx.f32` (one MUFU op, max rel. error 2^-11, what FlashAttention-2's softcap uses) for bf16
-  inputs on the GPU, whose score rounding (2^-9) dominates it; otherwise an exp formula with an odd Taylor
-  series below |x| = 0.125 (fp32-accurate; the Triton interpreter has neither libdevice tanh nor inline asm).
+  tanh (florenz_kernels._tl_math.tanh): `tanh.approx.f32` (one MUFU op, max rel. error 2^-11, what
+  FlashAttention-2's softcap uses) for bf16 inputs on the GPU, whose score rounding (2^-9) dominates it; otherwise
+  an exp formula with an odd Taylor series below |x| = 0.125 (fp32-accurate; the Triton interpreter has neither
+  libdevice tanh nor inline asm).
+  Device helpers shared by the kernels (inlined, no run-time cost): _segment (a segment's length and first
+  token), _key_range (the three key ranges of a query block), _visible (the causal / window / padding mask of a
+  score tile, either orientation), _scores (scale or softcap of the raw q.k products).
 
 Registered as torch.library ops `florenz::softcap_attention_fwd` / `florenz::softcap_attention_bwd` (fake
 implementations for torch.compile, autograd via register_autograd; activation-checkpointing policies can name
@@ -59,10 +63,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tl_math import tanh
+from .reference import check_attention_inputs, softcap_attention_reference
+
 __all__ = [
     "softcap_attention",
     "softcap_attention_reference",
-    "register_transformers_attention",
     "INTERPRET",
 ]
 
@@ -80,25 +86,6 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
-def _tanh(x, FAST: tl.constexpr):
-    if FAST:
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                      pack=1)
-    else:
-        # (1 - e) / (1 + e) with e = exp(-2|x|) loses relative accuracy as |x| -> 0 (1 - e cancels); below
-        # 0.125 the odd series to x^9 is exact to ~1e-12 instead.
-        ax = tl.abs(x)
-        e = tl.exp(-2.0 * ax)
-        t_big = (1.0 - e) / (1.0 + e)
-        x2 = ax * ax
-        t_small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
-            -0.05396825396825397 + x2 * 0.021869488536155203))))
-        t = tl.where(ax < 0.125, t_small, t_big)
-        t = tl.where(x < 0.0, -t, t)
-    return t
-
-
-@triton.jit
 def _exp(x, NATURAL: tl.constexpr):
     # scores live in log2 units (s_scale / s_cap carry log2(e): one FMA per exp2 on the GPU) for 16-bit inputs;
     # for fp32 they stay natural and are converted after the subtraction: pre-scaling scores of magnitude ~20
@@ -108,6 +95,87 @@ def _exp(x, NATURAL: tl.constexpr):
     else:
         y = tl.math.exp2(x)
     return y
+
+
+@triton.jit
+def _segment(CU, b, seqlen, IS_VARLEN: tl.constexpr):
+    """(length, first token) of segment b: read from the cumulative lengths CU when packed; padded, every batch
+    row has `seqlen` and starts at token 0 (the batch stride does the rest)."""
+    if IS_VARLEN:
+        start = tl.load(CU + b)
+        n = tl.load(CU + b + 1) - start
+        tok = start.to(tl.int64)
+    else:
+        n = seqlen
+        tok = 0
+    return n, tok
+
+
+@triton.jit
+def _key_range(start_m, L, S, off, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range [lo, hi) of the query block [start_m, start_m + BLOCK_M), and its fully visible interior
+    [full_lo, full_hi) (block aligned, lo <= full_lo <= full_hi <= hi); off = S - L (p(i) = i + off).
+    Every quantity is clamped to >= 0 before `//`: Triton rounds toward zero, the interpreter toward -inf."""
+    p_first = start_m + off
+    p_last = tl.minimum(start_m + BLOCK_M, L) - 1 + off
+    if IS_CAUSAL:
+        hi = tl.minimum(S, p_last + 1)
+        full_hi = (tl.maximum(tl.minimum(S, p_first + 1), 0) // BLOCK_N) * BLOCK_N
+    else:
+        hi = S
+        full_hi = (S // BLOCK_N) * BLOCK_N
+    if HAS_WINDOW:
+        lo = (tl.maximum(p_first - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_lo = ((tl.maximum(p_last - window + 1, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    else:
+        lo = 0
+        full_lo = 0
+    if HAS_KPM:  # any key may be masked: every block takes the masked path
+        full_lo = lo
+        full_hi = lo
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _visible(in_range, pos_m, offs_n, kp, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+             HAS_KPM: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """Which scores of a tile are visible: in_range (the tile's bounds check, already in the tile's shape) and
+    causal (key j <= p(i)), window (p(i) - j < window) and key padding (kp[j] != 0, the loaded mask values).
+    pos_m: the query positions p(i); offs_n: the key indices. The tile is (queries, keys), or (keys, queries)
+    with KEYS_FIRST (the transposed scores of the dK/dV kernel)."""
+    vis = in_range
+    if KEYS_FIRST:
+        if IS_CAUSAL:
+            vis = vis & (offs_n[:, None] <= pos_m[None, :])
+        if HAS_WINDOW:
+            vis = vis & ((pos_m[None, :] - offs_n[:, None]) < window)
+        if HAS_KPM:
+            vis = vis & (kp[:, None] != 0)
+    else:
+        if IS_CAUSAL:
+            vis = vis & (offs_n[None, :] <= pos_m[:, None])
+        if HAS_WINDOW:
+            vis = vis & ((pos_m[:, None] - offs_n[None, :]) < window)
+        if HAS_KPM:
+            vis = vis & (kp[None, :] != 0)
+    return vis
+
+
+@triton.jit
+def _scores(qk, s_scale, scale_over_cap, s_cap, SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr):
+    """Scores from the raw q.k products (log2 or natural units: see _exp and _scalars): s = qk * s_scale, or
+    with a softcap s = t * s_cap with t = tanh(qk * scale_over_cap). Returns (s, t); the softcap backward needs t
+    (d s / d qk carries 1 - t^2); without a softcap t is s (unused)."""
+    if SOFTCAP:
+        t = tanh(qk * scale_over_cap, FAST_TANH)
+        s = t * s_cap
+    else:
+        s = qk * s_scale
+        t = s
+    return s, t
 
 
 @triton.jit
@@ -127,19 +195,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn,
         else:
             kT = tl.load(kT_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
         qk = tl.dot(q, kT, input_precision=DOT_PREC)
-        if SOFTCAP:
-            s = _tanh(qk * scale_over_cap, FAST_TANH) * s_cap
-        else:
-            s = qk * s_scale
+        s, _ = _scores(qk, s_scale, scale_over_cap, s_cap, SOFTCAP, FAST_TANH)
         if MASKED:
-            vis = offs_n[None, :] < S
-            if IS_CAUSAL:
-                vis = vis & (offs_n[None, :] <= pos_m[:, None])
-            if HAS_WINDOW:
-                vis = vis & ((pos_m[:, None] - offs_n[None, :]) < window)
+            kp = None
             if HAS_KPM:
                 kp = tl.load(kpm_base + offs_n, mask=offs_n < S, other=0)
-                vis = vis & (kp[None, :] != 0)
+            vis = _visible(offs_n[None, :] < S, pos_m, offs_n, kp, window, IS_CAUSAL, HAS_WINDOW, HAS_KPM, False)
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet stays 0
@@ -174,18 +235,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KPM,
     b = pid_bh // H
     h = pid_bh % H
     kvh = h // GROUPS
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        L = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        S = tl.load(CU_K + b + 1) - k_start
-        q_tok = q_start.to(tl.int64)
-        k_tok = k_start.to(tl.int64)
-    else:
-        L = seqlen_q
-        S = seqlen_k
-        q_tok = 0
-        k_tok = 0
+    L, q_tok = _segment(CU_Q, b, seqlen_q, IS_VARLEN)
+    S, k_tok = _segment(CU_K, b, seqlen_k, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= L:
         return
@@ -204,29 +255,10 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KPM,
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
-    # Key range [lo, hi) of this query block, and its fully visible interior [full_lo, full_hi) (block aligned).
-    # Every quantity is clamped to >= 0 before `//`: Triton rounds toward zero, the interpreter toward -inf.
     off = S - L  # bottom-right alignment: p(i) = i + off
     pos_m = offs_m + off
-    p_first = start_m + off
-    p_last = tl.minimum(start_m + BLOCK_M, L) - 1 + off
-    if IS_CAUSAL:
-        hi = tl.minimum(S, p_last + 1)
-        full_hi = (tl.maximum(tl.minimum(S, p_first + 1), 0) // BLOCK_N) * BLOCK_N
-    else:
-        hi = S
-        full_hi = (S // BLOCK_N) * BLOCK_N
-    if HAS_WINDOW:
-        lo = (tl.maximum(p_first - window + 1, 0) // BLOCK_N) * BLOCK_N
-        full_lo = ((tl.maximum(p_last - window + 1, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-    else:
-        lo = 0
-        full_lo = 0
-    if HAS_KPM:  # any key may be masked: every block takes the masked path
-        full_lo = lo
-        full_hi = lo
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    lo, full_lo, full_hi, hi = _key_range(start_m, L, S, off, window, IS_CAUSAL, HAS_WINDOW, HAS_KPM, BLOCK_M,
+                                          BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -265,13 +297,7 @@ def _bwd_preprocess(O, DO, DELTA, CU_Q, stride_ob, stride_oh, stride_om, stride_
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        L = tl.load(CU_Q + b + 1) - q_start
-        q_tok = q_start.to(tl.int64)
-    else:
-        L = seqlen_q
-        q_tok = 0
+    L, q_tok = _segment(CU_Q, b, seqlen_q, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= L:
         return
@@ -294,6 +320,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, s
                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
                 SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr):
+    kp = None
     if MASKED and HAS_KPM:
         kp = tl.load(kpm_base + offs_n, mask=offs_n < L + off, other=0)
     # One flat loop over (query head of the GQA group, query block): as an outer `for g` loop around the query
@@ -327,21 +354,11 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, s
         if DOT_PREC != "ieee":
             lse2 = lse2 * _LOG2E
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
-        if SOFTCAP:
-            tT = _tanh(qkT * scale_over_cap, FAST_TANH)
-            sT = tT * s_cap
-        else:
-            sT = qkT * s_scale
+        sT, tT = _scores(qkT, s_scale, scale_over_cap, s_cap, SOFTCAP, FAST_TANH)
         pT = _exp(sT - lse2[None, :], DOT_PREC == "ieee")
         if MASKED:
             pos_m = offs_m + off
-            vis = (offs_m[None, :] < L)
-            if IS_CAUSAL:
-                vis = vis & (offs_n[:, None] <= pos_m[None, :])
-            if HAS_WINDOW:
-                vis = vis & ((pos_m[None, :] - offs_n[:, None]) < window)
-            if HAS_KPM:
-                vis = vis & (kp[:, None] != 0)
+            vis = _visible(offs_m[None, :] < L, pos_m, offs_n, kp, window, IS_CAUSAL, HAS_WINDOW, HAS_KPM, True)
             pT = tl.where(vis, pT, 0.0)
         if COMPUTE_DV:
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
@@ -369,18 +386,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, KPM,
     pid_bh = tl.program_id(1)
     b = pid_bh // Hk
     kvh = pid_bh % Hk
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        L = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        S = tl.load(CU_K + b + 1) - k_start
-        q_tok = q_start.to(tl.int64)
-        k_tok = k_start.to(tl.int64)
-    else:
-        L = seqlen_q
-        S = seqlen_k
-        q_tok = 0
-        k_tok = 0
+    L, q_tok = _segment(CU_Q, b, seqlen_q, IS_VARLEN)
+    S, k_tok = _segment(CU_K, b, seqlen_k, IS_VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n >= S:
         return
@@ -471,21 +478,13 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, strid
             k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
             v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if SOFTCAP:
-            t = _tanh(qk * scale_over_cap, FAST_TANH)
-            s = t * s_cap
-        else:
-            s = qk * s_scale
+        s, t = _scores(qk, s_scale, scale_over_cap, s_cap, SOFTCAP, FAST_TANH)
         p = _exp(s - lse2[:, None], DOT_PREC == "ieee")
         if MASKED:
-            vis = offs_n[None, :] < S
-            if IS_CAUSAL:
-                vis = vis & (offs_n[None, :] <= pos_m[:, None])
-            if HAS_WINDOW:
-                vis = vis & ((pos_m[:, None] - offs_n[None, :]) < window)
+            kp = None
             if HAS_KPM:
                 kp = tl.load(kpm_base + offs_n, mask=offs_n < S, other=0)
-                vis = vis & (kp[None, :] != 0)
+            vis = _visible(offs_n[None, :] < S, pos_m, offs_n, kp, window, IS_CAUSAL, HAS_WINDOW, HAS_KPM, False)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
@@ -509,18 +508,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, KPM,
     b = pid_bh // H
     h = pid_bh % H
     kvh = h // GROUPS
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        L = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        S = tl.load(CU_K + b + 1) - k_start
-        q_tok = q_start.to(tl.int64)
-        k_tok = k_start.to(tl.int64)
-    else:
-        L = seqlen_q
-        S = seqlen_k
-        q_tok = 0
-        k_tok = 0
+    L, q_tok = _segment(CU_Q, b, seqlen_q, IS_VARLEN)
+    S, k_tok = _segment(CU_K, b, seqlen_k, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= L:
         return
@@ -547,25 +536,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, KPM,
 
     off = S - L  # same key ranges as the forward
     pos_m = offs_m + off
-    p_first = start_m + off
-    p_last = tl.minimum(start_m + BLOCK_M, L) - 1 + off
-    if IS_CAUSAL:
-        hi = tl.minimum(S, p_last + 1)
-        full_hi = (tl.maximum(tl.minimum(S, p_first + 1), 0) // BLOCK_N) * BLOCK_N
-    else:
-        hi = S
-        full_hi = (S // BLOCK_N) * BLOCK_N
-    if HAS_WINDOW:
-        lo = (tl.maximum(p_first - window + 1, 0) // BLOCK_N) * BLOCK_N
-        full_lo = ((tl.maximum(p_last - window + 1, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-    else:
-        lo = 0
-        full_lo = 0
-    if HAS_KPM:
-        full_lo = lo
-        full_hi = lo
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    lo, full_lo, full_hi, hi = _key_range(start_m, L, S, off, window, IS_CAUSAL, HAS_WINDOW, HAS_KPM, BLOCK_M,
+                                          BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if HAS_WINDOW:
@@ -807,7 +779,7 @@ def _forward(q, k, v, cu_q, cu_k, kpm, max_q, max_k, scale, softcap, causal, win
     cq = cu_q if cu_q is not None else q
     ck = cu_k if cu_k is not None else q
     sl2, soc, cl2 = _scalars(scale, softcap, q.dtype)
-    grid = lambda meta: (triton.cdiv(g.L, meta["BLOCK_M"]), g.B * g.H)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(g.L, meta["BLOCK_M"]), g.B * g.H)
     _fwd[grid](q, k, v, out, lse, cq, ck, kpm_t, *g.strides(q), *g.strides(k), *g.strides(v), *g.strides(out),
                slb, slh, s_kpm, g.L, g.S, g.H, g.groups, int(window or 0), sl2, soc, cl2, _bucket(g.L),
                IS_VARLEN=g.varlen, IS_CAUSAL=bool(causal), HAS_WINDOW=bool(window), HAS_KPM=kpm is not None,
@@ -926,33 +898,51 @@ softcap_attention_fwd.register_autograd(_backward_formula, setup_context=_setup_
 def softcap_attention(q, k, v, *, softcap: float = 0.0, scale: float | None = None, causal: bool = True,
                       window: int | None = None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                       max_seqlen_k=None, key_padding_mask=None):
-    """Fused softcapped attention; returns (out, lse). Shapes and conventions: module docstring."""
-    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
-    if packed and (cu_seqlens_q is None or cu_seqlens_k is None):
-        raise ValueError("softcap_attention: packed input needs both cu_seqlens_q and cu_seqlens_k")
-    want = 3 if packed else 4
-    if q.dim() != want or k.dim() != want or v.dim() != want:
-        raise ValueError(f"softcap_attention: q, k, v must be {'(T, H, D)' if packed else '(B, H, L, D)'}, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"softcap_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    """Fused softcapped attention (Gemma-2), forward and backward: causal, sliding window, GQA, packed or padded.
+
+    Args:
+      q: queries, fp16 / bf16 / fp32. Padded layout (B, H, L, D); packed layout (T, H, D) (all segments'
+        tokens concatenated). D <= 256. Any strides with a contiguous last dim (e.g. the (B, L, H, D) ->
+        (B, H, L, D) transpose view of a projection output: no copy).
+      k, v: keys and values, q's dtype and head dim, equal shapes: padded (B, Hk, S, D), packed (Tk, Hk, D).
+        H must be a multiple of Hk (GQA: query head h reads kv head h // (H // Hk); K/V are never expanded).
+      softcap: logit softcap c; c > 0: s = c * tanh(s / c), applied to the scaled scores before masking; 0 = none.
+      scale: score scale, s = scale * q.k; None = D**-0.5.
+      causal: bottom-right aligned causal mask: query i of a segment with L queries and S keys sits at position
+        p(i) = i + S - L and sees the keys j <= p(i) (for L == S: j <= i; for one decode query: every key).
+        False: every (unpadded) key is visible (cross-attention, bidirectional encoders).
+      window: sliding window W (needs causal): query i also needs p(i) - j < W, i.e. it sees itself and the W - 1
+        keys before it (transformers' Gemma-2 `kv_idx > q_idx - W`). None or 0 = no window.
+      cu_seqlens_q, cu_seqlens_k: packed layout only, both or neither: (N + 1,) int32 (other integer dtypes are
+        converted) cumulative segment lengths, cu[0] = 0, cu[N] = T (resp. Tk). Query segment n attends only to
+        key segment n (block-diagonal); segments may be empty (zero-length padding segments keep shapes static).
+      max_seqlen_q, max_seqlen_k: packed layout: the longest query / key segment (Python ints), which sizes the
+        launch grid. None = computed from cu_seqlens: a device-to-host sync and, under torch.compile, a graph
+        break: pass them (the loader knows them) in training and when compiling. Ignored for the padded layout.
+      key_padding_mask: padded layout only: (B, S) bool, True = a real key, False = padding that no query sees
+        (an integer mask counts nonzero as True). None = every key is real.
+
+    Returns:
+      (out, lse): out in q's dtype with q's shape and strides, padded (B, H, L, D) / packed (T, H, D);
+      lse = log(sum_j exp(s_ij)) over the visible keys (natural log, fp32), padded (B, H, L) / packed (H, T).
+      A query that sees no key gets out = 0 and lse = -inf (and zero gradients). Both are differentiable
+      (d lse / d s = P): autograd runs the Triton backward (`florenz::softcap_attention_bwd`), deterministic.
+
+    Softmax in fp32, P @ V accumulated in fp32; no dropout. CPU tensors need TRITON_INTERPRET=1 set before this
+    module is imported (the interpreter); the ops are `florenz::softcap_attention_fwd` / `_bwd`.
+    """
+    check_attention_inputs(q, k, v, causal=causal, window=window, key_padding_mask=key_padding_mask,
+                           cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, name="softcap_attention",
+                           check_values=False)
+    packed = cu_seqlens_q is not None
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"softcap_attention: q, k, v must share one of fp16/bf16/fp32, got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] != k.shape[-1] or q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"softcap_attention: head dims q {q.shape[-1]} / k {k.shape[-1]} must match and be "
-                         f"<= {MAX_HEAD_DIM}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"softcap_attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]}")
-    if window and not causal:
-        raise ValueError("softcap_attention: a sliding window is only defined for causal attention")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"softcap_attention: head dim {q.shape[-1]} must be <= {MAX_HEAD_DIM}")
     if window is not None and window < 0:
         raise ValueError(f"softcap_attention: window must be >= 0, got {window}")
     if packed:
-        if key_padding_mask is not None:
-            raise ValueError("softcap_attention: key_padding_mask is for the padded layout")
-        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-            raise ValueError("softcap_attention: cu_seqlens_q and cu_seqlens_k differ in length")
         cu_seqlens_q = cu_seqlens_q.to(device=q.device, dtype=torch.int32).contiguous()
         cu_seqlens_k = cu_seqlens_k.to(device=q.device, dtype=torch.int32).contiguous()
         if max_seqlen_q is None:
@@ -960,65 +950,12 @@ def softcap_attention(q, k, v, *, softcap: float = 0.0, scale: float | None = No
         if max_seqlen_k is None:
             max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if cu_seqlens_k.numel() > 1 else 0
     else:
-        if q.shape[0] != k.shape[0]:
-            raise ValueError(f"softcap_attention: batch sizes differ, q {q.shape[0]} vs k {k.shape[0]}")
-        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):
-            raise ValueError(f"softcap_attention: key_padding_mask must be (B, S) = {(k.shape[0], k.shape[2])}")
         max_seqlen_q, max_seqlen_k = q.shape[2], k.shape[2]
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return softcap_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, key_padding_mask, int(max_seqlen_q),
                                  int(max_seqlen_k), float(scale), float(softcap or 0.0), bool(causal),
                                  int(window or 0))
-
-
-def softcap_attention_reference(q, k, v, *, softcap: float = 0.0, scale: float | None = None, causal: bool = True,
-                                window: int | None = None, cu_seqlens_q=None, cu_seqlens_k=None,
-                                key_padding_mask=None, **_ignored):
-    """Pure-torch (out, lse) with the same conventions, in max(input dtype, fp32) for the softmax; materialises
-    the scores (tests and small shapes only)."""
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-
-    def block(q_BHLD, k_BHSD, v_BHSD, kpm_BS):
-        L, S = q_BHLD.shape[2], k_BHSD.shape[2]
-        groups = q_BHLD.shape[1] // k_BHSD.shape[1]
-        k_BHSD = k_BHSD.repeat_interleave(groups, 1)
-        v_BHSD = v_BHSD.repeat_interleave(groups, 1)
-        s = torch.matmul(q_BHLD, k_BHSD.transpose(-1, -2)) * scale
-        if softcap:
-            s = torch.tanh(s / softcap) * softcap
-        s = s.to(torch.promote_types(s.dtype, torch.float32))
-        vis = torch.ones(L, S, dtype=torch.bool, device=q.device)
-        if causal:
-            pos_q = torch.arange(L, device=q.device)[:, None] + (S - L)
-            pos_k = torch.arange(S, device=q.device)[None, :]
-            vis = pos_k <= pos_q
-            if window:
-                vis &= (pos_q - pos_k) < window
-        vis = vis[None, None]
-        if kpm_BS is not None:
-            vis = vis & kpm_BS[:, None, None, :].bool()
-        s = s.masked_fill(~vis, float("-inf"))
-        lse = torch.logsumexp(s, -1)
-        p = torch.exp(s - lse[..., None].masked_fill(torch.isinf(lse[..., None]), 0.0)).masked_fill(~vis, 0.0)
-        out = torch.matmul(p.to(q_BHLD.dtype), v_BHSD)
-        return out, lse
-
-    if cu_seqlens_q is None:
-        return block(q, k, v, key_padding_mask)
-    T, H, D = q.shape
-    out = q.new_zeros(T, H, D)
-    lse = torch.full((H, T), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
-    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for n in range(len(bq) - 1):
-        qs, ks = slice(bq[n], bq[n + 1]), slice(bk[n], bk[n + 1])
-        if qs.stop == qs.start or ks.stop == ks.start:
-            continue
-        o, l_ = block(q[qs].transpose(0, 1)[None], k[ks].transpose(0, 1)[None], v[ks].transpose(0, 1)[None], None)
-        out[qs] = o[0].transpose(0, 1)
-        lse[:, qs] = l_[0]
-    return out, lse
 
 
 # ---- static checks (no GPU): compile every config for a target, read registers / spills / shared memory ----
@@ -1058,38 +995,3 @@ def static_resource_report(kind: str, head_dim: int, dtype: torch.dtype, capabil
     report = compile_report(fn, const, arg_type, aligned, capability, num_warps=config[2], num_stages=config[3])
     report.update(kind=kind, head_dim=head_dim, dtype=ty, config=tuple(config))
     return report
-
-
-# ---- integration with transformers (other models) ---------------------------------------------------------
-
-
-def _transformers_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
-                            sliding_window=None, is_causal=None, **kwargs):
-    """transformers AttentionInterface function: query (B, H, L, D), key/value (B, Hk, S, D) -> ((B, L, H, D),
-    None). `attention_mask` is what the mask function registered with it returns: None or the (B, S) bool
-    key-padding mask (transformers' `flash_attention_mask`); causality and the window come from the module."""
-    if dropout and module.training:
-        raise NotImplementedError("florenz softcap attention has no attention dropout")
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    kpm = None
-    if attention_mask is not None:
-        if attention_mask.dim() != 2:
-            raise ValueError("florenz softcap attention expects the 2D padding mask of its registered mask "
-                             f"function, got shape {tuple(attention_mask.shape)}")
-        kpm = attention_mask[:, -key.shape[2]:].bool()
-    out, _ = softcap_attention(query, key, value, softcap=float(softcap or 0.0), scale=scaling, causal=bool(causal),
-                               window=int(sliding_window) if (causal and sliding_window) else None,
-                               key_padding_mask=kpm)
-    return out.transpose(1, 2), None  # out has q's strides: for transformers' (B, L, H, D) storage this is free
-
-
-def register_transformers_attention(name: str = "florenz_softcap") -> str:
-    """Register this kernel with transformers' AttentionInterface (and the matching 2D padding-mask function
-    with its AttentionMaskInterface) so `from_pretrained(..., attn_implementation=name)` or
-    `config._attn_implementation = name` runs it. Returns `name`."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
-
-    AttentionInterface.register(name, _transformers_attention)
-    AttentionMaskInterface.register(name, flash_attention_mask)
-    return name

@@ -23,7 +23,8 @@ SPEC_PARAMS = {  # SPEC §1
 
 
 def _released_keys() -> dict:
-    packaged = json.loads(resources.files("florenz_fast").joinpath("data/florenz_checkpoint_keys.json").read_text())
+    packaged = json.loads(
+        resources.files("florenz_fast").joinpath("resources/florenz_checkpoint_keys.json").read_text())
     if SHARED_KEYS.is_file():  # the contract lives in ../shared; our packaged copy must not drift from it
         assert json.loads(SHARED_KEYS.read_text()) == packaged
     return packaged["models"]

@@ -9,14 +9,19 @@ import torch
 
 from florenz_fast.checkpoint import CheckpointError, open_checkpoint, save_state_dict
 from florenz_fast.config import get_config
-from florenz_fast.convert import (export_state_dict, import_florence2, import_florenz_released, load_pretrained,
-                                  save_pretrained)
+from florenz_fast.convert import (
+    export_state_dict,
+    import_florence2,
+    import_florenz_released,
+    load_pretrained,
+    save_pretrained,
+)
 from florenz_fast.florenz import Florenz
-from florenz_fast.modules import Layout
-from florenz_fast.prepare import CROSS_INIT_STD, main as prepare_main, remap_embedding
+from florenz_fast.prepare import CROSS_INIT_STD, remap_embedding
+from florenz_fast.prepare import main as prepare_main
 from florenz_fast.text import load_decoder_tokenizer, load_encoder_tokenizer
-from tests.hf_models import florence2_reference, gemma2_reference
-from tests.tokenizer_fixtures import make_bart_like_tokenizer, make_gemma_like_tokenizer
+from tests.helpers.hf_models import florence2_reference, gemma2_reference
+from tests.helpers.tokenizer_fixtures import make_bart_like_tokenizer, make_gemma_like_tokenizer
 
 
 def _model(name="tiny", seed=0) -> Florenz:

@@ -1,9 +1,9 @@
 """The encoder-decoder pieces, fused: packed cross-attention, the all-layer cross K/V projection, the image-token
 projection (florenz_kernels.image_tokens), and the whole model with the `triton` backend vs the reference.
 
-CPU: Triton interpreter (tests/triton_interpreter.py), fp32 and fp16. The error rule is the attention kernel's
-(tests/test_softcap_attention.py): max error vs float64 within 2x that of the reference run in the same precision,
-plus 32 fp32 ulps at the tensor's scale (tests/test_softcap_attention.assert_within_2x says why).
+CPU: Triton interpreter (tests/helpers/triton_interpreter.py), fp32 and fp16. The error rule is the attention
+kernel's (tests/helpers/softcap_cases.py): max error vs float64 within 2x that of the reference run in the same
+precision, plus 32 fp32 ulps at the tensor's scale (tests/helpers/softcap_cases.assert_within_2x says why).
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import dataclasses
 import pytest
 import torch
 
-from tests.static_reports import compile_reports
-from tests.triton_interpreter import DEVICE
 from florenz_fast import ops
 from florenz_fast.config import get_config
 from florenz_fast.florenz import Florenz
@@ -22,11 +20,17 @@ from florenz_fast.modules import project_kv_all_layers
 from florenz_fast.vision import ImageTokenProjector
 from florenz_kernels import image_tokens as it
 from florenz_kernels import softcap_attention as sa
-from tests.test_model import _model, _sample
-from tests.test_softcap_attention import _kpm, assert_within_2x, check_case
+from tests.helpers import error_rule
+from tests.helpers.builders import tiny_model as _model
+from tests.helpers.builders import tiny_sample as _sample
+from tests.helpers.ci import skip_or_fail
+from tests.helpers.softcap_cases import assert_within_2x, check_case
+from tests.helpers.softcap_cases import kpm_holes as _kpm
+from tests.helpers.static_reports import compile_reports
+from tests.helpers.triton_interpreter import DEVICE  # (first: switches the interpreter on)
 
 if DEVICE == "cpu" and not sa.INTERPRET:
-    pytest.skip("florenz_kernels was imported without TRITON_INTERPRET=1 before this module", allow_module_level=True)
+    skip_or_fail("florenz_kernels was imported without TRITON_INTERPRET=1 before this module")
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -124,7 +128,7 @@ def test_model_with_fused_projection_equals_per_layer(preset):
     pixels = torch.cat([s[0] for s in samples])
     prompt = torch.cat([s[1] for s in samples], dim=1)
     dec = torch.cat([s[2] for s in samples], dim=1)
-    cu = lambda lens: ops.cu_seqlens_from_lengths(lens)  # noqa: E731
+    cu = lambda lens: ops.cu_seqlens_from_lengths(lens)
     kw = dict(prompt_cu_seqlens=cu([6, 10]), decoder_cu_seqlens=cu([5, 12]))
     results = []
     for fused in (True, False):
@@ -323,8 +327,7 @@ def test_gpu_image_tokens_bf16(side):
     low = _projector_run(proj, feats, g, "torch", torch.bfloat16)
     for name, a, r, lo in zip(["out", "dfeats"] + [n for n, _ in proj.named_parameters()], ours, ref64, low):
         if r is not None:
-            err, err_low = (a.double() - r).abs().max().item(), (lo.double() - r).abs().max().item()
-            assert err <= 2 * err_low + 1e-2 * max(1.0, r.abs().max().item()), (name, err, err_low)
+            error_rule.assert_within_2x(a, r, lo, name, rtol=1e-2)
 
 
 @pytest.mark.gpu

@@ -1,6 +1,7 @@
 """Decode-time ops of csrc/ (florenz::decode_attention, cross_decode_attention, rope_kv_append): the extension's CPU
-implementation against the float64 reference of florenz_fast.ops, input checks, and (marked gpu) the CUDA kernels
-against both. Skipped where the extension is not built (a CPU-only torch); CI builds it (the Makefile set-up)."""
+implementation (ops backend `ext` on CPU tensors) against the float64 reference of florenz_fast.ops (backend `torch`),
+input checks, and (marked gpu) the CUDA kernels (`ext` on CUDA tensors) against both. Skipped where the extension is
+not built (a CPU-only torch); CI builds it (the Makefile set-up)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from florenz_fast import ops
+from tests.helpers import error_rule
 
 pytestmark = pytest.mark.skipif(not ops.extension_available(), reason=ops.extension_status()[1])
 
@@ -29,7 +31,7 @@ def err(a, b):
 
 def lowp_ok(got, ref_lowp, ref64):
     """flash-attention's rule: within 2x the error of the reference computed in the same low precision."""
-    return err(got, ref64) <= 2 * err(ref_lowp, ref64) + 1e-6
+    return error_rule.within_2x(got, ref64, ref_lowp, atol=1e-6)
 
 
 # (H, Hk): GQA ratios 1, 2, 8
@@ -58,7 +60,7 @@ LAYOUTS = {
 def test_decode_cpu_matches_reference_fp64(H, Hk, Lq, layout):
     C, lens, window = LAYOUTS[layout]
     q, k, v, cl = make_decode(4, H, Hk, Lq, C, lens)
-    got = ops.decode_attention(q, k, v, cl, scale=SCALE, softcap=5.0, window=window, impl="ext")
+    got = ops.decode_attention(q, k, v, cl, scale=SCALE, softcap=5.0, window=window, backend="ext")
     want = ops.decode_attention_reference(q, k, v, cl, SCALE, 5.0, window)
     assert err(got, want) < 1e-12
     assert want.abs().sum() > 0
@@ -79,7 +81,7 @@ def test_ring_buffer_equals_windowed_attention_over_full_history(Lq):
         k_ring[:, :, p % C] = k_full[:, :, p]
         v_ring[:, :, p % C] = v_full[:, :, p]
     cl = torch.tensor([length], dtype=torch.int32)
-    got = ops.decode_attention(q, k_ring, v_ring, cl, scale=SCALE, softcap=3.0, window=W, impl="ext")
+    got = ops.decode_attention(q, k_ring, v_ring, cl, scale=SCALE, softcap=3.0, window=W, backend="ext")
     want = ops.attention(q, k_full, v_full, scale=SCALE, softcap=3.0, causal=True, window=W, backend="torch")
     assert err(got, want) < 1e-12
 
@@ -88,7 +90,7 @@ def test_ring_buffer_equals_windowed_attention_over_full_history(Lq):
 def test_decode_cpu_low_precision(dtype):
     C, lens, window = LAYOUTS["ring"]
     q, k, v, cl = make_decode(4, 8, 4, 3, C, lens, dtype=dtype)
-    got = ops.decode_attention(q, k, v, cl, scale=SCALE, softcap=5.0, window=window, impl="ext")
+    got = ops.decode_attention(q, k, v, cl, scale=SCALE, softcap=5.0, window=window, backend="ext")
     assert got.dtype == dtype
     ref64 = ops.decode_attention_reference(q.double(), k.double(), v.double(), cl, SCALE, 5.0, window)
     ref_lowp = ops.decode_attention_reference(q, k, v, cl, SCALE, 5.0, window)
@@ -97,7 +99,7 @@ def test_decode_cpu_low_precision(dtype):
 
 def test_decode_first_token_sees_only_itself():
     q, k, v, cl = make_decode(1, 2, 2, 1, 8, [1])
-    out = ops.decode_attention(q, k, v, cl, scale=SCALE, softcap=0.0, window=0, impl="ext")
+    out = ops.decode_attention(q, k, v, cl, scale=SCALE, softcap=0.0, window=0, backend="ext")
     assert err(out[0, :, 0], v[0, :, 0]) < 1e-12  # one visible key: weight 1 on slot 0
 
 
@@ -120,18 +122,18 @@ def test_cross_cpu_beams_share_strided_cache(H, Hk, Lq):
     q, k, v, index, lens = make_cross(3, 4, 50, [50, 17, 1], H, Hk)
     assert not k.is_contiguous() and k.stride(-1) == 1
     q = q.expand(-1, -1, Lq, -1).contiguous() + rand(q.shape[0], H, Lq, q.shape[-1], dtype=q.dtype)
-    got = ops.cross_decode_attention(q, k, v, index, lens, scale=SCALE, softcap=4.0, impl="ext")
+    got = ops.cross_decode_attention(q, k, v, index, lens, scale=SCALE, softcap=4.0, backend="ext")
     want = ops.cross_decode_attention_reference(q, k, v, index, lens, SCALE, 4.0)
     assert err(got, want) < 1e-12
     # beams of one image with the same query give the same output (they read one cache)
     same = ops.cross_decode_attention(q[:1].expand(4, -1, -1, -1), k, v, index[:4], lens, scale=SCALE,
-                                      softcap=4.0, impl="ext")
+                                      softcap=4.0, backend="ext")
     assert err(same, same[:1].expand_as(same)) == 0
 
 
 def test_cross_cpu_zero_length_image_and_bf16():
     q, k, v, index, lens = make_cross(2, 2, 20, [0, 20], 4, 2, dtype=torch.bfloat16)
-    got = ops.cross_decode_attention(q, k, v, index, lens, scale=SCALE, softcap=50.0, impl="ext")
+    got = ops.cross_decode_attention(q, k, v, index, lens, scale=SCALE, softcap=50.0, backend="ext")
     assert (got[:2] == 0).all()
     ref64 = ops.cross_decode_attention_reference(q.double(), k.double(), v.double(), index, lens, SCALE, 50.0)
     ref_lowp = ops.cross_decode_attention_reference(q, k, v, index, lens, SCALE, 50.0)
@@ -154,7 +156,7 @@ def make_rope(B, H, Hk, Lq, C, lens, D=64, dtype=torch.float64, device="cpu"):
 def test_rope_kv_append_cpu_fp64_ring_wrap(Lq):
     q, k, v, kc, vc, cl, f = make_rope(3, 4, 2, Lq, 16, [Lq, 16, 4097])
     kc2, vc2 = kc.clone(), vc.clone()
-    got = ops.rope_kv_append(q, k, v, kc, vc, cl, f, impl="ext")
+    got = ops.rope_kv_append(q, k, v, kc, vc, cl, f, backend="ext")
     want = ops.rope_kv_append_reference(q, k, v, kc2, vc2, cl, f)
     assert err(got, want) < 1e-12 and err(kc, kc2) < 1e-12 and torch.equal(vc, vc2)
     # the new tokens really went into slot position % C, and the other slots are untouched
@@ -169,7 +171,7 @@ def test_rope_kv_append_cpu_fp64_ring_wrap(Lq):
 def test_rope_kv_append_cpu_low_precision(dtype):
     q, k, v, kc, vc, cl, f = make_rope(2, 8, 4, 3, 32, [5, 3000], dtype=dtype)
     q64, k64, v64, kc64, vc64 = (t.double() for t in (q, k, v, kc, vc))
-    got = ops.rope_kv_append(q, k, v, kc, vc, cl, f, impl="ext")
+    got = ops.rope_kv_append(q, k, v, kc, vc, cl, f, backend="ext")
     want64 = ops.rope_kv_append_reference(q64, k64, v64, kc64, vc64, cl, f)
     want_lowp = ops.rope_kv_append_reference(q, k, v, kc.clone(), vc.clone(), cl, f)
     assert lowp_ok(got, want_lowp, want64)
@@ -210,8 +212,13 @@ def test_errors_name_the_problem():
     rq, rk, rv, rkc, rvc, rcl, rf = make_rope(2, 4, 2, 1, 8, [1, 2], dtype=torch.float32)
     with pytest.raises(RuntimeError, match=r"inv_freq must be float32 of shape \(32\)"):
         torch.ops.florenz.rope_kv_append(rq, rk, rv, rkc, rvc, rcl, rf.double())
-    with pytest.raises(ValueError, match="impl='cuda' runs the CUDA kernels and needs CUDA tensors, got q on cpu"):
-        ops.decode_attention(q, k, v, cl, scale=SCALE, impl="cuda")
+    with pytest.raises(ValueError, match="unknown attention backend 'cuda'"):  # the extension's backend is `ext`
+        ops.decode_attention(q, k, v, cl, scale=SCALE, backend="cuda")
+    # the CUDA flash-decoding kernel takes CUDA tensors only: on CPU ones cached_attention's `ext` passes the call on
+    # to the key-masked attention (ops.attention), exactly the reference
+    pos = torch.tensor(4)
+    ext = ops.cached_attention(q, k, v, pos, scale=SCALE, softcap=5.0, backend="ext")
+    assert torch.equal(ext, ops.cached_attention(q, k, v, pos, scale=SCALE, softcap=5.0, backend="torch"))
 
 
 def test_meta_tensors_give_shapes():
@@ -227,9 +234,9 @@ def _gpu_case_decode(B, H, Hk, Lq, C, lens, D, window, dtype=torch.bfloat16):
     # on the lent H100 that error, raised inside this grid's Lq = 8 cases, crashed the process instead)
     lens = [max(n, Lq) for n in lens]
     q, k, v, cl = make_decode(B, H, Hk, Lq, C, lens, D=D, dtype=dtype)
-    cpu = ops.decode_attention(q, k, v, cl, scale=D ** -0.5, softcap=50.0, window=window, impl="ext")
+    cpu = ops.decode_attention(q, k, v, cl, scale=D ** -0.5, softcap=50.0, window=window, backend="ext")
     dev = [t.cuda() for t in (q, k, v, cl)]
-    got = ops.decode_attention(*dev, scale=D ** -0.5, softcap=50.0, window=window, impl="cuda").cpu()
+    got = ops.decode_attention(*dev, scale=D ** -0.5, softcap=50.0, window=window, backend="ext").cpu()
     ref64 = ops.decode_attention_reference(q.double(), k.double(), v.double(), cl, D ** -0.5, 50.0, window)
     ref_lowp = ops.decode_attention_reference(*dev, D ** -0.5, 50.0, window).cpu()
     return got, cpu, ref64, ref_lowp
@@ -262,10 +269,10 @@ def test_gpu_decode_batch_64_fp16():
 def test_gpu_cross_vs_cpu_and_reference(D, Lq):
     q, k, v, index, lens = make_cross(3, 4, 577, [577, 100, 0], 8, 4, D=D, dtype=torch.bfloat16)
     q = q.expand(-1, -1, Lq, -1).contiguous()
-    cpu = ops.cross_decode_attention(q, k, v, index, lens, scale=D ** -0.5, softcap=50.0, impl="ext")
+    cpu = ops.cross_decode_attention(q, k, v, index, lens, scale=D ** -0.5, softcap=50.0, backend="ext")
     dev = [t.cuda() for t in (q, k, v, index, lens)]
     assert not dev[1].is_contiguous()
-    got = ops.cross_decode_attention(*dev, scale=D ** -0.5, softcap=50.0, impl="cuda").cpu()
+    got = ops.cross_decode_attention(*dev, scale=D ** -0.5, softcap=50.0, backend="ext").cpu()
     ref64 = ops.cross_decode_attention_reference(q.double(), k.double(), v.double(), index, lens, D ** -0.5, 50.0)
     ref_lowp = ops.cross_decode_attention_reference(*dev, D ** -0.5, 50.0).cpu()
     assert lowp_ok(got, ref_lowp, ref64)
@@ -278,9 +285,9 @@ def test_gpu_cross_vs_cpu_and_reference(D, Lq):
 def test_gpu_rope_kv_append(Lq):
     q, k, v, kc, vc, cl, f = make_rope(4, 8, 4, Lq, 40, [Lq, 40, 77, 8191], D=256, dtype=torch.bfloat16)
     kc_cpu, vc_cpu = kc.clone(), vc.clone()
-    cpu = ops.rope_kv_append(q, k, v, kc_cpu, vc_cpu, cl, f, impl="ext")
+    cpu = ops.rope_kv_append(q, k, v, kc_cpu, vc_cpu, cl, f, backend="ext")
     dq, dk, dv, dkc, dvc, dcl, df = (t.cuda() for t in (q, k, v, kc, vc, cl, f))
-    got = ops.rope_kv_append(dq, dk, dv, dkc, dvc, dcl, df, impl="cuda").cpu()
+    got = ops.rope_kv_append(dq, dk, dv, dkc, dvc, dcl, df, backend="ext").cpu()
     q64 = ops.rope_kv_append_reference(q.double(), k.double(), v.double(), kc.double(), vc.double(), cl, f)
     q_lowp = ops.rope_kv_append_reference(q, k, v, kc.clone(), vc.clone(), cl, f)
     assert lowp_ok(got, q_lowp, q64)

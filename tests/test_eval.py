@@ -148,40 +148,40 @@ def test_generate_cli(tiny_ckpt, capsys):
     batch.write_text(json.dumps({"image": "0.png", "task": "caption", "lang": "de", "id": "a"}) + "\n"
                      + json.dumps({"image": "1.png", "task": "translate", "lang": "fr", "src": "a red circle"}) + "\n")
     out = root / "out.jsonl"
-    code, _, err = _run(gen_mod.main, ["--ckpt", str(ckpt), "--batch", str(batch), "--out", str(out),
-                                       "--max-new-tokens", "6", "--num-beams", "2", "--prefix"], capsys)
+    code, _, err = _run(gen_mod.main, [f"--ckpt={ckpt}", f"--batch={batch}", f"--out={out}", "--max_new_tokens=6",
+                                       "--num_beams=2", "--prefix"], capsys)
     assert code == 0, err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", None] and [r["lang"] for r in rows] == ["de", "fr"]
     assert all(isinstance(r["text"], str) and r["tokens"] <= 6 for r in rows)
-    code, stdout, err = _run(gen_mod.main, ["--ckpt", str(ckpt), "--image", str(root / "0.png"), "--lang", "en",
-                                            "--max-new-tokens", "4"], capsys)
+    code, stdout, err = _run(gen_mod.main, [f"--ckpt={ckpt}", f"--image={root / '0.png'}", "--lang=en",
+                                            "--max_new_tokens=4"], capsys)
     assert code == 0, err
     assert json.loads(stdout)["task"] == "caption"
 
 
 def test_generate_cli_errors(tiny_ckpt, capsys):
     root, ckpt = tiny_ckpt
-    base = ["--ckpt", str(ckpt), "--max-new-tokens", "3"]
+    base = [f"--ckpt={ckpt}", "--max_new_tokens=3"]
     cases = [
-        (["--image", str(root / "missing.jpg")], "missing.jpg"),
-        (["--image", str(root / "0.png"), "--lang", "xx"], "unknown language 'xx'"),
-        (["--image", str(root / "0.png"), "--preset", "florenz-3.5b"], "preset 'tiny'"),
-        (["--image", str(root / "0.png"), "--task", "translate"], "needs a non-empty 'src'"),
+        ([f"--image={root / 'missing.jpg'}"], "missing.jpg"),
+        ([f"--image={root / '0.png'}", "--lang=xx"], "unknown language 'xx'"),
+        ([f"--image={root / '0.png'}", "--preset=florenz-3.5b"], "preset 'tiny'"),
+        ([f"--image={root / '0.png'}", "--task=translate"], "needs a non-empty 'src'"),
     ]
     empty = root / "empty.jsonl"
     empty.write_text("\n")
-    cases.append((["--batch", str(empty)], "empty.jsonl: empty batch"))
+    cases.append(([f"--batch={empty}"], "empty.jsonl: empty batch"))
     badlang = root / "badlang.jsonl"
     badlang.write_text(json.dumps({"image": "0.png", "lang": "klingon"}) + "\n")
-    cases.append((["--batch", str(badlang)], "badlang.jsonl:1: unknown language 'klingon'"))
+    cases.append(([f"--batch={badlang}"], "badlang.jsonl:1: unknown language 'klingon'"))
     badkey = root / "badkey.jsonl"
     badkey.write_text(json.dumps({"image": "0.png", "language": "de"}) + "\n")
-    cases.append((["--batch", str(badkey)], "badkey.jsonl:1: unknown key(s) ['language']"))
+    cases.append(([f"--batch={badkey}"], "badkey.jsonl:1: unknown key(s) ['language']"))
     for extra, message in cases:
         code, _, err = _run(gen_mod.main, base + extra, capsys)
         assert code == 2 and message in err, (extra, err)
-    code, _, err = _run(gen_mod.main, ["--ckpt", str(root / "nope"), "--image", str(root / "0.png")], capsys)
+    code, _, err = _run(gen_mod.main, [f"--ckpt={root / 'nope'}", f"--image={root / '0.png'}"], capsys)
     assert code == 2 and "nope" in err
 
 
@@ -215,7 +215,8 @@ def test_eval_cli_end_to_end(tiny_ckpt, capsys):
             (t2 / "raw" / f"test_2016.{i}.{lang}").write_text(f"caption {i} one\ncaption {i} two\n")
     (t2 / "image_splits" / "test_2016.txt").write_text("0.png\n1.png\n")
     xm = root / "xm.jsonl"
-    xm.write_text("".join(json.dumps({"image/key": k, "zh": {"caption": ["红色的圆"]}, "en": {"caption": ["a red circle", "red"]}}) + "\n" for k in ("0", "1")))
+    xm.write_text("".join(json.dumps({"image/key": k, "zh": {"caption": ["红色的圆"]},
+                                      "en": {"caption": ["a red circle", "red"]}}) + "\n" for k in ("0", "1")))
     (root / "xmimg").mkdir()
     for k in ("0", "1"):
         Image.new("RGB", (20, 20), "green").save(root / "xmimg" / f"{k}.jpg")
@@ -231,10 +232,10 @@ def test_eval_cli_end_to_end(tiny_ckpt, capsys):
          "target": "un cercle rouge"}]))
     out = root / "report"
     code, stdout, err = _run(ev.main, [
-        "--ckpt", str(ckpt), "--out", str(out), "--multi30k", str(t1), "--flickr30k-images", str(root),
-        "--multi30k-task2", str(t2), "--xm3600", str(xm), "--xm3600-images", str(root / "xmimg"),
-        "--xm3600-langs", "en,zh", "--coco-karpathy", str(karpathy), "--coco-images", str(root),
-        "--loss-manifest", str(manifest), "--max-new-tokens", "5", "--num-beams", "2"], capsys)
+        f"--ckpt={ckpt}", f"--out={out}", f"--multi30k={t1}", f"--flickr30k_images={root}",
+        f"--multi30k_task2={t2}", f"--xm3600={xm}", f"--xm3600_images={root / 'xmimg'}",
+        "--xm3600_langs=en,zh", f"--coco_karpathy={karpathy}", f"--coco_images={root}",
+        f"--loss_manifest={manifest}", "--max_new_tokens=5", "--num_beams=2"], capsys)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert set(report["translation"]) == {"multi30k/test_2016_flickr/en-de"}
@@ -244,5 +245,5 @@ def test_eval_cli_end_to_end(tiny_ckpt, capsys):
     groups = report["loss_groups"]
     assert groups["in_distribution"] > 0 and groups["unseen"] > 0 and groups["translation"] > 0
     assert "| multi30k/test_2016_flickr/en-de | BLEU |" in (out / "report.md").read_text()
-    code, _, err = _run(ev.main, ["--ckpt", str(ckpt), "--out", str(out), "--xm3600", str(xm)], capsys)
+    code, _, err = _run(ev.main, [f"--ckpt={ckpt}", f"--out={out}", f"--xm3600={xm}"], capsys)
     assert code == 2 and "--xm3600-images" in err

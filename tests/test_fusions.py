@@ -1,8 +1,8 @@
 """Decoder fusions (florenz_kernels: linear_cross_entropy, rms_norm, geglu, rope) against float64 references.
 
-CPU: the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set by tests/triton_interpreter.py before the kernel
-modules are imported), fp32 and fp16 (the interpreter's bf16 tl.dot is wrong; none of these kernels dot, but we keep to
-the rule). GPU tests (marked `gpu`) run bf16 at Gemma-2 sizes.
+CPU: the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set by tests/helpers/triton_interpreter.py before
+the kernel modules are imported), fp32 and fp16 (the interpreter's bf16 tl.dot is wrong; none of these kernels dot,
+but we keep to the rule). GPU tests (marked `gpu`) run bf16 at Gemma-2 sizes.
 
 Rule (DESIGN.md 3): max error vs the float64 reference within 2x the max error of the same reference run in
 the kernel's dtype, plus 4 fp32 ulps at the tensor's scale (only matters in fp32, where both sit at rounding
@@ -14,18 +14,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests import error_rule  # noqa: E402
-from tests.static_reports import compile_reports  # noqa: E402
-from tests.triton_interpreter import DEVICE  # (first: switches the interpreter on)
-from florenz_fast import ops  # noqa: E402
-from florenz_kernels import geglu as gg  # noqa: E402
-from florenz_kernels import linear_cross_entropy as lce  # noqa: E402
-from florenz_kernels import rms_norm as rn  # noqa: E402
-from florenz_kernels import rope as rp  # noqa: E402
+from florenz_fast import ops
+from florenz_fast.ops import registry
+from florenz_kernels import geglu as gg
+from florenz_kernels import linear_cross_entropy as lce
+from florenz_kernels import rms_norm as rn
+from florenz_kernels import rope as rp
+from tests.helpers import error_rule
+from tests.helpers.ci import skip_or_fail
+from tests.helpers.static_reports import compile_reports
+from tests.helpers.triton_interpreter import DEVICE  # (first: switches the interpreter on)
 
 if DEVICE == "cpu" and not lce.INTERPRET:
-    pytest.skip("florenz_kernels were imported without TRITON_INTERPRET=1 before this module",
-                allow_module_level=True)
+    skip_or_fail("florenz_kernels were imported without TRITON_INTERPRET=1 before this module")
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -323,7 +324,7 @@ def test_tiny_model_triton_backend_equals_reference(packed):
 
     def run(m, backend, dtype):
         m.zero_grad(set_to_none=True)
-        prev = ops._default_backend
+        prev = registry._default_backend
         ops.set_backend(backend)
         try:
             a = [t.to(dtype) if t.is_floating_point() else t for t in args]

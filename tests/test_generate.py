@@ -17,8 +17,8 @@ from florenz_fast.florenz import Florenz
 from florenz_fast.generate import GenerationConfig, generate, process_log_probs, score
 from florenz_fast.modules import KVCache
 from florenz_fast.ops import softcap
-from tests import hf_models
-from tests.hf_models import IMAGE_TOKEN_ID, florence2_reference, randomize_
+from tests.helpers import hf_models
+from tests.helpers.hf_models import IMAGE_TOKEN_ID, florence2_reference, randomize_
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

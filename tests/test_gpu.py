@@ -7,12 +7,26 @@ import torch
 
 from florenz_fast.config import get_config
 from florenz_fast.florenz import Florenz
+from tests.helpers import error_rule
 
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture
+def no_tf32():
+    """TF32 off for the test (it would make the fp32 comparison meaningless; the default is off, make sure), and
+    the process-wide matmul / cuDNN flags as they were afterwards."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.set_float32_matmul_precision(saved[2])
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[0], saved[1]
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-bart"])
-def test_cuda_matches_cpu_fp32_and_bf16(name):
+def test_cuda_matches_cpu_fp32_and_bf16(name, no_tf32):
     torch.manual_seed(0)
     cpu = Florenz(get_config(name)).eval()
     with torch.no_grad():
@@ -32,17 +46,12 @@ def test_cuda_matches_cpu_fp32_and_bf16(name):
         want = ref64(pixels.double(), prompt, dec, attention_mask=mask).logits
         cuda = Florenz(cfg).cuda().eval()
         cuda.load_state_dict(cpu.state_dict())
-        # TF32 would make the fp32 comparison meaningless; the default is off, make sure
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
         got32 = cuda(pixels.cuda(), prompt.cuda(), dec.cuda(), attention_mask=mask.cuda()).logits.cpu()
         cpu32 = cpu(pixels, prompt, dec, attention_mask=mask).logits
         got16 = cuda.to(torch.bfloat16)(pixels.cuda().bfloat16(), prompt.cuda(), dec.cuda(),
                                         attention_mask=mask.cuda()).logits.float().cpu()
         cpu16 = cpu.to(torch.bfloat16)(pixels.bfloat16(), prompt, dec, attention_mask=mask).logits.float()
-    err32 = (got32.double() - want).abs().max().item()
-    assert err32 <= 2 * (cpu32.double() - want).abs().max().item() + 1e-6
+    error_rule.assert_within_2x(got32, want, cpu32, "fp32 (TF32 off: no_tf32)", atol=1e-6)
     # bf16 on the GPU within 2x the error of bf16 on the CPU (both against float64), the flash-attention rule
-    err16 = (got16.double() - want).abs().max().item()
-    assert err16 <= 2 * (cpu16.double() - want).abs().max().item()
-    assert err16 > 0  # bf16 really ran in bf16
+    error_rule.assert_within_2x(got16, want, cpu16, "bf16")
+    assert error_rule.max_error(got16, want) > 0  # bf16 really ran in bf16

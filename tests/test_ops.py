@@ -1,7 +1,7 @@
 """florenz_fast.ops.attention (backend `torch`) against a deliberately naive float64 implementation.
 
-The naive reference below is written from the documented conventions only (module docstring of
-florenz_fast/ops.py), with explicit Python loops over batch / head / query position and the visible key set
+The naive reference (tests/helpers/naive_attention.py) uses the documented conventions only (module docstring of
+florenz_fast/ops/__init__.py), with explicit Python loops over batch / head / query position and the visible key set
 built one key at a time:
   scores = q . k * scale; softcap c > 0: c * tanh(s / c); softmax over the visible keys only;
   GQA: query head h reads kv head h // (H // Hk);
@@ -22,72 +22,13 @@ import pytest
 import torch
 
 from florenz_fast import ops
-
+from florenz_fast.ops import dense as ops_dense
+from florenz_fast.ops import flex as ops_flex
+from florenz_fast.ops import registry
+from tests.helpers import error_rule
+from tests.helpers.naive_attention import naive_attention  # the naive reference described above
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tiny tensors (tests/conftest.py)
-
-
-# ---- the naive reference ------------------------------------------------------------------------
-
-
-def _visible_keys(i: int, L: int, S: int, *, causal: bool, window: int | None, key_ok=None) -> list[int]:
-    p = i + S - L  # bottom-right alignment
-    keys = []
-    for j in range(S):
-        if causal and not j <= p:
-            continue
-        if window and not p - j < window:
-            continue
-        if key_ok is not None and not key_ok[j]:
-            continue
-        keys.append(j)
-    return keys
-
-
-def _naive_block(q_HLD, k_HSD, v_HSD, *, scale, softcap, causal, window, key_ok, dtype):
-    """One padded block (one batch element or one packed segment), computed row by row in `dtype`."""
-    H, L, D = q_HLD.shape
-    Hk, S, Dv = v_HSD.shape
-    groups = H // Hk
-    softmax_dtype = torch.promote_types(dtype, torch.float32)  # "softmax in fp32" (fp64 stays fp64)
-    rows_H = []
-    for h in range(H):
-        kvh = h // groups
-        rows_L = []
-        for i in range(L):
-            keys = _visible_keys(i, L, S, causal=causal, window=window, key_ok=key_ok)
-            if not keys:
-                rows_L.append(torch.zeros(Dv, dtype=dtype))
-                continue
-            idx = torch.tensor(keys)
-            s = (k_HSD[kvh, idx].to(dtype) @ q_HLD[h, i].to(dtype)) * scale
-            if softcap:
-                s = softcap * torch.tanh(s / softcap)
-            s = s.to(softmax_dtype)
-            e = torch.exp(s - s.max())
-            w = (e / e.sum()).to(dtype)
-            rows_L.append(w @ v_HSD[kvh, idx].to(dtype))
-        rows_H.append(torch.stack(rows_L) if rows_L else torch.zeros(0, Dv, dtype=dtype))
-    return torch.stack(rows_H)
-
-
-def naive_attention(q, k, v, *, scale, softcap=0.0, causal=False, window=None, key_padding_mask=None,
-                    cu_seqlens_q=None, cu_seqlens_k=None, dtype=torch.float64):
-    kw = dict(scale=scale, softcap=softcap, causal=causal, window=window, dtype=dtype)
-    if cu_seqlens_q is None:
-        outs = []
-        for b in range(q.shape[0]):
-            key_ok = None if key_padding_mask is None else [bool(x) for x in key_padding_mask[b]]
-            outs.append(_naive_block(q[b], k[b], v[b], key_ok=key_ok, **kw))
-        return torch.stack(outs)
-    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    segs = []
-    for n in range(len(bq) - 1):
-        q_HLD = q[bq[n]:bq[n + 1]].transpose(0, 1)
-        k_HSD = k[bk[n]:bk[n + 1]].transpose(0, 1)
-        v_HSD = v[bk[n]:bk[n + 1]].transpose(0, 1)
-        segs.append(_naive_block(q_HLD, k_HSD, v_HSD, key_ok=None, **kw).transpose(0, 1))
-    return torch.cat(segs)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -406,10 +347,9 @@ def test_low_precision_within_2x_of_low_precision_reference(dtype, layout):
     assert out.dtype == dtype
     ref64 = naive_attention(q.double(), k.double(), v.double(), **kw)
     ref_low = naive_attention(q, k, v, dtype=dtype, **kw)
-    err = (out.double() - ref64).abs().max().item()
-    err_low = (ref_low.double() - ref64).abs().max().item()
-    assert err_low > 0  # the low-precision reference really is low precision (the bound below is not vacuous)
-    assert err <= 2 * err_low + 1e-6, f"{dtype}: error {err:.3g} vs 2 x low-precision reference {err_low:.3g}"
+    # the low-precision reference really is low precision (the bound below is not vacuous)
+    assert error_rule.max_error(ref_low, ref64) > 0
+    error_rule.assert_within_2x(out, ref64, ref_low, f"{dtype}", atol=1e-6)
 
 
 def test_fp32_within_1e5_of_float64():
@@ -531,7 +471,7 @@ def test_malformed_cu_seqlens_raise_value_error(cu_q):
 @pytest.fixture
 def backend_state(monkeypatch):
     """Restore the process-wide default, FLORENZ_ATTN_BACKEND and the registry after the test."""
-    saved_default, saved_registry = ops._default_backend, dict(ops._BACKENDS)
+    saved_default, saved_registry = registry._default_backend, dict(registry._BACKENDS)
     monkeypatch.delenv("FLORENZ_ATTN_BACKEND", raising=False)
     calls = []
 
@@ -541,9 +481,9 @@ def backend_state(monkeypatch):
 
     ops.register_backend("probe", probe)
     yield calls
-    ops._default_backend = saved_default
-    ops._BACKENDS.clear()
-    ops._BACKENDS.update(saved_registry)
+    registry._default_backend = saved_default
+    registry._BACKENDS.clear()
+    registry._BACKENDS.update(saved_registry)
 
 
 def test_torch_backend_is_registered():
@@ -697,7 +637,7 @@ def test_plain_pytorch_backends_equal_the_reference(case, backend, one_intra_op_
     q, k, v, kw = _fast_case(_FAST_CASES[case])
     if backend == "sdpa" and (kw["softcap"] or kw["window"]):
         with pytest.raises(ops.Unsupported):
-            ops._attention_sdpa(q, k, v, **{**dict(key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
+            ops_dense._attention_sdpa(q, k, v, **{**dict(key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
                                                    max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0), **kw})
     ours = _fwd_bwd(q, k, v, kw, backend)  # sdpa: softcap/window calls fall through the chain to `torch`
     ref = _fwd_bwd(q, k, v, kw, "torch")
@@ -712,17 +652,17 @@ def test_flex_backend_forward_equals_the_reference(case, one_intra_op_thread):
     q, k, v, kw = _fast_case(_FAST_CASES[case])
     calls = []
     with torch.no_grad():
-        flex = ops._flex_fn
+        flex = ops_flex._flex_fn
 
         def counting(device_type):
             calls.append(device_type)
             return flex(device_type)
 
-        ops._flex_fn = counting
+        ops_flex._flex_fn = counting
         try:
             ours = ops.attention(q, k, v, backend="flex", **kw)
         finally:
-            ops._flex_fn = flex
+            ops_flex._flex_fn = flex
         ref = ops.attention(q, k, v, backend="torch", **kw)
     assert calls == ["cpu"], "FlexAttention did not run"
     assert ours.dtype == torch.float64 and torch.isfinite(ours).all()
@@ -732,7 +672,7 @@ def test_flex_backend_forward_equals_the_reference(case, one_intra_op_thread):
 def test_flex_backend_cpu_gradients_fall_through_to_the_reference():
     q, k, v, kw = _fast_case(_FAST_CASES[6])  # packed, causal, window, softcap
     with pytest.raises(ops.Unsupported, match="no backward on the CPU"):
-        ops._attention_flex(q.requires_grad_(), k, v, **{**dict(key_padding_mask=None, dropout_p=0.0), **kw})
+        ops_flex._attention_flex(q.requires_grad_(), k, v, **{**dict(key_padding_mask=None, dropout_p=0.0), **kw})
     ours = _fwd_bwd(q.detach(), k, v, kw, "flex")
     for a, b in zip(ours, _fwd_bwd(q.detach(), k, v, kw, "torch")):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

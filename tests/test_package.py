@@ -46,7 +46,7 @@ def test_version_matches_distribution_metadata():
 
 
 def test_checkpoint_keys_are_package_data():
-    resource = importlib.resources.files("florenz_fast") / "data" / "florenz_checkpoint_keys.json"
+    resource = importlib.resources.files("florenz_fast") / "resources" / "florenz_checkpoint_keys.json"
     assert resource.is_file()
     with resource.open("r", encoding="utf-8") as f:
         json.load(f)

@@ -14,8 +14,8 @@ from florenz_fast.convert import import_florence2
 from florenz_fast.florenz import Florenz
 from florenz_fast.modules import Layout
 from florenz_fast.ops import softcap
-from tests import hf_models
-from tests.hf_models import IMAGE_TOKEN_ID, florence2_reference
+from tests.helpers import hf_models
+from tests.helpers.hf_models import IMAGE_TOKEN_ID, florence2_reference
 
 TOL = 1e-5
 
@@ -52,7 +52,7 @@ def test_gemma_window_is_effective(gemma_pair):
     with torch.no_grad():
         windowed = ours.logits(ours.decode(ids, enc, Layout()))
         for layer in ours.decoder.layers:
-            layer.window, saved = None, layer.window
+            layer.window = None
         try:
             full = ours.logits(ours.decode(ids, enc, Layout()))
         finally:

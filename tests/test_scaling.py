@@ -34,7 +34,7 @@ def test_loss_groups_custom_groups():
 
 
 def test_ladder_sizes_and_bart():
-    counts = {s: scaling.count_parameters(scaling.model_config(s)) for s in scaling.LADDER}
+    counts = {s: scaling.count_config_parameters(scaling.model_config(s)) for s in scaling.LADDER}
     gemma = [counts[s] for s in scaling.LADDER if s.startswith("gemma")][:5]
     assert gemma == sorted(gemma) and 1.5e5 < gemma[0] < 3e5 and 4e6 < gemma[4] < 7e6
     assert scaling.model_config("bart-0.64m").decoder.kind == "bart"
@@ -49,7 +49,7 @@ MINI = ["--sizes=gemma-0.24m,bart-0.64m", "--budgets=32,64", "--eval_images=4", 
 def test_mini_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
     calls = []
     real = scaling.train_run
-    monkeypatch.setattr(scaling, "train_run", lambda tc: calls.append(tc.out) or real(tc))
+    monkeypatch.setattr(scaling.sweep, "train_run", lambda tc: calls.append(tc.out) or real(tc))
     out = tmp_path / "sweep"
     args = MINI + [f"--out={out}"]
     # interrupted: only the first run trains

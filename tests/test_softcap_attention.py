@@ -1,15 +1,17 @@
 """florenz_kernels.softcap_attention (Triton, forward + backward) against the float64 references.
 
-On CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by tests/triton_interpreter.py before the
-kernel module is imported). The interpreter's bf16 tl.dot is wrong (DESIGN.md),
+On CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by tests/helpers/triton_interpreter.py
+before the kernel module is imported). The interpreter's bf16 tl.dot is wrong (DESIGN.md),
 so CPU runs cover fp32 and fp16; bf16 is covered on the GPU (tests marked `gpu`).
 
 Rule (DESIGN.md 3, flash-attention's): the kernel's max error against the float64 reference must be within 2x
 the max error of the same reference computed in the kernel's precision (florenz_fast.ops' `torch` backend, which
 defines the semantics), plus 32 fp32 ulps at the tensor's scale (max(1, max|ref|) * 3.8e-6; it only matters for
-fp32, where both errors sit at rounding level: see assert_within_2x; tests/error_rule.py).
-The references: ops.attention(backend="torch") in float64 (checked against test_ops' naive loops in
-test_reference_is_the_naive_one) and, for the log-sum-exp, softcap_attention_reference in float64.
+fp32, where both errors sit at rounding level: see assert_within_2x in tests/helpers/softcap_cases.py, which holds
+the case builder and check_case; tests/helpers/error_rule.py).
+The references: ops.attention(backend="torch") in float64 (checked against the naive loops of
+tests/helpers/naive_attention.py in test_reference_is_the_naive_one) and, for the log-sum-exp,
+softcap_attention_reference in float64 (held to agree with the first to float64 rounding: check_case).
 
 Shape legend: B batch, H query heads, Hk kv heads, L queries, S keys, D head dim, T / Tk packed tokens.
 """
@@ -19,104 +21,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests import error_rule  # noqa: E402
-from tests.static_reports import compile_reports  # noqa: E402
-from tests.triton_interpreter import DEVICE  # noqa: E402  (first: switches the interpreter on)
-from florenz_fast import ops  # noqa: E402
-from florenz_kernels import softcap_attention as sa  # noqa: E402
-from tests.test_ops import naive_attention  # noqa: E402
+from florenz_fast import ops
+from florenz_kernels import softcap_attention as sa
+from tests.helpers.ci import skip_or_fail
+from tests.helpers.naive_attention import naive_attention
+from tests.helpers.softcap_cases import assert_within_2x, check_case
+from tests.helpers.softcap_cases import case_tensors as _case_tensors
+from tests.helpers.softcap_cases import kernel_fwd_bwd as _kernel_fwd_bwd
+from tests.helpers.softcap_cases import kpm_holes as _kpm
+from tests.helpers.softcap_cases import ops_fwd_bwd as _ops_fwd_bwd
+from tests.helpers.softcap_cases import randn as _randn
+from tests.helpers.static_reports import compile_reports
+from tests.helpers.triton_interpreter import DEVICE
 
 if DEVICE == "cpu" and not sa.INTERPRET:
-    pytest.skip("florenz_kernels.softcap_attention was imported without TRITON_INTERPRET=1 before this module",
-                allow_module_level=True)
+    skip_or_fail("florenz_kernels.softcap_attention was imported without TRITON_INTERPRET=1 before this module")
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tiny tensors (tests/conftest.py)
-
-
-# ---- helpers ------------------------------------------------------------------------------------------------
-
-
-def _randn(*shape, seed, dtype=torch.float32, device=DEVICE, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
-
-
-def assert_within_2x(ours, ref64, ref_low, what=""):
-    # 32 fp32 ulps at the tensor's scale (at least 1). In fp32 both errors sit at rounding level, and the 2x rule
-    # alone compares two summation orders: the kernel's online softmax and its dK/dV sums over every query of a GQA
-    # group (hundreds of terms, ~sqrt(n) ulps) against the CPU BLAS's blocked sums, whose error depends on the
-    # CPU's kernel. Measured: on a Sapphire Rapids CPU the grid needed up to 13 ulps beyond 2x the reference's
-    # error (dV, padded_mask_gqa2 in test_cross_kernels), where an earlier CPU passed every case within 4. Still
-    # tight: the fp32 cross-attention grid fails for a kernel whose attention scale is off by 1e-5 relative. It
-    # also covers a gradient that is exactly 0 in float64 (one visible key: dq = 0), +-1e-8 from any fp32 kernel.
-    error_rule.assert_within_2x(ours, ref64, ref_low, what, ulps=32)
-
-
-def _case_tensors(c, dtype, device=DEVICE):
-    """q, k, v, grad-out and the keyword arguments of one case (dict) in `dtype`."""
-    seed = c.get("seed", 0)
-    D, H, Hk = c["D"], c["H"], c["Hk"]
-    kw = dict(scale=c.get("scale", D ** -0.5), softcap=c.get("softcap", 0.0), causal=c.get("causal", True),
-              window=c.get("window"))
-    if "lengths" in c:
-        lq = c["lengths"]
-        lk = c.get("lengths_k", lq)
-        cu_q = ops.cu_seqlens_from_lengths(lq, device=device)
-        cu_k = ops.cu_seqlens_from_lengths(lk, device=device)
-        T, Tk = sum(lq), sum(lk)
-        q, k, v = (_randn(T, H, D, seed=seed, dtype=dtype, device=device),
-                   _randn(Tk, Hk, D, seed=seed + 1, dtype=dtype, device=device),
-                   _randn(Tk, Hk, D, seed=seed + 2, dtype=dtype, device=device))
-        g = _randn(T, H, D, seed=seed + 3, dtype=dtype, device=device)
-        kw.update(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lq), max_seqlen_k=max(lk))
-    else:
-        B, L, S = c["B"], c["L"], c.get("S", c["L"])
-        q, k, v = (_randn(B, H, L, D, seed=seed, dtype=dtype, device=device),
-                   _randn(B, Hk, S, D, seed=seed + 1, dtype=dtype, device=device),
-                   _randn(B, Hk, S, D, seed=seed + 2, dtype=dtype, device=device))
-        g = _randn(B, H, L, D, seed=seed + 3, dtype=dtype, device=device)
-        if "kpm" in c:
-            kw["key_padding_mask"] = c["kpm"].to(device)
-    return q, k, v, g, kw
-
-
-def _ops_fwd_bwd(q, k, v, g, kw, backend):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = ops.attention(q, k, v, backend=backend, **kw)
-    out.backward(g)
-    return out.detach(), q.grad, k.grad, v.grad
-
-
-def _kernel_fwd_bwd(q, k, v, g, kw):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    kk = dict(kw)
-    out, lse = sa.softcap_attention(q, k, v, **kk)
-    out.backward(g)
-    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
-
-
-def check_case(c, dtype, device=DEVICE, grads=True):
-    q, k, v, g, kw = _case_tensors(c, dtype, device)
-    out, lse, dq, dk, dv = _kernel_fwd_bwd(q, k, v, g, kw)
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    r64 = _ops_fwd_bwd(q.double(), k.double(), v.double(), g.double(), kw, "torch")
-    rlow = _ops_fwd_bwd(q, k, v, g, kw, "torch")
-    for name, ours, ref64, ref_low in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), r64, rlow):
-        if name != "out" and not grads:
-            continue
-        assert_within_2x(ours, ref64, ref_low, f"{name} {dtype}")
-    # log-sum-exp in fp32 vs float64: relative 1e-5 of its scale for fp32, the score rounding for 16-bit inputs
-    ref_out, ref_lse = sa.softcap_attention_reference(q.double(), k.double(), v.double(), **kw)
-    torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=max(1e-6, 4 * (out.double() - r64[0]).abs()
-                                                                          .max().item()))
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite), "lse is -inf exactly for rows that see no key"
-    assert (lse[~finite] == float("-inf")).all()
-    lse_tol = 1e-5 if dtype == torch.float32 else 2e-2
-    if finite.any():
-        lse_err = (lse.double()[finite] - ref_lse[finite]).abs().max().item()
-        assert lse_err <= lse_tol * max(1.0, ref_lse[finite].abs().max().item()), f"lse error {lse_err:.3g}"
 
 
 # ---- the CPU grid (interpreter: fp32 and fp16, small shapes) -------------------------------------------------
@@ -155,42 +77,31 @@ CASES = {
 }
 
 
-def _kpm(c):
-    if c.get("kpm") != "holes":
-        return c
-    S = c.get("S", c["L"])
-    g = torch.Generator().manual_seed(5)
-    m = torch.rand(c["B"], S, generator=g) > 0.35
-    m[1, 0] = False  # with causal, row 0 of batch 1 sees nothing
-    m[2] = False  # batch 2: every key padded -> zeros
-    return dict(c, kpm=m)
-
-
-FP32 = list(CASES)
+# Small shapes, made for the interpreter; on a GPU they run compiled. The H100 run of this grid (Triton 3.6,
+# bench/results/h100/attention_gpu_tests_run1.txt: 27 of the 28 cases passed) failed one: fp32 packed_D256's dK at
+# 3.2x the fp32 torch reference's error (4.78e-6 vs 2 x 1.5e-6; cuBLAS fp32 + exact expf there, ex2.approx and
+# do.o-based delta here). That case alone is skipped on a GPU; fp32 at D 256 is held to the rule at real size in
+# test_gpu_fp16_fp32 there.
+_GPU_FP32_OUTLIER = pytest.mark.skipif(
+    not sa.INTERPRET, reason="compiled fp32 dK at 3.2x the fp32 reference on the H100 (see the comment); "
+                             "fp32 D 256 on the GPU: test_gpu_fp16_fp32")
+FP32 = [pytest.param(n, marks=_GPU_FP32_OUTLIER) if n == "packed_D256" else n for n in CASES]
 FP16 = ["L97_gqa2_softcap", "L257_softcap_window", "L7_S97_window", "cross_D24", "kpm_causal_window",
         "D256_L7", "packed_self", "packed_cross"]
 
 
-# The small-shape grids are for the interpreter. On the H100 (Triton 3.6) the fp32 grid passed except
-# packed_D256's dK at 3.2x the fp32 torch reference's error (cuBLAS fp32 + exact expf there, ex2.approx and
-# do.o-based delta here): fp32 on the GPU is held to the rule at real size in test_gpu_fp16_fp32 instead.
-interpreter_only = pytest.mark.skipif(not sa.INTERPRET, reason="small-shape interpreter grid (GPU: test_gpu_*)")
-
-
-@interpreter_only
 @pytest.mark.parametrize("name", FP32)
 def test_fp32_forward_backward(name):
     check_case(_kpm(CASES[name]), torch.float32)
 
 
-@interpreter_only
 @pytest.mark.parametrize("name", FP16)
 def test_fp16_forward_backward(name):
     check_case(_kpm(CASES[name]), torch.float16)
 
 
 def test_reference_is_the_naive_one():
-    # the float64 references used above agree with test_ops' loop-by-loop naive implementation
+    # the float64 references used above agree with the loop-by-loop naive implementation (tests/helpers)
     for name in ("L7_S97_window", "packed_cross_causal", "kpm_causal_window"):
         q, k, v, _, kw = _case_tensors(_kpm(CASES[name]), torch.float64, "cpu")
         naive = naive_attention(q, k, v, **{x: y for x, y in kw.items() if not x.startswith("max_")})
@@ -371,7 +282,9 @@ def test_ops_backend_triton_matches_torch():
 def test_transformers_gemma2_matches_eager():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    name = sa.register_transformers_attention("florenz_softcap")
+    from florenz_kernels.integrations.transformers import register_transformers_attention
+
+    name = register_transformers_attention("florenz_softcap")
     cfg = Gemma2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=6,
                        attn_logit_softcapping=5.0, final_logit_softcapping=30.0, max_position_embeddings=64)
@@ -389,6 +302,21 @@ def test_transformers_gemma2_matches_eager():
     real = mask.bool()
     err = (ours - ref)[real].abs().max().item()
     assert err < 1e-4 * max(1.0, ref[real].abs().max().item()), err
+
+
+def test_transformers_integration_imports_lazily():
+    # florenz_kernels and its transformers integration import neither transformers nor triton until called
+    import pathlib
+    import subprocess
+    import sys
+
+    code = ("import sys, florenz_kernels, florenz_kernels.integrations.transformers as t; "
+            "assert callable(t.register_transformers_attention); "
+            "print(sorted(m for m in ('transformers', 'triton') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]"
 
 
 # ---- static GPU checks (no GPU): every config compiles for sm_80 / sm_90, no spills, shared memory fits --------

@@ -24,7 +24,7 @@ from florenz_fast.text import (
     shift_right,
     strip_prefix,
 )
-from tests.tokenizer_fixtures import make_bart_like_tokenizer, make_gemma_like_tokenizer
+from tests.helpers.tokenizer_fixtures import make_bart_like_tokenizer, make_gemma_like_tokenizer
 
 ROUND_TRIP = [
     "The image shows a dog running on the beach.",

@@ -25,6 +25,7 @@ def _throughput_module():
 
     spec = importlib.util.spec_from_file_location("florenz_bench_throughput", ROOT / "bench" / "throughput.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass (ThroughputConfig) looks its module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -57,9 +58,9 @@ def test_flop_convention_is_checked():
 
 
 def test_short_cpu_run_writes_a_valid_report(tmp_path):
-    cmd = [sys.executable, str(ROOT / "bench" / "throughput.py"), "--preset", "tiny", "--samples", "8", "--batch", "4",
-           "--repeats", "1", "--mode", "train", "--train-configs", "published,dense", "--threads", "1",
-           "--sweep-batches", "2", "--out", str(tmp_path)]
+    cmd = [sys.executable, str(ROOT / "bench" / "throughput.py"), "--preset=tiny", "--samples=8", "--batch=4",
+           "--repeats=1", "--mode=train", "--train_configs=published,dense", "--threads=1", "--sweep_batches=2",
+           f"--out={tmp_path}"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "throughput.json").read_text())
@@ -85,7 +86,7 @@ def test_short_cpu_run_writes_a_valid_report(tmp_path):
 
 
 def test_scaling_estimate_is_labelled_and_consistent(tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--scaling", "--out", str(tmp_path)],
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--scaling", f"--out={tmp_path}"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     sc = json.loads((tmp_path / "throughput.json").read_text())["scaling"]

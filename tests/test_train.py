@@ -74,6 +74,34 @@ def test_activation_checkpointing_changes_nothing(policy):
     assert ckpt.state_dict().keys() == ref.state_dict().keys()
 
 
+def test_selective_checkpointing_saves_the_triton_attention_forward(monkeypatch):
+    # The `triton` backend's attention forward is on the save list: under the selective policy the backward reads
+    # its saved (out, lse) instead of running the kernel's forward again.
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    from florenz_fast.distributed import _selective_policy
+    from florenz_kernels import softcap_attention as sa
+    from tests.triton_interpreter import DEVICE  # first: switches the interpreter on without CUDA
+
+    assert _selective_policy(None, torch.ops.florenz.softcap_attention_fwd.default) == CheckpointPolicy.MUST_SAVE
+    assert _selective_policy(None, torch.ops.aten.exp.default) == CheckpointPolicy.PREFER_RECOMPUTE
+    calls = []
+    forward = sa._forward
+    monkeypatch.setattr(sa, "_forward", lambda *args: calls.append(1) or forward(*args))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+
+    def layer(q, k, v):
+        return sa.softcap_attention(q, k, v, softcap=5.0)[0].sin()
+
+    for policy, runs in ((_selective_policy, 1), (lambda ctx, op, *a, **kw: CheckpointPolicy.PREFER_RECOMPUTE, 2)):
+        calls.clear()
+        out = checkpoint(layer, q, k, v, use_reentrant=False,
+                         context_fn=lambda: create_selective_checkpoint_contexts(policy))
+        out.sum().backward()
+        assert len(calls) == runs  # 2: the recompute-everything policy runs the forward kernel again in backward
+
+
 def test_resume_is_exact(tmp_path):
     args = QUICK + ["--steps=8", "--save_every=4"]
     train(parse_args(args + [f"--out={tmp_path / 'whole'}"]))

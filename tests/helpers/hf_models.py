@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import (BartConfig, Florence2Config, Florence2ForConditionalGeneration, Florence2VisionConfig,
-                          Gemma2Config, Gemma2ForCausalLM)
+from transformers import (
+    BartConfig,
+    Florence2Config,
+    Florence2ForConditionalGeneration,
+    Florence2VisionConfig,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+)
 
 from florenz_fast.config import FlorenzConfig
+
+if TYPE_CHECKING:
+    from florenz_fast.florenz import Florenz
 
 IMAGE_TOKEN_ID = 511  # a row of the tiny encoder vocabulary, used by transformers as the image placeholder
 
@@ -56,7 +67,7 @@ def florence2_reference(cfg: FlorenzConfig, seed: int = 0) -> Florence2ForCondit
     return model
 
 
-def gemma_pair(directory) -> tuple[Gemma2ForCausalLM, "Florenz"]:
+def gemma_pair(directory) -> tuple[Gemma2ForCausalLM, Florenz]:
     """A random tiny Gemma2ForCausalLM (seed 1) and the `tiny` Florenz holding its weights through our Gemma-2
     importer (saved to and read from `directory`); the gates stay 0, so the decoder is that Gemma-2."""
     from florenz_fast.config import get_config
