@@ -376,7 +376,8 @@ def host_layout(n_image_tokens: int, prompt_lengths: list[int], label_lengths: l
         enc_len += [pad_enc] + [0] * (M - n)
         dec_len += [pad_dec] + [0] * (M - n)
         max_q, max_k = decoder_tokens, encoder_tokens  # the bounds: constant, so one graph for every batch
-    return dict(encoder_index=torch.tensor(index, dtype=torch.long), encoder_cu_seqlens=cu_seqlens_from_lengths(enc_len),
+    return dict(encoder_index=torch.tensor(index, dtype=torch.long),
+                encoder_cu_seqlens=cu_seqlens_from_lengths(enc_len),
                 encoder_positions=torch.tensor(enc_pos, dtype=torch.long)[None],
                 decoder_positions=torch.tensor(dec_pos, dtype=torch.long)[None],
                 max_seqlen_q=max_q, max_seqlen_k=max_k, host_prompt_lengths=list(prompt_lengths),
@@ -567,7 +568,8 @@ class Loader:
         if mode not in MODES:
             raise ValueError(f"mode must be 'packed', 'padded' or 'static', got {mode!r}")
         if mode == "static" and (not isinstance(max_samples, int) or max_samples < 1):
-            raise ValueError(f"static mode needs max_samples >= 1 (the fixed number of image slots), got {max_samples!r}")
+            raise ValueError(f"static mode needs max_samples >= 1 (the fixed number of image slots), "
+                             f"got {max_samples!r}")
         if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
             raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
         if mode == "padded":

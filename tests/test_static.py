@@ -15,8 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from florenz_fast import ops
 from florenz_fast.config import get_config
 from florenz_fast.florenz import Florenz
-from florenz_fast.packing import (Batch, InputLimits, ListPipeline, Loader, collate, collate_packed,
-                                  collate_static)
+from florenz_fast.packing import Batch, InputLimits, ListPipeline, Loader, collate, collate_packed, collate_static
 
 TOL = 1e-5
 
@@ -190,7 +189,8 @@ def test_collation_checks_ids_and_positions_with_the_models_messages():
         with pytest.raises(ValueError, match="exceeds the 256 learned positions"):
             collate([bad], n_img, mode, limits=limits, max_samples=2, max_encoder_tokens=4096, max_decoder_tokens=48)
     # the BART decoder has a learned-position table too; Gemma's RoPE has none
-    assert InputLimits.from_config(get_config("tiny-bart")).decoder_positions == 256 and limits.decoder_positions is None
+    assert InputLimits.from_config(get_config("tiny-bart")).decoder_positions == 256
+    assert limits.decoder_positions is None
     # and without host checks the model still raises its own clear error (CPU caller)
     model = model_for("tiny")
     b = collate_static([good], n_img, **BOUNDS)
