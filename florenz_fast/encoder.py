@@ -57,10 +57,22 @@ class LearnedPositions(nn.Embedding):
     def __init__(self, max_positions: int, d: int):
         super().__init__(max_positions + self.OFFSET, d)
 
-    def forward(self, positions_BL):  # type: ignore[override]
-        if int(positions_BL.max()) + self.OFFSET >= self.num_embeddings:
-            raise ValueError(f"sequence of {int(positions_BL.max()) + 1} positions exceeds the "
-                             f"{self.num_embeddings - self.OFFSET} learned positions")
+    def forward(self, positions_BL, bound: int | None = None, checked: bool = False):  # type: ignore[override]
+        """`bound`: 1 + the largest position, known on the host (a Python int: the check reads no tensor);
+        `checked`: the positions were checked at collation (packing.check_limits), no check here. Otherwise
+        the positions are read: on CPU a ValueError, on a device torch._assert_async (no host sync)."""
+        table = self.num_embeddings - self.OFFSET
+        if checked:
+            pass
+        elif bound is not None:
+            if bound > table:
+                raise ValueError(f"sequence of {bound} positions exceeds the {table} learned positions")
+        elif positions_BL.device.type == "cpu":
+            if positions_BL.numel() and int(positions_BL.max()) >= table:
+                raise ValueError(f"sequence of {int(positions_BL.max()) + 1} positions exceeds the {table} "
+                                 f"learned positions")
+        else:
+            torch._assert_async((positions_BL < table).all(), f"positions exceed the {table} learned positions")
         return super().forward(positions_BL + self.OFFSET)
 
 
@@ -93,8 +105,10 @@ class BartStack(nn.Module):
         self.layernorm_embedding = nn.LayerNorm(d, eps=eps)
 
     def add_positions(self, x_BLd: torch.Tensor, layout: Layout) -> torch.Tensor:
-        pos = layout.positions(x_BLd.shape[1], x_BLd.device)
-        x = self.layernorm_embedding(x_BLd + self.embed_positions(pos).to(x_BLd.dtype))
+        L = x_BLd.shape[1]
+        pos = self.embed_positions(layout.positions(L, x_BLd.device), bound=layout.position_bound(L),
+                                   checked=layout.positions_checked)
+        x = self.layernorm_embedding(x_BLd + pos.to(x_BLd.dtype))
         return F.dropout(x, self.dropout, self.training)
 
 

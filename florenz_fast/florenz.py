@@ -25,6 +25,7 @@ from .config import FlorenzConfig
 from .encoder import Encoder
 from .gemma_decoder import GemmaDecoder
 from .modules import Layout
+from .packing import host_layout
 from .text import IGNORE_INDEX
 from .vision import DaViT, ImageTokenProjector, check_pixels
 
@@ -55,12 +56,17 @@ class Florenz(nn.Module):
         check_pixels(pixel_values, self.cfg)
         return self.projector(self.vision_tower(pixel_values))
 
-    def encode(self, pixel_values, input_ids, attention_mask=None, prompt_cu_seqlens=None):
-        """Encoder states and their layout. Padded: (B, S, d); packed: (1, sum S_i, d)."""
-        _check_ids("input_ids", input_ids, self.cfg.encoder.vocab_size)
+    def encode(self, pixel_values, input_ids, attention_mask=None, prompt_cu_seqlens=None, *, encoder_index=None,
+               encoder_cu_seqlens=None, encoder_positions=None, max_seqlen_k=None, inputs_checked=False):
+        """Encoder states and their layout. Padded: (B, S, d); packed: (1, sum S_i, d).
+
+        Packed input comes either with the host layout of packing.host_layout (encoder_index, encoder_cu_seqlens,
+        encoder_positions, max_seqlen_k: no device->host read) or with prompt_cu_seqlens alone, from which the
+        same layout is built here after one read of prompt_cu_seqlens (a device sync for a CUDA tensor)."""
+        check_ids("input_ids", input_ids, self.cfg.encoder.vocab_size, values=not inputs_checked)
         img_BNd = self.image_tokens(pixel_values)
         txt = self.encoder.embed_tokens(input_ids).to(img_BNd.dtype)
-        if prompt_cu_seqlens is None:
+        if prompt_cu_seqlens is None and encoder_index is None:
             if img_BNd.shape[0] != input_ids.shape[0]:
                 raise ValueError(f"{img_BNd.shape[0]} images but {input_ids.shape[0]} prompts")
             x = torch.cat([img_BNd, txt], dim=1)
@@ -69,26 +75,39 @@ class Florenz(nn.Module):
                 _check_mask("attention_mask", attention_mask, input_ids)
                 img_mask = torch.ones(img_BNd.shape[:2], dtype=torch.bool, device=x.device)
                 mask = torch.cat([img_mask, attention_mask.bool()], dim=1)  # image tokens are never masked
-            layout = Layout(mask=mask)
-        else:
+            return self.encoder(x, Layout(mask=mask)), Layout(mask=mask)
+        max_position = None
+        if encoder_index is None:  # only cu_seqlens: the host layout from one read of them
             bounds = prompt_cu_seqlens.tolist()
             if len(bounds) - 1 != img_BNd.shape[0]:
                 raise ValueError(f"{img_BNd.shape[0]} images but {len(bounds) - 1} packed prompts")
-            pieces = []
-            for i in range(len(bounds) - 1):
-                pieces += [img_BNd[i], txt[0, bounds[i]:bounds[i + 1]]]
-            x = torch.cat(pieces)[None]
-            lengths = [img_BNd.shape[1] + bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
-            layout = Layout.from_lengths(lengths, device=x.device)
+            lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+            host = host_layout(img_BNd.shape[1], lengths, [1] * len(lengths))
+            dev = img_BNd.device
+            encoder_index, encoder_cu_seqlens = host["encoder_index"].to(dev), host["encoder_cu_seqlens"].to(dev)
+            encoder_positions, max_seqlen_k = host["encoder_positions"].to(dev), host["max_seqlen_k"]
+            max_position = max_seqlen_k
+        elif encoder_cu_seqlens is None or max_seqlen_k is None:
+            raise ValueError("encoder_index needs encoder_cu_seqlens and max_seqlen_k (packing.host_layout)")
+        # [img_1 ; prompt_1 ; img_2 ; ...] in one gather over [all image tokens ; all prompt embeddings]
+        x = torch.cat([img_BNd.flatten(0, 1), txt[0]]).index_select(0, encoder_index)[None]
+        layout = Layout(cu_seqlens=encoder_cu_seqlens.to(torch.int32), max_seqlen=max_seqlen_k,
+                        pos_BL=encoder_positions, positions_checked=inputs_checked, max_position=max_position)
         return self.encoder(x, layout), layout
 
     def decode(self, decoder_input_ids, enc_states, enc_layout: Layout, decoder_attention_mask=None,
-               decoder_cu_seqlens=None) -> torch.Tensor:
-        """Final decoder hidden states (B, L, d) (before the tied lm_head)."""
-        _check_ids("decoder_input_ids", decoder_input_ids, self.cfg.decoder.vocab_size)
+               decoder_cu_seqlens=None, *, decoder_positions=None, max_seqlen_q=None,
+               inputs_checked=False) -> torch.Tensor:
+        """Final decoder hidden states (B, L, d) (before the tied lm_head). Packed: `max_seqlen_q` (Python int,
+        with `decoder_positions` from packing.host_layout) avoids the one read of decoder_cu_seqlens."""
+        check_ids("decoder_input_ids", decoder_input_ids, self.cfg.decoder.vocab_size, values=not inputs_checked)
         if decoder_cu_seqlens is not None:
-            lengths = (decoder_cu_seqlens[1:] - decoder_cu_seqlens[:-1]).tolist()
-            layout = Layout(cu_seqlens=decoder_cu_seqlens.to(torch.int32), max_seqlen=max(lengths))
+            max_position = None
+            if max_seqlen_q is None:
+                lengths = (decoder_cu_seqlens[1:] - decoder_cu_seqlens[:-1]).tolist()
+                max_seqlen_q = max_position = max(lengths)
+            layout = Layout(cu_seqlens=decoder_cu_seqlens.to(torch.int32), max_seqlen=max_seqlen_q,
+                            pos_BL=decoder_positions, positions_checked=inputs_checked, max_position=max_position)
         else:
             if decoder_attention_mask is not None:
                 _check_mask("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
@@ -115,13 +134,26 @@ class Florenz(nn.Module):
     # ---- the whole model ------------------------------------------------------------------------------
     def forward(self, pixel_values, input_ids, decoder_input_ids, *, attention_mask=None,
                 decoder_attention_mask=None, prompt_cu_seqlens=None, decoder_cu_seqlens=None,
-                labels=None, return_logits: bool = True) -> FlorenzOutput:
+                labels=None, return_logits: bool = True, encoder_index=None, encoder_cu_seqlens=None,
+                encoder_positions=None, decoder_positions=None, max_seqlen_q: int | None = None,
+                max_seqlen_k: int | None = None, inputs_checked: bool = False) -> FlorenzOutput:
         """With `labels`: `loss` (mean over target tokens) and `token_losses` (B, L). return_logits=False skips
-        the (B, L, V) logits (the loss then comes from `token_losses`, fused on the triton backend)."""
-        if (prompt_cu_seqlens is None) != (decoder_cu_seqlens is None):
+        the (B, L, V) logits (the loss then comes from `token_losses`, fused on the triton backend).
+
+        The host layout (encoder_index ... max_seqlen_k, packing.host_layout) and inputs_checked=True (ids and
+        positions checked at collation, packing.check_limits) come from `Batch.model_inputs(host_layout=True)`:
+        with them forward, loss and backward make no device->host read (DESIGN.md 13). Without them the model
+        checks ids and positions itself (CPU: ValueError; a device: torch._assert_async) and reads cu_seqlens once."""
+        packed_enc = prompt_cu_seqlens is not None or encoder_index is not None
+        if packed_enc != (decoder_cu_seqlens is not None):
             raise ValueError("packed input needs both prompt_cu_seqlens and decoder_cu_seqlens")
-        enc, enc_layout = self.encode(pixel_values, input_ids, attention_mask, prompt_cu_seqlens)
-        hidden = self.decode(decoder_input_ids, enc, enc_layout, decoder_attention_mask, decoder_cu_seqlens)
+        enc, enc_layout = self.encode(pixel_values, input_ids, attention_mask, prompt_cu_seqlens,
+                                      encoder_index=encoder_index, encoder_cu_seqlens=encoder_cu_seqlens,
+                                      encoder_positions=encoder_positions, max_seqlen_k=max_seqlen_k,
+                                      inputs_checked=inputs_checked)
+        hidden = self.decode(decoder_input_ids, enc, enc_layout, decoder_attention_mask, decoder_cu_seqlens,
+                             decoder_positions=decoder_positions, max_seqlen_q=max_seqlen_q,
+                             inputs_checked=inputs_checked)
         if labels is not None and labels.shape != decoder_input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} and decoder_input_ids "
                              f"{tuple(decoder_input_ids.shape)} differ in shape")
@@ -152,13 +184,20 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _check_ids(name: str, ids: torch.Tensor, vocab: int) -> None:
+def check_ids(name: str, ids: torch.Tensor, vocab: int, values: bool = True) -> None:
+    """Shape and dtype (host metadata, no read); with `values` the range too: on CPU a ValueError, on a device
+    torch._assert_async (reading min / max would be a device->host sync on every forward). The training loop
+    checks the ids at collation instead (packing.check_limits) and passes values=False (inputs_checked)."""
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
         shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"{name} must be an integer tensor (B, L), got {shape}")
     if ids.shape[1] == 0:
         raise ValueError(f"{name} is empty (length 0): every sequence needs at least one token")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+    if not values or not ids.numel():
+        return
+    if ids.device.type != "cpu":
+        torch._assert_async(((ids >= 0) & (ids < vocab)).all(), f"{name} has ids outside [0, {vocab})")
+    elif int(ids.min()) < 0 or int(ids.max()) >= vocab:
         raise ValueError(f"{name} has ids outside [0, {vocab}): min {int(ids.min())}, max {int(ids.max())}")
 
 

@@ -17,12 +17,20 @@ class Layout:
     """How a batch of token sequences is laid out.
 
     padded: x is (B, L, ...); `mask` (B, L) bool marks real tokens (None: all real).
-    packed: x is (1, T, ...) holding N sequences back to back; `cu_seqlens` (N+1,) int32 gives their bounds.
+    packed: x is (1, T, ...) holding N sequences back to back; `cu_seqlens` (N+1,) int32 gives their bounds,
+    `max_seqlen` (a Python int) bounds their lengths; `pos_BL` (1, T) int64 the position ids, when the loader
+    computed them on the host (static batches: the pad segment's positions are 0, not 0..len-1).
+    `positions_checked`: the position ids were checked against the learned-position tables on the host
+    (packing.check_limits), so the embedding skips its check; `max_position` (Python int): 1 + the largest
+    position id, when known on the host (the check then reads no tensor).
     """
 
     mask: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
+    pos_BL: torch.Tensor | None = None
+    positions_checked: bool = False
+    max_position: int | None = None
 
     @property
     def packed(self) -> bool:
@@ -30,13 +38,26 @@ class Layout:
 
     @staticmethod
     def from_lengths(lengths: list[int], device=None) -> "Layout":
-        return Layout(cu_seqlens=ops.cu_seqlens_from_lengths(lengths, device), max_seqlen=max(lengths))
+        return Layout(cu_seqlens=ops.cu_seqlens_from_lengths(lengths, device), max_seqlen=max(lengths),
+                      max_position=max(lengths))
 
     def positions(self, length: int, device=None) -> torch.Tensor:
         """Token positions: (1, T) restarting per packed segment, or (1, L) = 0..L-1 for right-padded input."""
+        if self.pos_BL is not None:
+            return self.pos_BL
         if self.packed:
-            return ops.positions_from_cu_seqlens(self.cu_seqlens)[None]
+            # no device->host read: the total comes from the shape (output_size), not from cu_seqlens[-1]
+            cu = self.cu_seqlens.long()
+            starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=length)
+            return (torch.arange(length, device=cu.device) - starts)[None]
         return torch.arange(length, device=device)[None]
+
+    def position_bound(self, length: int) -> int | None:
+        """1 + the largest position id if known on the host: padded input from its shape, packed from
+        `max_position`; None: unknown (the caller reads the positions)."""
+        if not self.packed:
+            return length
+        return self.max_position
 
 
 def attend(q_BLX, k_BSX, v_BSX, *, heads: int, kv_heads: int, q_layout: Layout, k_layout: Layout,

@@ -1,4 +1,4 @@
-"""Batches for training: padded or packed collation, a greedy token-budget packer, and a resumable loader.
+"""Batches for training: padded, packed or static collation, a greedy token-budget packer, and a resumable loader.
 
     loader = Loader(pipeline, mode="packed", n_image_tokens=cfg.num_image_tokens(),
                     max_encoder_tokens=4096, max_decoder_tokens=2048)
@@ -16,7 +16,20 @@ Two layouts of the same samples (i = 1..N, P_i prompt ids, L_i labels, I image t
             each sample's I image tokens in front of its prompt segment, so the encoder row is
             [img_1 ; prompt_1 ; img_2 ; prompt_2 ; ...]: self-attention is block-diagonal per sample on
             both sides (causal in the decoder) and decoder segment i cross-attends only to encoder segment i.
-Both give the same per-sample losses and gradients (tests/test_packing.py, 1e-5 in fp32).
+    static  packed, with every tensor shape fixed by the loader's bounds (M = max samples, E / D = encoder /
+            decoder token budgets), so torch.compile builds one graph and CUDA graphs replay it (DESIGN.md 13):
+            pixel_values (M, 3, S, S), unused image slots zero and never gathered into the encoder row;
+            input_ids (1, E + 1), decoder_input_ids / labels (1, D + 1); cu_seqlens (M + 2,): the n real
+            segments, one pad segment holding the rest of the row (>= 1 token on both sides, labels -100,
+            position ids 0), then M - n zero-length segments (cu_seqlens padded with its final offset).
+All three give the same per-sample losses and gradients (tests/test_packing.py, tests/test_static.py, 1e-5 fp32).
+
+Host layout (packed and static, `Batch.model_inputs(host_layout=True)`; static always): what the model would
+otherwise read back from the device, computed here from Python lists before the transfer: the encoder gather
+index (the [img_i ; prompt_i] row in one index_select over [all image tokens ; all prompt embeddings]), the
+encoder cu_seqlens, both sides' position ids, and max_seqlen_q / max_seqlen_k as Python ints. With it (and
+`inputs_checked=True`: ids and positions were checked here, `check_limits`) forward, loss and backward read
+nothing back from the device.
 
 Token accounting (Batch properties, Loader.efficiency()):
     real        encoder: sum (I + P_i); decoder: sum L_i (= target tokens, labels != -100)
@@ -68,19 +81,41 @@ class Batch:
     prompt_cu_seqlens: torch.Tensor | None = None  # packed mode, int32 (N+1,)
     decoder_cu_seqlens: torch.Tensor | None = None  # packed mode, int32 (N+1,)
     n_image_tokens: int = 0  # image tokens per sample, for the encoder token counts
+    # host layout (packed and static; see the module doc), computed by the collation from Python lists
+    encoder_index: torch.Tensor | None = None  # (T_enc,) int64 into [image tokens (M*I) ; prompt embeddings]
+    encoder_cu_seqlens: torch.Tensor | None = None  # int32 (segments+1,): [img_i ; prompt_i] bounds
+    encoder_positions: torch.Tensor | None = None  # (1, T_enc) int64, restarting per segment
+    decoder_positions: torch.Tensor | None = None  # (1, T_dec) int64
+    max_seqlen_q: int | None = None  # decoder segments, Python int (static: the bound, constant across batches)
+    max_seqlen_k: int | None = None  # encoder segments
+    static: bool = False  # static mode: the shapes above are fixed by the loader's bounds
+    host_prompt_lengths: list[int] | None = None  # real samples only (Python ints: no tensor read for accounting)
+    host_label_lengths: list[int] | None = None
+    inputs_checked: bool = False  # check_limits ran at collation (ids in range, positions within the tables)
 
     @property
     def packed(self) -> bool:
         return self.prompt_cu_seqlens is not None
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        """Keyword arguments for `Florenz.forward(**batch.model_inputs())`, labels included."""
-        out = dict(pixel_values=self.pixel_values, input_ids=self.input_ids,
-                   decoder_input_ids=self.decoder_input_ids, labels=self.labels)
+    def model_inputs(self, host_layout: bool = False) -> dict[str, Any]:
+        """Keyword arguments for `Florenz.forward(**batch.model_inputs())`, labels included.
+
+        host_layout=True (the training loop; static batches always) adds the host layout and, when check_limits
+        ran at collation, inputs_checked=True: the model then makes no device->host read (DESIGN.md 13)."""
+        out: dict[str, Any] = dict(pixel_values=self.pixel_values, input_ids=self.input_ids,
+                                   decoder_input_ids=self.decoder_input_ids, labels=self.labels)
         if self.packed:
-            out.update(prompt_cu_seqlens=self.prompt_cu_seqlens, decoder_cu_seqlens=self.decoder_cu_seqlens)
+            if self.static or host_layout:
+                out.update(encoder_index=self.encoder_index, encoder_cu_seqlens=self.encoder_cu_seqlens,
+                           encoder_positions=self.encoder_positions, decoder_positions=self.decoder_positions,
+                           max_seqlen_q=self.max_seqlen_q, max_seqlen_k=self.max_seqlen_k)
+            else:
+                out.update(prompt_cu_seqlens=self.prompt_cu_seqlens)
+            out.update(decoder_cu_seqlens=self.decoder_cu_seqlens)
         else:
             out.update(attention_mask=self.attention_mask, decoder_attention_mask=self.decoder_attention_mask)
+        if (self.static or host_layout) and self.inputs_checked:
+            out.update(inputs_checked=True)
         return out
 
     def _map(self, fn) -> "Batch":
@@ -100,23 +135,34 @@ class Batch:
     # ---- token accounting ----------------------------------------------------------------------------
     @property
     def num_samples(self) -> int:
-        return self.pixel_values.shape[0]
+        """Real samples (a static batch has more image slots: pixel_values.shape[0] = the loader's bound)."""
+        return len(self.keys)
+
+    @property
+    def num_slots(self) -> int:
+        """Segments in the tensors: samples, plus (static) the pad segment and the zero-length ones."""
+        return self.decoder_cu_seqlens.numel() - 1 if self.packed else self.num_samples
 
     @property
     def prompt_lengths(self) -> list[int]:
+        if self.host_prompt_lengths is not None:
+            return list(self.host_prompt_lengths)
         if self.packed:
             return (self.prompt_cu_seqlens[1:] - self.prompt_cu_seqlens[:-1]).tolist()
         return self.attention_mask.sum(1).tolist()
 
     @property
     def label_lengths(self) -> list[int]:
+        if self.host_label_lengths is not None:
+            return list(self.host_label_lengths)
         if self.packed:
             return (self.decoder_cu_seqlens[1:] - self.decoder_cu_seqlens[:-1]).tolist()
         return self.decoder_attention_mask.sum(1).tolist()
 
     @property
     def num_target_tokens(self) -> int:
-        """Tokens the loss is taken over (labels != -100)."""
+        """Tokens the loss is taken over (labels != -100). Read it before the transfer: on a device batch it is
+        a device->host read."""
         return int((self.labels != IGNORE_INDEX).sum())
 
     @property
@@ -136,6 +182,8 @@ class Batch:
     @property
     def allocated_encoder_tokens(self) -> int:
         """Encoder positions the model computes on, padding included."""
+        if self.static:
+            return self.encoder_index.numel()
         return self.num_samples * self.n_image_tokens + self.input_ids.numel()
 
     @property
@@ -145,9 +193,10 @@ class Batch:
     # ---- losses per sample ---------------------------------------------------------------------------
     def sample_index(self) -> torch.Tensor:
         """(N_tokens,) int64: the sample each decoder position belongs to, in `labels.flatten()` order."""
-        if self.packed:
+        if self.packed:  # static: the pad and zero-length segments get indices >= num_samples (sliced off below)
             lengths = (self.decoder_cu_seqlens[1:] - self.decoder_cu_seqlens[:-1]).long()
-            return torch.repeat_interleave(torch.arange(self.num_samples, device=lengths.device), lengths)
+            return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths,
+                                           output_size=self.labels.numel())
         N, L = self.labels.shape
         return torch.arange(N, device=self.labels.device).repeat_interleave(L)
 
@@ -174,19 +223,21 @@ class Batch:
         tok = token_losses.flatten()
         labels = self.labels.to(tok.device).flatten()
         idx = self.sample_index().to(tok.device)
-        sums = torch.zeros(self.num_samples, dtype=tok.dtype, device=tok.device).index_add(0, idx, tok)
-        counts = torch.zeros(self.num_samples, dtype=torch.long, device=tok.device).index_add(
+        sums = torch.zeros(self.num_slots, dtype=tok.dtype, device=tok.device).index_add(0, idx, tok)
+        counts = torch.zeros(self.num_slots, dtype=torch.long, device=tok.device).index_add(
             0, idx, (labels != IGNORE_INDEX).long())
-        return sums, counts
+        return sums[:self.num_samples], counts[:self.num_samples]
 
     def loss_by_key(self, logits: torch.Tensor) -> dict[str, tuple[float, int]]:
         """{task-language key: (sum of token losses, token count)} for logging; detached."""
         return self.group_by_key(*self.per_sample_token_losses(logits.detach()))
 
-    def group_by_key(self, sums: torch.Tensor, counts: torch.Tensor) -> dict[str, tuple[float, int]]:
-        """Per-sample (loss sum, token count), as from per_sample_token_losses, added up per key."""
+    def group_by_key(self, sums, counts) -> dict[str, tuple[float, int]]:
+        """Per-sample (loss sum, token count), as from per_sample_token_losses (tensors, or lists already read
+        back), added up per key."""
         out: dict[str, tuple[float, int]] = {}
-        for key, s, c in zip(self.keys, sums.tolist(), counts.tolist()):
+        sums, counts = (t.tolist() if isinstance(t, torch.Tensor) else list(t) for t in (sums, counts))
+        for key, s, c in zip(self.keys, sums, counts):
             s0, c0 = out.get(key, (0.0, 0))
             out[key] = (s0 + s, c0 + c)
         return out
@@ -232,6 +283,8 @@ def collate_padded(examples: Sequence[Example], n_image_tokens: int) -> Batch:
         attention_mask=attention_mask,
         decoder_attention_mask=decoder_attention_mask,
         n_image_tokens=n_image_tokens,
+        host_prompt_lengths=[len(ex.prompt_ids) for ex in examples],
+        host_label_lengths=[len(ex.labels) for ex in examples],
     )
 
 
@@ -251,15 +304,136 @@ def collate_packed(examples: Sequence[Example], n_image_tokens: int) -> Batch:
         prompt_cu_seqlens=cu_seqlens_from_lengths([len(t) for t in prompt]),
         decoder_cu_seqlens=cu_seqlens_from_lengths([len(t) for t in labels]),
         n_image_tokens=n_image_tokens,
+        **host_layout(n_image_tokens, [len(t) for t in prompt], [len(t) for t in labels]),
     )
 
 
-def collate(examples: Sequence[Example], n_image_tokens: int, mode: str) -> Batch:
+def collate_static(examples: Sequence[Example], n_image_tokens: int, *, max_samples: int,
+                   max_encoder_tokens: int, max_decoder_tokens: int) -> Batch:
+    """Packed, with shapes fixed by the bounds whatever the examples (see the module doc): M = max_samples
+    image slots, input_ids (1, E + 1), labels / decoder_input_ids (1, D + 1), cu_seqlens (M + 2,)."""
+    _check_examples(examples, n_image_tokens)
+    n, M = len(examples), max_samples
+    plen = [len(ex.prompt_ids) for ex in examples]
+    llen = [len(ex.labels) for ex in examples]
+    enc_real, dec_real = n * n_image_tokens + sum(plen), sum(llen)
+    if n > M or enc_real > max_encoder_tokens or dec_real > max_decoder_tokens:
+        raise ValueError(f"{n} examples with {enc_real} encoder / {dec_real} decoder tokens do not fit the static "
+                         f"bounds max_samples={M}, max_encoder_tokens={max_encoder_tokens}, "
+                         f"max_decoder_tokens={max_decoder_tokens}")
+    # one token more than the budget on each side: the pad segment is never empty, so no decoder query of it
+    # meets an empty key segment (a softmax over nothing) and every token belongs to a segment
+    E, D = max_encoder_tokens + 1, max_decoder_tokens + 1
+    input_ids = torch.full((1, E), ENCODER_PAD_ID, dtype=torch.long)
+    input_ids[0, :sum(plen)] = torch.as_tensor(sum((list(ex.prompt_ids) for ex in examples), []), dtype=torch.long)
+    labels = torch.full((1, D), IGNORE_INDEX, dtype=torch.long)
+    dec_in = torch.full((1, D), DECODER_PAD_ID, dtype=torch.long)
+    at = 0
+    for ex in examples:
+        t = torch.as_tensor(ex.labels, dtype=torch.long)
+        labels[0, at:at + len(t)] = t
+        dec_in[0, at:at + len(t)] = shift_right(t, DECODER_START_ID, DECODER_PAD_ID)
+        at += len(t)
+    pixels = torch.zeros((M, *examples[0].pixels.shape), dtype=examples[0].pixels.dtype)
+    pixels[:n] = torch.stack([ex.pixels for ex in examples])
+    zeros = [0] * (M - n)
+    return Batch(
+        pixel_values=pixels, input_ids=input_ids, decoder_input_ids=dec_in, labels=labels,
+        keys=[ex.key for ex in examples],
+        prompt_cu_seqlens=cu_seqlens_from_lengths(plen + [E - enc_real] + zeros),
+        decoder_cu_seqlens=cu_seqlens_from_lengths(llen + [D - dec_real] + zeros),
+        n_image_tokens=n_image_tokens, static=True,
+        **host_layout(n_image_tokens, plen, llen, slots=M, encoder_tokens=E, decoder_tokens=D),
+    )
+
+
+def host_layout(n_image_tokens: int, prompt_lengths: list[int], label_lengths: list[int], *,
+                slots: int | None = None, encoder_tokens: int | None = None,
+                decoder_tokens: int | None = None) -> dict[str, Any]:
+    """The packed model layout from Python lists (Batch fields; also what Florenz.forward computes for a caller
+    that passes only cu_seqlens). Packed: `slots` etc. None. Static: `slots` image slots (M), rows of
+    `encoder_tokens` / `decoder_tokens`; the pad segment (positions 0) fills each row, zero-length ones follow.
+
+    The encoder gather source is [image tokens of slot 0..M-1 (M*I rows) ; prompt embeddings of input_ids[0]]."""
+    n, I = len(prompt_lengths), n_image_tokens
+    M = n if slots is None else slots
+    index, enc_pos, dec_pos = [], [], []
+    at = 0  # next prompt id
+    for i, p in enumerate(prompt_lengths):
+        index += list(range(i * I, (i + 1) * I)) + list(range(M * I + at, M * I + at + p))
+        enc_pos += list(range(I + p))
+        at += p
+    for l_ in label_lengths:
+        dec_pos += list(range(l_))
+    enc_len = [I + p for p in prompt_lengths]
+    dec_len = list(label_lengths)
+    max_q, max_k = max(dec_len), max(enc_len)
+    if slots is not None:
+        pad_enc, pad_dec = encoder_tokens - len(index), decoder_tokens - len(dec_pos)
+        index += list(range(M * I + at, M * I + at + pad_enc))  # pad ids of input_ids, after the prompts
+        enc_pos += [0] * pad_enc  # positions 0: any value would do (pad outputs are never read), 0 is in every table
+        dec_pos += [0] * pad_dec
+        enc_len += [pad_enc] + [0] * (M - n)
+        dec_len += [pad_dec] + [0] * (M - n)
+        max_q, max_k = decoder_tokens, encoder_tokens  # the bounds: constant, so one graph for every batch
+    return dict(encoder_index=torch.tensor(index, dtype=torch.long),
+                encoder_cu_seqlens=cu_seqlens_from_lengths(enc_len),
+                encoder_positions=torch.tensor(enc_pos, dtype=torch.long)[None],
+                decoder_positions=torch.tensor(dec_pos, dtype=torch.long)[None],
+                max_seqlen_q=max_q, max_seqlen_k=max_k, host_prompt_lengths=list(prompt_lengths),
+                host_label_lengths=list(label_lengths))
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What the model accepts, for the checks at collation (the model itself then reads nothing back)."""
+
+    encoder_vocab: int
+    decoder_vocab: int
+    encoder_positions: int | None = None  # learned encoder positions per segment (image tokens + prompt)
+    decoder_positions: int | None = None  # learned decoder positions (BART decoder); None: RoPE, no table
+
+    @staticmethod
+    def from_config(cfg) -> "InputLimits":
+        """From a FlorenzConfig."""
+        return InputLimits(cfg.encoder.vocab_size, cfg.decoder.vocab_size, cfg.encoder.max_positions,
+                           cfg.decoder.max_positions if cfg.decoder.kind == "bart" else None)
+
+
+def check_limits(examples: Sequence[Example], n_image_tokens: int, limits: InputLimits) -> None:
+    """Ids in range and sequences within the position tables, on Python lists, with the model's own messages
+    (florenz.check_ids, encoder.LearnedPositions): the checks the model would otherwise make on the device."""
+    for name, vocab, seqs in (("input_ids", limits.encoder_vocab, [ex.prompt_ids for ex in examples]),
+                              ("labels", limits.decoder_vocab, [ex.labels for ex in examples])):
+        ids = [t for s in seqs for t in s if not (name == "labels" and t == IGNORE_INDEX)]
+        if ids and (min(ids) < 0 or max(ids) >= vocab):
+            raise ValueError(f"{name} has ids outside [0, {vocab}): min {min(ids)}, max {max(ids)}")
+    for table, lengths in ((limits.encoder_positions, [n_image_tokens + len(ex.prompt_ids) for ex in examples]),
+                           (limits.decoder_positions, [len(ex.labels) for ex in examples])):
+        if table is not None and max(lengths) > table:
+            raise ValueError(f"sequence of {max(lengths)} positions exceeds the {table} learned positions")
+
+
+MODES = ("packed", "padded", "static")
+
+
+def collate(examples: Sequence[Example], n_image_tokens: int, mode: str, *, limits: InputLimits | None = None,
+            max_samples: int | None = None, max_encoder_tokens: int | None = None,
+            max_decoder_tokens: int | None = None) -> Batch:
+    """`limits`: check ids and positions here, on the host (the batch is then marked inputs_checked)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'packed', 'padded' or 'static', got {mode!r}")
+    if limits is not None:
+        _check_examples(examples, n_image_tokens)
+        check_limits(examples, n_image_tokens, limits)
     if mode == "packed":
-        return collate_packed(examples, n_image_tokens)
-    if mode == "padded":
-        return collate_padded(examples, n_image_tokens)
-    raise ValueError(f"mode must be 'packed' or 'padded', got {mode!r}")
+        batch = collate_packed(examples, n_image_tokens)
+    elif mode == "padded":
+        batch = collate_padded(examples, n_image_tokens)
+    else:
+        batch = collate_static(examples, n_image_tokens, max_samples=max_samples,
+                               max_encoder_tokens=max_encoder_tokens, max_decoder_tokens=max_decoder_tokens)
+    return dataclasses.replace(batch, inputs_checked=True) if limits is not None else batch
 
 
 # ----------------------------------------------------------------------------------------------- Packer
@@ -361,10 +535,13 @@ class _Counters:
 
 
 class Loader:
-    """DataPipeline -> Batches, packed or padded, sharded over ranks, exactly resumable.
+    """DataPipeline -> Batches, packed, static or padded, sharded over ranks, exactly resumable.
 
     mode="packed": greedy `Packer` under max_encoder_tokens / max_decoder_tokens (and max_samples, None =
-    no cap); mode="padded": `batch_size` examples per batch (the token budgets, if given, are ignored).
+    no cap); mode="static": the same packer and batches (max_samples required), collated with fixed shapes
+    (collate_static); mode="padded": `batch_size` examples per batch (the token budgets, if given, are ignored).
+    `limits` (InputLimits): ids and positions are checked at collation, on the host, and the batches are
+    marked inputs_checked (the model then skips its own, device-reading checks).
 
     Sharding: every rank draws the same global batch sequence from an identically seeded pipeline and rank
     r takes global batches r, r + world, r + 2*world, ... Each call to `next` builds one round of `world`
@@ -387,9 +564,12 @@ class Loader:
 
     def __init__(self, pipeline, *, mode: str, n_image_tokens: int, max_encoder_tokens: int | None = None,
                  max_decoder_tokens: int | None = None, batch_size: int | None = None,
-                 max_samples: int | None = None, rank: int = 0, world: int = 1):
-        if mode not in ("packed", "padded"):
-            raise ValueError(f"mode must be 'packed' or 'padded', got {mode!r}")
+                 max_samples: int | None = None, rank: int = 0, world: int = 1, limits: InputLimits | None = None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be 'packed', 'padded' or 'static', got {mode!r}")
+        if mode == "static" and (not isinstance(max_samples, int) or max_samples < 1):
+            raise ValueError(f"static mode needs max_samples >= 1 (the fixed number of image slots), "
+                             f"got {max_samples!r}")
         if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
             raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
         if mode == "padded":
@@ -398,13 +578,14 @@ class Loader:
             self.packer = None
         else:
             if max_encoder_tokens is None or max_decoder_tokens is None:
-                raise ValueError("packed mode needs max_encoder_tokens and max_decoder_tokens")
+                raise ValueError(f"{mode} mode needs max_encoder_tokens and max_decoder_tokens")
             self.packer = Packer(n_image_tokens, max_encoder_tokens, max_decoder_tokens, max_samples)
         self.pipeline = pipeline
         self.mode, self.n_image_tokens = mode, n_image_tokens
         self.max_encoder_tokens, self.max_decoder_tokens = max_encoder_tokens, max_decoder_tokens
         self.batch_size, self.max_samples = batch_size, max_samples
         self.rank, self.world = rank, world
+        self.limits = limits
         self.next_global_batch = 0  # index of the first global batch of the next round
         self.stats = _Counters()  # over the batches this rank yielded
         self._it: Iterator | None = None
@@ -468,14 +649,15 @@ class Loader:
             if r == self.rank:
                 mine = examples
         self.next_global_batch += self.world
-        batch = collate(mine, self.n_image_tokens, self.mode)
+        batch = collate(mine, self.n_image_tokens, self.mode, limits=self.limits, max_samples=self.max_samples,
+                        max_encoder_tokens=self.max_encoder_tokens, max_decoder_tokens=self.max_decoder_tokens)
         self.stats.add(batch)
         return batch
 
     # ---- resume -------------------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
         """What fixes the global batch sequence (besides the pipeline): must match on resume."""
-        if self.mode == "packed":
+        if self.mode in ("packed", "static"):
             return dict(mode=self.mode, n_image_tokens=self.n_image_tokens, max_encoder_tokens=self.max_encoder_tokens,
                         max_decoder_tokens=self.max_decoder_tokens, max_samples=self.max_samples)
         return dict(mode=self.mode, n_image_tokens=self.n_image_tokens, batch_size=self.batch_size)
@@ -504,7 +686,7 @@ class Loader:
         for side, budget in (("encoder", self.max_encoder_tokens), ("decoder", self.max_decoder_tokens)):
             real, alloc = getattr(s, f"{side}_real"), getattr(s, f"{side}_allocated")
             d = {"real": real, "allocated": alloc, "efficiency": real / alloc if alloc else None}
-            if self.mode == "packed":
+            if self.mode in ("packed", "static"):
                 d["budget"] = s.batches * budget
                 d["fill"] = real / d["budget"] if s.batches else None
             out[side] = d

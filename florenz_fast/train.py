@@ -71,10 +71,10 @@ class DataConfig:
     path: str = ""  # manifest JSONL, or comma-separated tar shards
     tokenizers: str = ""  # dir holding encoder/ and decoder/ tokenizer.json; synthetic: built into <out>/tokenizers
     synthetic_images: int = 512
-    mode: str = "packed"  # packed | padded
-    max_encoder_tokens: int = 768  # packed: image tokens + prompts per micro-batch
-    max_decoder_tokens: int = 384  # packed: target tokens per micro-batch
-    batch_size: int = 24  # padded: samples per micro-batch; packed: at most this many samples
+    mode: str = "packed"  # packed | padded | static (packed with fixed shapes: one compiled graph, DESIGN.md 13)
+    max_encoder_tokens: int = 768  # packed / static: image tokens + prompts per micro-batch
+    max_decoder_tokens: int = 384  # packed / static: target tokens per micro-batch
+    batch_size: int = 24  # padded: samples per micro-batch; packed: at most this many samples; static: image slots
     caption_prefix: bool = False
 
 
@@ -93,7 +93,13 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights) | fp16 (autocast + loss scaling)
     activation_checkpointing: str = "none"  # none | full | selective
     parallel: str = "auto"  # auto (ddp when several processes) | none | ddp | fsdp
+    # torch.compile(fullgraph=True) of forward + loss (AOTAutograd compiles the backward with it); one graph per
+    # micro-batch shape, so --data.mode=static gives one graph for the whole run
     compile: bool = False
+    compile_backend: str = "inductor"  # inductor | aot_eager (tests: no C++ compile on the CPU) | eager
+    # CUDA: the compiled step replayed as CUDA graphs (torch.compile mode="reduce-overhead": forward and backward
+    # graphs captured, inputs copied into static buffers); needs --compile-able static batches
+    cuda_graphs: bool = False
     device: str = "auto"
     seed: int = 0
     out: str = "runs/tiny"
@@ -148,7 +154,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
     apply_overrides(cfg, rest)
     cfg.model.validate()
     for name, value, allowed in (("precision", cfg.precision, ("fp32", "bf16", "fp16")),
-                                 ("data.mode", cfg.data.mode, ("packed", "padded")),
+                                 ("data.mode", cfg.data.mode, ("packed", "padded", "static")),
                                  ("data.source", cfg.data.source, ("synthetic", "manifest", "tar"))):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -195,7 +201,7 @@ def _autocast(precision: str, device: torch.device):
 
 def _build_data(cfg: TrainConfig, world: World, out: Path):
     from . import data as data_mod
-    from .packing import Loader
+    from .packing import InputLimits, Loader
     from .text import load_decoder_tokenizer, load_encoder_tokenizer
 
     d = cfg.data
@@ -225,9 +231,25 @@ def _build_data(cfg: TrainConfig, world: World, out: Path):
                                      caption_prefix=d.caption_prefix)
     loader = Loader(pipeline, mode=d.mode, n_image_tokens=cfg.model.num_image_tokens(),
                     max_encoder_tokens=d.max_encoder_tokens, max_decoder_tokens=d.max_decoder_tokens,
-                    batch_size=d.batch_size, max_samples=d.batch_size if d.mode == "packed" else None,
-                    rank=world.rank, world=world.size)
+                    batch_size=d.batch_size, max_samples=d.batch_size if d.mode in ("packed", "static") else None,
+                    rank=world.rank, world=world.size, limits=InputLimits.from_config(cfg.model))
     return pipeline, loader, tok_dir
+
+
+def make_forward_loss(module: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    """`fn(inputs) -> token_losses`: forward and per-token loss of one micro-batch (the loop sums them per sample).
+    --compile: torch.compile'd with fullgraph=True (a graph break is an error, not a slow step); AOTAutograd
+    compiles the backward of the same graph. --cuda_graphs (CUDA): mode="reduce-overhead", the forward and
+    backward graphs replayed as CUDA graphs (the optimizer step stays outside: fused AdamW, no host read)."""
+    def forward_loss(inputs: dict) -> torch.Tensor:
+        return module(**inputs, return_logits=False).token_losses
+
+    if cfg.cuda_graphs and device.type != "cuda":
+        raise ValueError("cuda_graphs needs a CUDA device")
+    if not (cfg.compile or cfg.cuda_graphs):
+        return forward_loss
+    mode = "reduce-overhead" if cfg.cuda_graphs else None
+    return torch.compile(forward_loss, fullgraph=True, dynamic=False, backend=cfg.compile_backend, mode=mode)
 
 
 def export_final(model, cfg: TrainConfig, path: Path, world: World) -> Path | None:
@@ -263,7 +285,8 @@ def train(cfg: TrainConfig) -> dict:
     pipeline, loader, tok_dir = _build_data(cfg, world, out)
     torch.manual_seed(cfg.seed + 1 + world.rank)  # dropout streams differ per rank
     train_module = wrap_model(model, world, parallel=cfg.parallel,
-                              activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
+                              activation_checkpointing=cfg.activation_checkpointing)
+    forward_loss = make_forward_loss(train_module, cfg, world.device)
     optimizer = build_optimizer(train_module, cfg.optim, world.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.steps))
     scaler = torch.amp.GradScaler(world.device.type, enabled=cfg.precision == "fp16")
@@ -296,27 +319,30 @@ def train(cfg: TrainConfig) -> dict:
     for step in bar:
         t0 = time.perf_counter()
         micro = [next(it) for _ in range(cfg.grad_accum)]
-        n_tokens = all_reduce_sum(torch.tensor(float(sum(b.num_target_tokens for b in micro)),
-                                               device=world.device), world)
-        stats = torch.zeros(3, device=world.device)  # loss sum, target tokens, samples (this rank)
-        by_key: dict[str, list[float]] = {}
-        encoder_tokens = 0
+        # counted on the host, before the transfer (the CPU batches): no device->host read in the step
+        local = [float(sum(b.num_target_tokens for b in micro)), float(sum(b.num_samples for b in micro)),
+                 float(sum(b.num_encoder_tokens for b in micro))]
+        n_tokens = all_reduce_sum(torch.tensor(local[0], device=world.device), world)
+        loss_sum = torch.zeros((), device=world.device)
+        per_sample = []  # (batch, loss sums, token counts) per micro-batch, read once after the step
         for i, batch in enumerate(micro):
-            batch = batch.to(world.device)
-            inputs = batch.model_inputs()
+            batch = batch.to(world.device, non_blocking=True)
+            inputs = batch.model_inputs(host_layout=True)
+            if cfg.cuda_graphs:  # a new replay: the previous micro-batch's graph outputs are consumed
+                torch.compiler.cudagraph_mark_step_begin()
             with no_sync(train_module, i < len(micro) - 1), _autocast(cfg.precision, world.device):
                 # per-token losses without (B, L, V) logits: the fused loss on the triton backend
-                token_losses = train_module(**inputs, return_logits=False).token_losses
+                token_losses = forward_loss(inputs)
             sums, counts = batch.per_sample_sums(token_losses)  # per sample: loss sum, target tokens
             loss = sums.sum() * world.size / n_tokens  # DDP / FSDP2 average gradients over ranks
             scaler.scale(loss).backward()
-            stats += torch.tensor([sums.sum().item(), float(counts.sum()), float(batch.num_samples)],
-                                  device=world.device)
-            _add_by_key(by_key, batch.group_by_key(sums.detach(), counts))
-            encoder_tokens += batch.num_encoder_tokens
+            loss_sum += sums.detach().sum()
+            per_sample.append((batch, sums.detach(), counts))
         scaler.unscale_(optimizer)
         grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
                      if cfg.optim.grad_clip else torch.tensor(0.0))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor (replicated), as a plain tensor for the copy below
+            grad_norm = grad_norm.full_tensor()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -324,29 +350,37 @@ def train(cfg: TrainConfig) -> dict:
         if prof is not None:
             prof.step()
 
-        stats = all_reduce_sum(stats, world)
+        # after the step: one device->host copy of everything the log needs
+        stats = all_reduce_sum(torch.cat([loss_sum.float().view(1), torch.tensor(local, device=world.device)]), world)
+        values = torch.cat([stats, (stats[0] / stats[1]).view(1), grad_norm.detach().float().view(1).to(world.device)]
+                           + [t.float() for _, sums, counts in per_sample for t in (sums, counts)]).tolist()
+        stats, step_loss, grad_norm, at = values[:4], values[4], values[5], 6
+        by_key: dict[str, list[float]] = {}
+        for b, sums, _ in per_sample:
+            n = sums.numel()
+            _add_by_key(by_key, b.group_by_key(values[at:at + n], [int(c) for c in values[at + n:at + 2 * n]]))
+            at += 2 * n
         by_key = _merge_across_ranks(by_key, world)
-        encoder_tokens = int(all_reduce_sum(torch.tensor(float(encoder_tokens), device=world.device), world))
-        step_loss = (stats[0] / stats[1]).item()
+        encoder_tokens = int(stats[3])
         losses.append(step_loss)
         if world.device.type == "cuda":
             torch.cuda.synchronize(world.device)
         seconds = time.perf_counter() - t0
-        totals["tokens"] += stats[1].item()
-        totals["samples"] += stats[2].item()
+        totals["tokens"] += stats[1]
+        totals["samples"] += stats[2]
         totals["seconds"] += seconds
         bar.set_postfix(loss=f"{step_loss:.4f}")
         done = step + 1
         if world.main:
-            samples = stats[2].item()
+            samples = stats[2]
             prompt_per_sample = encoder_tokens / max(samples, 1) - cfg.model.num_image_tokens()
-            flops = train_flops_per_sample(model, cfg.model, prompt_per_sample, stats[1].item() / max(samples, 1)) \
+            flops = train_flops_per_sample(model, cfg.model, prompt_per_sample, stats[1] / max(samples, 1)) \
                 * samples
             record = {
-                "step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                "step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "loss_by_key": {k: s / c for k, (s, c) in sorted(by_key.items()) if c},
-                "target_tokens": stats[1].item(), "samples": samples, "step_seconds": seconds,
-                "tokens_per_s": stats[1].item() / seconds, "samples_per_s": samples / seconds,
+                "target_tokens": stats[1], "samples": samples, "step_seconds": seconds,
+                "tokens_per_s": stats[1] / seconds, "samples_per_s": samples / seconds,
                 "tflops_per_s": flops / seconds / 1e12,
                 "mfu": (flops / seconds / 1e12 / peak / world.size) if peak else None,
                 "peak_memory_gib": peak_memory_gib(world.device), "loss_scale": scaler.get_scale()

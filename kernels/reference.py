@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "softcap", "cu_seqlens_from_lengths", "positions_from_cu_seqlens", "visibility_mask", "check_attention_inputs",
+    "softcap", "cu_seqlens_from_lengths", "positions_from_cu_seqlens", "segments_from_cu_seqlens", "visibility_mask",
+    "packed_visibility", "check_attention_inputs",
     "attention_block", "attention_reference", "softcap_attention_reference", "rms_norm_reference",
     "add_rms_norm_reference", "geglu_reference", "rotate_half", "rotary", "rope_reference", "rope_full_reference",
     "linear_cross_entropy_reference", "image_tokens_reference",
@@ -51,12 +52,19 @@ def cu_seqlens_from_lengths(lengths: list[int] | torch.Tensor, device=None) -> t
     return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
 
 
-def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Position of each packed token inside its own segment: [0..len0-1, 0..len1-1, ...] (int64)."""
-    total = int(cu_seqlens[-1])
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
-    return torch.arange(total, device=cu_seqlens.device) - starts
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """Position of each packed token inside its own segment: [0..len0-1, 0..len1-1, ...] (int64). Pass `total`
+    (the packed length, from a shape): without it cu_seqlens[-1] is read back to the host (a device sync)."""
+    return segments_from_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]) if total is None else total)[1]
+
+
+def segments_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment id, position inside the segment) of each of the `total` packed tokens, int64; zero-length segments
+    own no token. No device->host read: repeat_interleave with output_size (DESIGN.md 13)."""
+    cu = cu_seqlens.long()
+    seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu[1:] - cu[:-1],
+                                  output_size=total)
+    return seg, torch.arange(total, device=cu.device) - cu[:-1][seg]
 
 
 # ---- attention ---------------------------------------------------------------------------------------------
@@ -78,7 +86,9 @@ def check_attention_inputs(q, k, v, *, causal, window, key_padding_mask, cu_seql
                            name: str = "attention", check_values: bool = True) -> None:
     """ValueError naming the problem for a call outside the attention conventions (layouts, GQA, masks). With
     `check_values`, CPU cu_seqlens are also read on the host (start at 0, never decrease, end at the token
-    counts); CUDA ones never are (a device sync per call: it starved the GPU in packed training)."""
+    counts); CUDA ones never are (a device sync per call: it starved the GPU in packed training). ops.attention
+    passes check_values=False when the caller gave max_seqlen_q and max_seqlen_k: host metadata, so cu_seqlens
+    were built and checked on the host (packing.host_layout, Layout.from_lengths) and a static step reads nothing."""
     cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
     packed = cu_q is not None or cu_k is not None
     if packed and (cu_q is None or cu_k is None):
@@ -159,24 +169,32 @@ def attention_reference(q, k, v, *, scale, softcap=0.0, causal=False, window=Non
             visible = pad if visible is None else (visible[None, None] & pad)
         return attention_block(q, k, v, scale=scale, softcap=softcap, visible_BLS=visible, dropout_p=dropout_p,
                                return_lse=return_lse)
-    # packed: one segment at a time (the reference favours obviousness over speed)
-    out = torch.zeros_like(q)
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=_math_dtype(q.dtype), device=q.device)
-    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for i in range(len(bq) - 1):
-        qs, ks = slice(bq[i], bq[i + 1]), slice(bk[i], bk[i + 1])
-        L, S = qs.stop - qs.start, ks.stop - ks.start
-        if L == 0 or S == 0:  # no keys: zeros (and lse -inf)
-            continue
-        visible = visibility_mask(L, S, causal=causal, window=window, device=q.device)
-        seg = attention_block(q[qs].transpose(0, 1)[None], k[ks].transpose(0, 1)[None], v[ks].transpose(0, 1)[None],
-                              scale=scale, softcap=softcap, visible_BLS=visible, dropout_p=dropout_p,
-                              return_lse=return_lse)
-        if return_lse:
-            seg, seg_lse = seg
-            lse[:, qs] = seg_lse[0]
-        out[qs] = seg[0].transpose(0, 1)
-    return (out, lse) if return_lse else out
+    # packed: the whole row as one block under a block-diagonal (T, Tk) mask, query segment n seeing key segment n
+    # under the same causal / window rule. Segment ids and positions come from cu_seqlens and the shapes
+    # (repeat_interleave with output_size), so nothing is read back to the host (DESIGN.md 13). A masked key adds
+    # an exact 0 to the softmax sums, so this is the per-segment definition (float64 to rounding); zero-length
+    # segments own no rows, and the queries of a segment without keys see nothing: zeros (and lse -inf).
+    visible = packed_visibility(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], causal=causal, window=window)
+    res = attention_block(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale,
+                          softcap=softcap, visible_BLS=visible, dropout_p=dropout_p, return_lse=return_lse)
+    if return_lse:
+        return res[0][0].transpose(0, 1), res[1][0]
+    return res[0].transpose(0, 1)
+
+
+def packed_visibility(cu_seqlens_q, cu_seqlens_k, T: int, Tk: int, *, causal: bool, window: int | None):
+    """(T, Tk) bool: packed query t may see packed key s (same segment; causal bottom-right aligned per segment;
+    window). No device->host read."""
+    seg_q, pos_q = segments_from_cu_seqlens(cu_seqlens_q, T)
+    seg_k, pos_k = segments_from_cu_seqlens(cu_seqlens_k, Tk)
+    visible = seg_q[:, None] == seg_k[None, :]
+    if causal:  # query i of segment n sits at key position i + S_n - L_n
+        lq, lk = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long(), (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+        p = (pos_q + (lk - lq)[seg_q])[:, None]
+        visible = visible & (pos_k[None, :] <= p)
+        if window:
+            visible = visible & (p - pos_k[None, :] < window)
+    return visible
 
 
 def softcap_attention_reference(q, k, v, *, softcap: float = 0.0, scale: float | None = None, causal: bool = True,

@@ -32,7 +32,9 @@ environment variable. A chain "a+b" tries a, then b, for calls a backend does no
 `Unsupported`), and ends at the `torch` reference: "sdpa+triton" runs the encoder's and the vision tower's
 softcap-free attention on SDPA and the decoder's on the Triton kernel.
   dense  the reference math, but packed batches are gathered into one padded batch (one gather in, one out)
-         instead of a Python loop over segments: the fast plain-PyTorch path for packed softcap attention.
+         instead of the reference's (T, Tk) block-diagonal mask: the fast plain-PyTorch path for packed softcap
+         attention. No backend reads a tensor back to the host when the caller passes max_seqlen_q / max_seqlen_k
+         (DESIGN.md 13); without them the packed cu_seqlens are validated on the host (CPU tensors only).
   sdpa   torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient / CPU-fused kernels) for
          calls without softcap and window (packed ones gathered into a padded batch as in `dense`); raises
          Unsupported otherwise. Rows that see no key return zeros, as everywhere.

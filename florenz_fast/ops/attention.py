@@ -28,8 +28,11 @@ def attention(
     backend: str | None = None,
 ) -> torch.Tensor:
     """Softcapped, optionally causal / windowed, GQA attention over padded or packed batches (see florenz_fast.ops)."""
+    # cu_seqlens values are read only for a caller without host metadata (no max_seqlen_q / max_seqlen_k): see
+    # check_attention_inputs; the model always passes them, so its step reads nothing back (DESIGN.md 13)
     check_attention_inputs(q, k, v, causal=causal, window=window, key_padding_mask=key_padding_mask,
-                           cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+                           cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                           check_values=max_seqlen_q is None or max_seqlen_k is None)
     return dispatch("attention", backend, q, k, v, scale=scale, softcap=softcap, causal=causal, window=window or None,
                     key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p)

@@ -1,5 +1,6 @@
 """`dense` and `sdpa`: plain-PyTorch attention backends; packed batches are gathered into one padded batch (one
-gather in, one out) instead of the reference's Python loop over segments.
+gather in, one out) instead of the reference's (T, Tk) block-diagonal mask; no device->host read when the caller
+passes max_seqlen_q / max_seqlen_k (the padded widths).
 
   dense  the reference math (florenz_kernels.reference.attention_block) on the padded batch.
   sdpa   torch.nn.functional.scaled_dot_product_attention for calls without softcap and window (Unsupported
@@ -11,17 +12,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from florenz_kernels.reference import attention_block, visibility_mask
+from florenz_kernels.reference import attention_block, segments_from_cu_seqlens, visibility_mask
 
 from .registry import Unsupported, register_backend
 
 
-def _pad_index(cu: torch.Tensor, width: int) -> torch.Tensor:
-    """(N, width) row of each padded slot in the packed tensor; padding slots point at row T (a zero row)."""
+def _pad_index(cu: torch.Tensor, width: int, total: int) -> torch.Tensor:
+    """(N, width) row of each padded slot in the packed tensor of `total` rows; padding slots point at row `total`
+    (a zero row). `total` comes from the tensor's shape (= cu[-1]): no read of cu."""
     lengths = (cu[1:] - cu[:-1]).long()
     slots = torch.arange(width, device=cu.device)
     idx = cu[:-1, None].long() + slots[None]
-    return torch.where(slots[None] < lengths[:, None], idx, int(cu[-1]))
+    return torch.where(slots[None] < lengths[:, None], idx, total)
 
 
 def _gather_padded(x_THD: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -32,13 +34,17 @@ def _gather_padded(x_THD: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def _packed_as_padded(fn, q, k, v, *, causal, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       **kw):
-    """Run fn(q, k, v, visible_NLS) on the packed batch gathered into padded form; scatter the rows back."""
+    """Run fn(q, k, v, visible_NLS) on the packed batch gathered into padded form; scatter the rows back.
+
+    The padded widths are the caller's max_seqlen_q / max_seqlen_k (Python ints: the model passes the loader's);
+    only a caller without them has the lengths read back here (a device sync)."""
     lq, lk = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long(), (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
     Lmax = int(max_seqlen_q) if max_seqlen_q else int(lq.max()) if lq.numel() else 0
     Smax = int(max_seqlen_k) if max_seqlen_k else int(lk.max()) if lk.numel() else 0
-    if q.shape[0] == 0 or Lmax == 0:
+    T = q.shape[0]
+    if T == 0 or Lmax == 0:
         return torch.zeros_like(q)
-    iq, ik = _pad_index(cu_seqlens_q, Lmax), _pad_index(cu_seqlens_k, max(Smax, 1))
+    iq, ik = _pad_index(cu_seqlens_q, Lmax, T), _pad_index(cu_seqlens_k, max(Smax, 1), k.shape[0])
     pos_q = torch.arange(Lmax, device=q.device)[None, :, None]
     pos_k = torch.arange(max(Smax, 1), device=q.device)[None, None, :]
     visible = pos_k < lk[:, None, None]  # (N, L, S): real keys ...
@@ -48,8 +54,8 @@ def _packed_as_padded(fn, q, k, v, *, causal, window, cu_seqlens_q, cu_seqlens_k
         if window:
             visible = visible & (p - pos_k < window)
     out_N = fn(_gather_padded(q, iq), _gather_padded(k, ik), _gather_padded(v, ik), visible[:, None], **kw)
-    rows = (pos_q[0, :, 0][None] < lq[:, None]).flatten().nonzero()[:, 0]
-    return out_N.transpose(1, 2).flatten(0, 1).index_select(0, rows)
+    seg, pos = segments_from_cu_seqlens(cu_seqlens_q, T)  # packed row t sits in slot (seg, pos): static index math
+    return out_N.transpose(1, 2).flatten(0, 1).index_select(0, seg * Lmax + pos)
 
 
 def _dense_visible(q, k, causal, window, key_padding_mask):
