@@ -314,6 +314,7 @@ _RUN = ["--data.synthetic_images=32", "--data.mode=static", "--data.max_encoder_
         "--model.encoder.dropout=0", "--model.vision.drop_path=0"]
 
 
+@pytest.mark.slow
 def test_compiled_static_training_is_one_graph(tmp_path):
     """--compile: forward + loss (and AOTAutograd's backward) traced with fullgraph=True (a graph break fails);
     20 static batches of different contents give exactly one graph, and a recompile would raise. The losses
@@ -388,6 +389,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_triton_kernel_handles_zero_length_segments(tmp_path):
     """The fused kernel (Triton interpreter, fp32) with static cu_seqlens: zero-length segments at the end and
     inside, and a query segment without keys (zeros): forward and backward within 2x the fp32 reference's error."""
