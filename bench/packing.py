@@ -163,7 +163,8 @@ def calibrate_budgets(samples, n_img: int, batch_size: int, mean_enc: float, mea
 
 def make_batches(mode: str, samples, n_img: int, batch_size: int, budgets: tuple[int, int]):
     loader = Loader(ListPipeline(samples), mode=mode, n_image_tokens=n_img, batch_size=batch_size,
-                    max_encoder_tokens=budgets[0], max_decoder_tokens=budgets[1])
+                    max_encoder_tokens=budgets[0], max_decoder_tokens=budgets[1],
+                    max_samples=batch_size if mode == "static" else None)  # static: batch_size image slots
     t0 = time.perf_counter()
     batches = list(loader)
     return batches, time.perf_counter() - t0, loader.efficiency()

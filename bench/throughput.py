@@ -60,8 +60,9 @@ from florenz_fast.metrics import NVML, device_peak_tflops, train_flops_per_sampl
 
 TRAIN_CONFIGS = {"published": ("padded", "torch"), "torch": ("packed", "torch"), "dense": ("packed", "sdpa+dense"),
                  "triton": ("packed", "triton"), "sdpa+triton": ("packed", "sdpa+triton"),
-                 "flex": ("packed", "sdpa+flex")}
-GPU_ONLY = {"triton", "sdpa+triton", "flex"}
+                 "flex": ("packed", "sdpa+flex"), "static": ("static", "sdpa+dense"),
+                 "static-torch": ("static", "torch"), "static-triton": ("static", "triton")}
+GPU_ONLY = {"triton", "sdpa+triton", "flex", "static-triton"}
 SCHEMA_VERSION = 1
 
 
