@@ -161,10 +161,12 @@ def calibrate_budgets(samples, n_img: int, batch_size: int, mean_enc: float, mea
     raise SystemExit("could not find packed budgets matching the padded step count")
 
 
-def make_batches(mode: str, samples, n_img: int, batch_size: int, budgets: tuple[int, int]):
+def make_batches(mode: str, samples, n_img: int, batch_size: int, budgets: tuple[int, int], limits=None):
+    # static: batch_size image slots; `limits` (packing.InputLimits): ids and positions checked at collation, so
+    # the model reads nothing back (what the training loop does)
     loader = Loader(ListPipeline(samples), mode=mode, n_image_tokens=n_img, batch_size=batch_size,
                     max_encoder_tokens=budgets[0], max_decoder_tokens=budgets[1],
-                    max_samples=batch_size if mode == "static" else None)  # static: batch_size image slots
+                    max_samples=batch_size if mode == "static" else None, limits=limits)
     t0 = time.perf_counter()
     batches = list(loader)
     return batches, time.perf_counter() - t0, loader.efficiency()

@@ -57,11 +57,15 @@ from florenz_fast import cli, ops
 from florenz_fast.config import get_config
 from florenz_fast.florenz import Florenz, apply_trainable_policy
 from florenz_fast.metrics import NVML, device_peak_tflops, train_flops_per_sample
+from florenz_fast.packing import InputLimits
 
 TRAIN_CONFIGS = {"published": ("padded", "torch"), "torch": ("packed", "torch"), "dense": ("packed", "sdpa+dense"),
                  "triton": ("packed", "triton"), "sdpa+triton": ("packed", "sdpa+triton"),
                  "flex": ("packed", "sdpa+flex"), "static": ("static", "sdpa+dense"),
-                 "static-torch": ("static", "torch"), "static-triton": ("static", "triton")}
+                 "static-torch": ("static", "torch"), "static-triton": ("static", "triton"),
+                 "static-compiled": ("static", "torch")}
+# torch.compile(fullgraph=True, dynamic=False) of forward + loss (inductor; one graph for every static batch)
+COMPILED = {"static-compiled"}
 GPU_ONLY = {"triton", "sdpa+triton", "flex", "static-triton"}
 SCHEMA_VERSION = 1
 
@@ -159,15 +163,17 @@ def build_train_batches(cfg, samples, batch_size, configs):
     batches = {}
     for name in configs:
         mode = TRAIN_CONFIGS[name][0]
-        batches[name] = make_batches(mode, samples, n_img, batch_size, budgets)[0]
+        limits = InputLimits.from_config(cfg) if mode == "static" else None
+        batches[name] = make_batches(mode, samples, n_img, batch_size, budgets, limits)[0]
     return batches, budgets, scale
 
 
-def train_step(model, opt, batch, backend, device, precision):
+def train_step(model, opt, batch, backend, device, precision, forward_loss=None):
     ops.set_backend(backend)
     try:
         with _autocast(device, precision):
-            loss = model(**batch.model_inputs()).loss
+            inputs = batch.model_inputs()
+            loss = forward_loss(inputs) if forward_loss is not None else model(**inputs).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -196,10 +202,12 @@ def run_training(args, device, cfg, samples, configs, batch_size=None):
     torch.manual_seed(0)
     base_model = Florenz(copy.deepcopy(cfg))
     apply_trainable_policy(base_model)
-    models, opts = {}, {}
+    models, opts, steps = {}, {}, {}
     for name in configs:
         m = copy.deepcopy(base_model).to(device).train()
         models[name] = m
+        if name in COMPILED:  # the compiled forward + loss; compile time lands in the warm-up pass, untimed
+            steps[name] = torch.compile(lambda inputs, m=m: m(**inputs).loss, fullgraph=True, dynamic=False)
         opts[name] = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5,
                                        foreach=device.type == "cpu", fused=device.type == "cuda")
     # validation: the first samples' losses equal the baseline's (packed batches hold the first samples too)
@@ -225,7 +233,8 @@ def run_training(args, device, cfg, samples, configs, batch_size=None):
     peak_mem = {}
     for name in configs:  # warm-up: one whole pass (allocator, compiles, and Triton autotuning of every length
         for b in batches[name]:  # bucket the timed passes meet; the H100 runs of 2026-11-22 warmed 2 batches only)
-            train_step(models[name], opts[name], b.to(device), TRAIN_CONFIGS[name][1], device, args.precision)
+            train_step(models[name], opts[name], b.to(device), TRAIN_CONFIGS[name][1], device, args.precision,
+                       steps.get(name))
     _sync(device)
     for rep in range(args.repeats):
         for name in configs:
@@ -235,7 +244,8 @@ def run_training(args, device, cfg, samples, configs, batch_size=None):
             _sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             for b in on_device:
-                train_step(models[name], opts[name], b, TRAIN_CONFIGS[name][1], device, args.precision)
+                train_step(models[name], opts[name], b, TRAIN_CONFIGS[name][1], device, args.precision,
+                           steps.get(name))
             _sync(device)
             times[name].append(time.perf_counter() - t0)
             cpu_times[name].append(time.process_time() - c0)
