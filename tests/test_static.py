@@ -290,7 +290,7 @@ def test_the_guard_catches_a_read():
 
 @pytest.mark.parametrize("backend", ["torch", "dense", "sdpa", "flex"])
 @pytest.mark.parametrize("mode", ["padded", "static"])
-@pytest.mark.parametrize("preset", ["tiny", "small"])
+@pytest.mark.parametrize("preset", ["tiny", pytest.param("small", marks=pytest.mark.slow)])
 def test_training_step_reads_nothing_back(preset, mode, backend):
     """Forward, loss and backward of one training step with no device->host read (DESIGN.md 13). `flex` has no
     CPU backward: its calls fall through the chain to the torch reference, which must be read-free as well.
