@@ -19,9 +19,12 @@ Two layouts of the same samples (i = 1..N, P_i prompt ids, L_i labels, I image t
     static  packed, with every tensor shape fixed by the loader's bounds (M = max samples, E / D = encoder /
             decoder token budgets), so torch.compile builds one graph and CUDA graphs replay it (DESIGN.md 13):
             pixel_values (M, 3, S, S), unused image slots zero and never gathered into the encoder row;
-            input_ids (1, E + 1), decoder_input_ids / labels (1, D + 1); cu_seqlens (M + 2,): the n real
-            segments, one pad segment holding the rest of the row (>= 1 token on both sides, labels -100,
+            input_ids (1, E + P), decoder_input_ids / labels (1, D + 1); cu_seqlens (M + P + 1,): the n real
+            segments, P pad segments holding the rest of the row (each >= 1 encoder token, labels -100,
             position ids 0), then M - n zero-length segments (cu_seqlens padded with its final offset).
+            P = 1 and max_seqlen = the row, or, with segment bounds (max_segment_encoder / _decoder: the
+            longest sample), P = static_pad_segments(...) chunks no longer than the bounds, and max_seqlen_q/k
+            = the bounds: kernels that pad each segment to max_seqlen then do M + P small blocks, not M rows.
 All three give the same per-sample losses and gradients (tests/test_packing.py, tests/test_static.py, 1e-5 fp32).
 
 Host layout (packed and static, `Batch.model_inputs(host_layout=True)`; static always): what the model would
@@ -140,7 +143,7 @@ class Batch:
 
     @property
     def num_slots(self) -> int:
-        """Segments in the tensors: samples, plus (static) the pad segment and the zero-length ones."""
+        """Segments in the tensors: samples, plus (static) the pad segments and the zero-length ones."""
         return self.decoder_cu_seqlens.numel() - 1 if self.packed else self.num_samples
 
     @property
@@ -308,10 +311,41 @@ def collate_packed(examples: Sequence[Example], n_image_tokens: int) -> Batch:
     )
 
 
+def static_pad_segments(max_encoder_tokens: int, max_decoder_tokens: int, max_segment_encoder: int,
+                        max_segment_decoder: int) -> int:
+    """P, the fixed number of pad segments of a static batch: the smallest P >= 1 with which the pad of any batch
+    (at most E = max_encoder_tokens + P encoder and D = max_decoder_tokens + 1 decoder tokens) splits into P
+    chunks of at most max_segment_encoder / max_segment_decoder tokens, every encoder chunk non-empty.
+
+    Why: max_seqlen_k/q are the segment bounds, not the row (a kernel that pads each segment to max_seqlen, like
+    ops' `dense` backend, then computes (M + P) x S_q x S_k instead of M x E x D: at the bench's `small` shapes
+    E = 643, S_k = 92 that is 7x less attention per segment), so no segment may exceed them, the pad included.
+    An encoder pad chunk is never empty, so no decoder pad query meets an empty key segment (a softmax over
+    nothing)."""
+    if max_segment_encoder < 2 or max_segment_decoder < 1:
+        raise ValueError(f"segment bounds must be >= 2 (encoder) and >= 1 (decoder), got max_segment_encoder="
+                         f"{max_segment_encoder}, max_segment_decoder={max_segment_decoder}")
+    P = 1
+    while -(-(max_encoder_tokens + P) // P) > max_segment_encoder or -(-(max_decoder_tokens + 1) // P) > \
+            max_segment_decoder:
+        P += 1
+    return P
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """`total` as `parts` near-equal non-negative ints, larger first."""
+    q, r = divmod(total, parts)
+    return [q + 1] * r + [q] * (parts - r)
+
+
 def collate_static(examples: Sequence[Example], n_image_tokens: int, *, max_samples: int,
-                   max_encoder_tokens: int, max_decoder_tokens: int) -> Batch:
+                   max_encoder_tokens: int, max_decoder_tokens: int, max_segment_encoder: int | None = None,
+                   max_segment_decoder: int | None = None) -> Batch:
     """Packed, with shapes fixed by the bounds whatever the examples (see the module doc): M = max_samples
-    image slots, input_ids (1, E + 1), labels / decoder_input_ids (1, D + 1), cu_seqlens (M + 2,)."""
+    image slots, P pad segments (static_pad_segments; 1 without segment bounds), input_ids (1, E),
+    labels / decoder_input_ids (1, D), cu_seqlens (M + P + 1,), with E = max_encoder_tokens + P and
+    D = max_decoder_tokens + 1. `max_segment_encoder` (image tokens + prompt) / `max_segment_decoder` (labels)
+    bound one sample's segment and become max_seqlen_k / max_seqlen_q; None: the whole row (E / D)."""
     _check_examples(examples, n_image_tokens)
     n, M = len(examples), max_samples
     plen = [len(ex.prompt_ids) for ex in examples]
@@ -321,9 +355,20 @@ def collate_static(examples: Sequence[Example], n_image_tokens: int, *, max_samp
         raise ValueError(f"{n} examples with {enc_real} encoder / {dec_real} decoder tokens do not fit the static "
                          f"bounds max_samples={M}, max_encoder_tokens={max_encoder_tokens}, "
                          f"max_decoder_tokens={max_decoder_tokens}")
-    # one token more than the budget on each side: the pad segment is never empty, so no decoder query of it
-    # meets an empty key segment (a softmax over nothing) and every token belongs to a segment
-    E, D = max_encoder_tokens + 1, max_decoder_tokens + 1
+    if max_segment_encoder is None and max_segment_decoder is None:
+        P = 1  # one pad segment filling the rest of each row; max_seqlen = the row
+        S_k, S_q = max_encoder_tokens + 1, max_decoder_tokens + 1
+    else:
+        S_k = max_segment_encoder if max_segment_encoder is not None else max_encoder_tokens + 1
+        S_q = max_segment_decoder if max_segment_decoder is not None else max_decoder_tokens + 1
+        P = static_pad_segments(max_encoder_tokens, max_decoder_tokens, S_k, S_q)
+    for ex, p, l_ in zip(examples, plen, llen):
+        if n_image_tokens + p > S_k or l_ > S_q:
+            raise ValueError(f"example {ex.key!r} has {n_image_tokens} + {p} encoder / {l_} decoder tokens, over "
+                             f"the static segment bounds max_segment_encoder={S_k}, max_segment_decoder={S_q}")
+    # P tokens more than the budget on the encoder side, one on the decoder side: every encoder pad segment
+    # is non-empty, and every token belongs to a segment
+    E, D = max_encoder_tokens + P, max_decoder_tokens + 1
     input_ids = torch.full((1, E), ENCODER_PAD_ID, dtype=torch.long)
     input_ids[0, :sum(plen)] = torch.as_tensor(sum((list(ex.prompt_ids) for ex in examples), []), dtype=torch.long)
     labels = torch.full((1, D), IGNORE_INDEX, dtype=torch.long)
@@ -336,23 +381,26 @@ def collate_static(examples: Sequence[Example], n_image_tokens: int, *, max_samp
         at += len(t)
     pixels = torch.zeros((M, *examples[0].pixels.shape), dtype=examples[0].pixels.dtype)
     pixels[:n] = torch.stack([ex.pixels for ex in examples])
+    pad_enc, pad_dec = _split(E - enc_real, P), _split(D - dec_real, P)
     zeros = [0] * (M - n)
     return Batch(
         pixel_values=pixels, input_ids=input_ids, decoder_input_ids=dec_in, labels=labels,
         keys=[ex.key for ex in examples],
-        prompt_cu_seqlens=cu_seqlens_from_lengths(plen + [E - enc_real] + zeros),
-        decoder_cu_seqlens=cu_seqlens_from_lengths(llen + [D - dec_real] + zeros),
+        prompt_cu_seqlens=cu_seqlens_from_lengths(plen + pad_enc + zeros),
+        decoder_cu_seqlens=cu_seqlens_from_lengths(llen + pad_dec + zeros),
         n_image_tokens=n_image_tokens, static=True,
-        **host_layout(n_image_tokens, plen, llen, slots=M, encoder_tokens=E, decoder_tokens=D),
+        **host_layout(n_image_tokens, plen, llen, slots=M, encoder_tokens=E, decoder_tokens=D,
+                      pad_segments=P, max_seqlen=(S_q, S_k)),
     )
 
 
 def host_layout(n_image_tokens: int, prompt_lengths: list[int], label_lengths: list[int], *,
-                slots: int | None = None, encoder_tokens: int | None = None,
-                decoder_tokens: int | None = None) -> dict[str, Any]:
+                slots: int | None = None, encoder_tokens: int | None = None, decoder_tokens: int | None = None,
+                pad_segments: int = 1, max_seqlen: tuple[int, int] | None = None) -> dict[str, Any]:
     """The packed model layout from Python lists (Batch fields; also what Florenz.forward computes for a caller
     that passes only cu_seqlens). Packed: `slots` etc. None. Static: `slots` image slots (M), rows of
-    `encoder_tokens` / `decoder_tokens`; the pad segment (positions 0) fills each row, zero-length ones follow.
+    `encoder_tokens` / `decoder_tokens`; `pad_segments` near-equal pad segments (positions 0) fill each row,
+    zero-length ones follow; `max_seqlen` = (q, k) bounds (default: the rows).
 
     The encoder gather source is [image tokens of slot 0..M-1 (M*I rows) ; prompt embeddings of input_ids[0]]."""
     n, I = len(prompt_lengths), n_image_tokens
@@ -373,9 +421,10 @@ def host_layout(n_image_tokens: int, prompt_lengths: list[int], label_lengths: l
         index += list(range(M * I + at, M * I + at + pad_enc))  # pad ids of input_ids, after the prompts
         enc_pos += [0] * pad_enc  # positions 0: any value would do (pad outputs are never read), 0 is in every table
         dec_pos += [0] * pad_dec
-        enc_len += [pad_enc] + [0] * (M - n)
-        dec_len += [pad_dec] + [0] * (M - n)
-        max_q, max_k = decoder_tokens, encoder_tokens  # the bounds: constant, so one graph for every batch
+        enc_len += _split(pad_enc, pad_segments) + [0] * (M - n)
+        dec_len += _split(pad_dec, pad_segments) + [0] * (M - n)
+        # the bounds: constant, so one graph for every batch
+        max_q, max_k = max_seqlen if max_seqlen is not None else (decoder_tokens, encoder_tokens)
     return dict(encoder_index=torch.tensor(index, dtype=torch.long),
                 encoder_cu_seqlens=cu_seqlens_from_lengths(enc_len),
                 encoder_positions=torch.tensor(enc_pos, dtype=torch.long)[None],
@@ -419,7 +468,8 @@ MODES = ("packed", "padded", "static")
 
 def collate(examples: Sequence[Example], n_image_tokens: int, mode: str, *, limits: InputLimits | None = None,
             max_samples: int | None = None, max_encoder_tokens: int | None = None,
-            max_decoder_tokens: int | None = None) -> Batch:
+            max_decoder_tokens: int | None = None, max_segment_encoder: int | None = None,
+            max_segment_decoder: int | None = None) -> Batch:
     """`limits`: check ids and positions here, on the host (the batch is then marked inputs_checked)."""
     if mode not in MODES:
         raise ValueError(f"mode must be 'packed', 'padded' or 'static', got {mode!r}")
@@ -432,7 +482,8 @@ def collate(examples: Sequence[Example], n_image_tokens: int, mode: str, *, limi
         batch = collate_padded(examples, n_image_tokens)
     else:
         batch = collate_static(examples, n_image_tokens, max_samples=max_samples,
-                               max_encoder_tokens=max_encoder_tokens, max_decoder_tokens=max_decoder_tokens)
+                               max_encoder_tokens=max_encoder_tokens, max_decoder_tokens=max_decoder_tokens,
+                               max_segment_encoder=max_segment_encoder, max_segment_decoder=max_segment_decoder)
     return dataclasses.replace(batch, inputs_checked=True) if limits is not None else batch
 
 
@@ -564,7 +615,8 @@ class Loader:
 
     def __init__(self, pipeline, *, mode: str, n_image_tokens: int, max_encoder_tokens: int | None = None,
                  max_decoder_tokens: int | None = None, batch_size: int | None = None,
-                 max_samples: int | None = None, rank: int = 0, world: int = 1, limits: InputLimits | None = None):
+                 max_samples: int | None = None, rank: int = 0, world: int = 1, limits: InputLimits | None = None,
+                 max_segment_encoder: int | None = None, max_segment_decoder: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be 'packed', 'padded' or 'static', got {mode!r}")
         if mode == "static" and (not isinstance(max_samples, int) or max_samples < 1):
@@ -580,6 +632,11 @@ class Loader:
             if max_encoder_tokens is None or max_decoder_tokens is None:
                 raise ValueError(f"{mode} mode needs max_encoder_tokens and max_decoder_tokens")
             self.packer = Packer(n_image_tokens, max_encoder_tokens, max_decoder_tokens, max_samples)
+        if mode == "static" and (max_segment_encoder is not None or max_segment_decoder is not None):
+            # fail at construction, not at the first batch: the bounds must admit some pad layout
+            static_pad_segments(max_encoder_tokens, max_decoder_tokens, max_segment_encoder or max_encoder_tokens + 1,
+                                max_segment_decoder or max_decoder_tokens + 1)
+        self.max_segment_encoder, self.max_segment_decoder = max_segment_encoder, max_segment_decoder
         self.pipeline = pipeline
         self.mode, self.n_image_tokens = mode, n_image_tokens
         self.max_encoder_tokens, self.max_decoder_tokens = max_encoder_tokens, max_decoder_tokens
@@ -650,14 +707,15 @@ class Loader:
                 mine = examples
         self.next_global_batch += self.world
         batch = collate(mine, self.n_image_tokens, self.mode, limits=self.limits, max_samples=self.max_samples,
-                        max_encoder_tokens=self.max_encoder_tokens, max_decoder_tokens=self.max_decoder_tokens)
+                        max_encoder_tokens=self.max_encoder_tokens, max_decoder_tokens=self.max_decoder_tokens,
+                        max_segment_encoder=self.max_segment_encoder, max_segment_decoder=self.max_segment_decoder)
         self.stats.add(batch)
         return batch
 
     # ---- resume -------------------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
         """What fixes the global batch sequence (besides the pipeline): must match on resume."""
-        if self.mode in ("packed", "static"):
+        if self.mode in ("packed", "static"):  # (segment bounds change shapes, not which samples a batch holds)
             return dict(mode=self.mode, n_image_tokens=self.n_image_tokens, max_encoder_tokens=self.max_encoder_tokens,
                         max_decoder_tokens=self.max_decoder_tokens, max_samples=self.max_samples)
         return dict(mode=self.mode, n_image_tokens=self.n_image_tokens, batch_size=self.batch_size)

@@ -5,17 +5,25 @@ collation, and a guard under which any device->host read inside forward, loss an
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from florenz_fast import ops
 from florenz_fast.config import get_config
 from florenz_fast.florenz import Florenz
-from florenz_fast.packing import Batch, InputLimits, ListPipeline, Loader, collate, collate_packed, collate_static
+from florenz_fast.packing import (
+    Batch,
+    InputLimits,
+    ListPipeline,
+    Loader,
+    collate,
+    collate_packed,
+    collate_static,
+    static_pad_segments,
+)
+from tests.helpers.sync_guard import DeviceHostRead, no_device_host_reads
 
 TOL = 1e-5
 
@@ -51,6 +59,11 @@ RAGGED = [(1, 2), (7, 13), (3, 5), (12, 9), (5, 2)]
 BOUNDS = dict(max_samples=8, max_encoder_tokens=160, max_decoder_tokens=48)  # 3 zero-length slots for RAGGED
 
 
+def segment_bounds(n_img: int) -> dict[str, int]:
+    """The longest RAGGED sample on each side: max_seqlen_k/q become these, the pad splits into P chunks."""
+    return dict(max_segment_encoder=n_img + max(p for p, _ in RAGGED), max_segment_decoder=max(l_ for _, l_ in RAGGED))
+
+
 def _losses_and_grads(model: Florenz, batch: Batch, host_layout: bool):
     model.zero_grad(set_to_none=True)
     out = model(**batch.model_inputs(host_layout=host_layout), return_logits=False)
@@ -60,14 +73,33 @@ def _losses_and_grads(model: Florenz, batch: Batch, host_layout: bool):
     return out.loss.detach(), sums.detach(), counts, grads
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-bart"])
-def test_static_equals_packed_losses_and_gradients(preset):
+@pytest.mark.parametrize("preset,bounded,backend", [("tiny", False, None), ("tiny-bart", False, None),
+                                                    ("tiny", True, None), ("tiny-bart", True, None),
+                                                    ("tiny", True, "dense"), ("tiny", False, "dense")])
+def test_static_equals_packed_losses_and_gradients(preset, bounded, backend):
+    """`bounded`: segment bounds, so max_seqlen is the longest sample and the pad is several segments; `dense`
+    (ops' backend that pads every segment to max_seqlen) is the kernel for which that matters."""
     model = model_for(preset)
     n_img = model.cfg.num_image_tokens()
     examples = [example(p, l_, seed=i) for i, (p, l_) in enumerate(RAGGED)]
     packed = collate_packed(examples, n_img)
-    static = collate_static(examples, n_img, **BOUNDS)
-    assert static.num_slots == BOUNDS["max_samples"] + 1 > len(examples) + 1  # zero-length segments exist
+    static = collate_static(examples, n_img, **BOUNDS, **(segment_bounds(n_img) if bounded else {}))
+    P = static.num_slots - BOUNDS["max_samples"]
+    if bounded:
+        assert (static.max_seqlen_k, static.max_seqlen_q) == tuple(segment_bounds(n_img).values())
+        assert P > 1
+    else:
+        assert P == 1
+    assert static.num_slots > len(examples) + P  # zero-length segments exist
+    if backend is not None:
+        ops.set_backend(backend)
+    try:
+        _static_equals_packed(model, packed, static)
+    finally:
+        ops.set_backend(None)
+
+
+def _static_equals_packed(model, packed, static):
     loss_pk, sums_pk, counts_pk, grads_pk = _losses_and_grads(model, packed, host_layout=False)
     for host in (False, True):  # packed with the host layout computes the same
         loss, sums, counts, grads = _losses_and_grads(model, packed, host_layout=host)
@@ -125,6 +157,48 @@ def test_static_layout_by_hand():
     assert b.num_encoder_tokens == 9 and b.allocated_encoder_tokens == 13 and b.allocated_decoder_tokens == 9
     with pytest.raises(ValueError, match="do not fit the static bounds"):
         collate_static(examples, 3, max_samples=1, max_encoder_tokens=12, max_decoder_tokens=8)
+
+
+def test_static_layout_with_segment_bounds_by_hand():
+    # the same 2 samples (segments 5 + 4 encoder, 3 + 2 decoder) with segment bounds 5 / 3: P = 3 pad segments,
+    # since ceil((12 + 3) / 3) = 5 <= 5 and ceil((8 + 1) / 3) = 3 <= 3, while P = 2 gives ceil(14 / 2) = 7 > 5
+    examples = [example(2, 3, 0, image_size=8), example(1, 2, 1, image_size=8)]
+    assert static_pad_segments(12, 8, 5, 3) == 3
+    b = collate_static(examples, 3, max_samples=4, max_encoder_tokens=12, max_decoder_tokens=8,
+                       max_segment_encoder=5, max_segment_decoder=3)
+    assert b.input_ids.shape == (1, 15) and b.labels.shape == (1, 9)  # E = 12 + P, D = 8 + 1
+    assert b.encoder_index.numel() == 15
+    # pad 15 - 9 = 6 encoder tokens in 3 chunks of 2; 9 - 5 = 4 decoder tokens as 2, 1, 1; then 2 empty slots
+    assert b.encoder_cu_seqlens.tolist() == [0, 5, 9, 11, 13, 15, 15, 15]
+    assert b.decoder_cu_seqlens.tolist() == [0, 3, 5, 7, 8, 9, 9, 9]
+    assert b.prompt_cu_seqlens.tolist() == [0, 2, 3, 5, 7, 9, 9, 9]
+    assert (b.max_seqlen_q, b.max_seqlen_k) == (3, 5) and b.num_slots == 4 + 3
+    seg = b.encoder_cu_seqlens.diff().tolist()
+    assert max(seg) <= 5 and max(b.decoder_cu_seqlens.diff().tolist()) <= 3
+    # every decoder pad segment with queries has keys: encoder pad chunks are never empty
+    assert all(e > 0 for e, d in zip(seg, b.decoder_cu_seqlens.diff().tolist()) if d > 0)
+    assert b.encoder_positions[0, 9:].tolist() == [0] * 6
+    with pytest.raises(ValueError, match="over the static segment bounds max_segment_encoder=4"):
+        collate_static(examples, 3, max_samples=4, max_encoder_tokens=12, max_decoder_tokens=8,
+                       max_segment_encoder=4, max_segment_decoder=3)
+    with pytest.raises(ValueError, match="max_segment_encoder=1"):
+        static_pad_segments(12, 8, 1, 3)
+    with pytest.raises(ValueError, match="max_segment_encoder=1"):  # at construction, not the first batch
+        Loader(ListPipeline(examples), mode="static", n_image_tokens=3, max_encoder_tokens=12, max_decoder_tokens=8,
+               max_samples=4, max_segment_encoder=1)
+
+
+def test_static_loader_with_segment_bounds_keeps_shapes_and_batches():
+    examples = [example(1 + (7 * i) % 13, 2 + (5 * i) % 17, i, image_size=8) for i in range(40)]
+    kw = dict(mode="static", n_image_tokens=4, max_encoder_tokens=64, max_decoder_tokens=40, max_samples=5)
+    plain = list(Loader(ListPipeline(examples), **kw))
+    bounded = list(Loader(ListPipeline(examples), **kw, max_segment_encoder=4 + 13, max_segment_decoder=18))
+    assert [b.keys for b in bounded] == [b.keys for b in plain]  # the same samples per batch
+    shapes = {(b.input_ids.shape, b.labels.shape, b.encoder_cu_seqlens.shape, b.max_seqlen_q, b.max_seqlen_k)
+              for b in bounded}
+    assert len(shapes) == 1 and next(iter(shapes))[3:] == (18, 17)
+    for b in bounded:
+        assert b.encoder_cu_seqlens.diff().max() <= 17 and b.decoder_cu_seqlens.diff().max() <= 18
 
 
 def test_static_shapes_are_identical_across_batches():
@@ -202,45 +276,7 @@ def test_collation_checks_ids_and_positions_with_the_models_messages():
 
 # ---- the sync guard --------------------------------------------------------------------------------------
 
-class DeviceHostRead(AssertionError):
-    pass
-
-
-# The ops that read a tensor back to the host (on a CPU tensor too: `.item()`, int(t), bool(t) and float(t)
-# dispatch aten._local_scalar_dense there as well, so the guard fires on this machine exactly where a CUDA step
-# would wait). Verified against the code before issue 15: the padded step raised at florenz._check_ids's
-# int(ids.min()), the packed step at Florenz.encode's cu_seqlens.tolist(); test_the_guard_catches_a_read keeps
-# that proof.
-_SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "is_nonzero", "equal", "allclose")
-
-
-class _NoSync(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        kwargs = kwargs or {}
-        if any(s in name for s in _SYNC_OPS) or (name == "aten.repeat_interleave.Tensor"
-                                                  and kwargs.get("output_size") is None):
-            raise DeviceHostRead(f"device->host read inside the step: {func}")
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def no_device_host_reads():
-    """Any device->host read inside raises DeviceHostRead: the ops above, and Tensor.tolist / Tensor.item
-    (tolist reads the storage without dispatching an op)."""
-    saved = torch.Tensor.tolist, torch.Tensor.item
-
-    def refuse(name):
-        def fn(self, *a, **k):
-            raise DeviceHostRead(f"Tensor.{name}() inside the step")
-        return fn
-
-    torch.Tensor.tolist, torch.Tensor.item = refuse("tolist"), refuse("item")
-    try:
-        with _NoSync():
-            yield
-    finally:
-        torch.Tensor.tolist, torch.Tensor.item = saved
+# DeviceHostRead / no_device_host_reads: tests/helpers/sync_guard.py (the kernels' tests use it too)
 
 
 def _training_batch(preset: str, mode: str) -> tuple[Florenz, Batch]:
@@ -248,8 +284,10 @@ def _training_batch(preset: str, mode: str) -> tuple[Florenz, Batch]:
     size = cfg.image_size
     examples = [example(p, l_, seed=i, image_size=size, vocab=cfg.encoder.vocab_size) for i, (p, l_) in
                 enumerate(RAGGED)]
-    batch = collate(examples, cfg.num_image_tokens(), mode, limits=InputLimits.from_config(cfg), max_samples=8,
-                    max_encoder_tokens=8 * cfg.num_image_tokens() + 64, max_decoder_tokens=48)
+    bounds = segment_bounds(cfg.num_image_tokens()) if mode == "static-bounded" else {}
+    batch = collate(examples, cfg.num_image_tokens(), mode.removesuffix("-bounded"),
+                    limits=InputLimits.from_config(cfg), max_samples=8,
+                    max_encoder_tokens=8 * cfg.num_image_tokens() + 64, max_decoder_tokens=48, **bounds)
     torch.manual_seed(0)
     return Florenz(cfg).train(), batch
 
@@ -271,9 +309,12 @@ def _one_step(model: Florenz, batch: Batch) -> torch.Tensor:
 def test_the_guard_catches_a_read():
     """The guard can fail: the model's own id check (no inputs_checked) reads min / max; so does .tolist()."""
     model, batch = _training_batch("tiny", "padded")
-    with pytest.raises(DeviceHostRead, match="_local_scalar_dense"):
+    with pytest.raises(DeviceHostRead, match=r"Tensor.__int__"):  # florenz.check_ids: int(ids.min())
         with no_device_host_reads():
             model(**batch.model_inputs())
+    with pytest.raises(DeviceHostRead, match="_local_scalar_dense"):  # what int() dispatches, seen by the mode
+        with no_device_host_reads():
+            torch.ops.aten._local_scalar_dense(torch.tensor(1))
     model, batch = _training_batch("tiny", "packed")
     with pytest.raises(DeviceHostRead, match="tolist"):  # only prompt_cu_seqlens: the model reads them once
         with no_device_host_reads():
@@ -289,13 +330,23 @@ def test_the_guard_catches_a_read():
 
 
 @pytest.mark.parametrize("backend", ["torch", "dense", "sdpa", "flex"])
-@pytest.mark.parametrize("mode", ["padded", "static"])
+@pytest.mark.parametrize("mode", ["padded", "static", "static-bounded"])
 @pytest.mark.parametrize("preset", ["tiny", pytest.param("small", marks=pytest.mark.slow)])
 def test_training_step_reads_nothing_back(preset, mode, backend):
     """Forward, loss and backward of one training step with no device->host read (DESIGN.md 13). `flex` has no
-    CPU backward: its calls fall through the chain to the torch reference, which must be read-free as well.
-    `triton` (interpreter) is not here yet: its fused loss reads values in eager mode (the labels check and the
-    backward's shortcuts in kernels/linear_cross_entropy.py); the guard stops it at the first of them."""
+    CPU backward: its calls fall through the chain to the torch reference, which must be read-free as well."""
+    _step_reads_nothing_back(preset, mode, backend)
+
+
+@pytest.mark.slow
+def test_triton_training_step_reads_nothing_back():
+    """The same with the Triton kernels (in the interpreter: ~1 min a mode, so one mode): the fused loss skips
+    its labels check (checked at collation) and its backward never compares values
+    (kernels/linear_cross_entropy.py); attention takes max_seqlen from the host layout."""
+    _step_reads_nothing_back("tiny", "static-bounded", "triton")
+
+
+def _step_reads_nothing_back(preset, mode, backend):
     model, batch = _training_batch(preset, mode)
     ops.set_backend(backend)
     try:
