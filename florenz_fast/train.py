@@ -74,6 +74,11 @@ class DataConfig:
     mode: str = "packed"  # packed | padded | static (packed with fixed shapes: one compiled graph, DESIGN.md 13)
     max_encoder_tokens: int = 768  # packed / static: image tokens + prompts per micro-batch
     max_decoder_tokens: int = 384  # packed / static: target tokens per micro-batch
+    # static: the longest sample's segments (image tokens + prompt / labels), which become max_seqlen_k / q, so
+    # kernels that pad each segment to max_seqlen (ops' `dense`) work on small blocks, not whole rows;
+    # 0 = what the pipeline's truncation guarantees (image tokens + 128 / 128 tokens, SPEC §6), at most the row
+    max_segment_encoder: int = 0
+    max_segment_decoder: int = 0
     batch_size: int = 24  # padded: samples per micro-batch; packed: at most this many samples; static: image slots
     caption_prefix: bool = False
 
@@ -202,7 +207,7 @@ def _autocast(precision: str, device: torch.device):
 def _build_data(cfg: TrainConfig, world: World, out: Path):
     from . import data as data_mod
     from .packing import InputLimits, Loader
-    from .text import load_decoder_tokenizer, load_encoder_tokenizer
+    from .text import MAX_TEXT_LEN, load_decoder_tokenizer, load_encoder_tokenizer
 
     d = cfg.data
     if d.source == "synthetic":
@@ -229,10 +234,16 @@ def _build_data(cfg: TrainConfig, world: World, out: Path):
                              f"is {vocab}")
     pipeline = data_mod.DataPipeline(records, enc_tok, dec_tok, cfg.model.image_size, seed=cfg.seed,
                                      caption_prefix=d.caption_prefix)
-    loader = Loader(pipeline, mode=d.mode, n_image_tokens=cfg.model.num_image_tokens(),
+    n_img = cfg.model.num_image_tokens()
+    segments = {}
+    if d.mode == "static":
+        segments = dict(
+            max_segment_encoder=min(d.max_segment_encoder or n_img + MAX_TEXT_LEN, d.max_encoder_tokens + 1),
+            max_segment_decoder=min(d.max_segment_decoder or MAX_TEXT_LEN, d.max_decoder_tokens + 1))
+    loader = Loader(pipeline, mode=d.mode, n_image_tokens=n_img,
                     max_encoder_tokens=d.max_encoder_tokens, max_decoder_tokens=d.max_decoder_tokens,
                     batch_size=d.batch_size, max_samples=d.batch_size if d.mode in ("packed", "static") else None,
-                    rank=world.rank, world=world.size, limits=InputLimits.from_config(cfg.model))
+                    rank=world.rank, world=world.size, limits=InputLimits.from_config(cfg.model), **segments)
     return pipeline, loader, tok_dir
 
 
