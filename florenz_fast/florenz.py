@@ -124,12 +124,13 @@ class Florenz(nn.Module):
         cross K/V (decoder.cross_kv); rows are batch-major beams (florenz_fast.generate drives this)."""
         return self.logits(self.decoder.step(ids_N, pos, caches, cross_kv, enc_layout, beams)[:, 0])
 
-    def token_losses(self, hidden_BLd: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:
+    def token_losses(self, hidden_BLd: torch.Tensor, labels_BL: torch.Tensor, *,
+                     labels_checked: bool = False) -> torch.Tensor:
         """(B, L) fp32 cross-entropy of the softcapped logits per token (0 where labels == -100), through
         ops.linear_cross_entropy: on the triton backend the fused loss, which never builds the (B, L, V) logits."""
         return ops.linear_cross_entropy(hidden_BLd, self.decoder.embed_tokens.weight, labels_BL,
                                         softcap=self.cfg.decoder.final_softcap, ignore_index=IGNORE_INDEX,
-                                        reduction="none")
+                                        reduction="none", check_labels=not labels_checked)
 
     # ---- the whole model ------------------------------------------------------------------------------
     def forward(self, pixel_values, input_ids, decoder_input_ids, *, attention_mask=None,
@@ -164,7 +165,7 @@ class Florenz(nn.Module):
                 tok = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                       reduction="none").view(labels.shape)
             else:
-                tok = self.token_losses(hidden, labels)
+                tok = self.token_losses(hidden, labels, labels_checked=inputs_checked)
             loss = tok.sum() / (labels != IGNORE_INDEX).sum()
         return FlorenzOutput(logits=logits, loss=loss, encoder_states=enc, token_losses=tok)
 

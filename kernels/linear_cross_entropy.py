@@ -1,7 +1,7 @@
 """Fused linear + softcapped cross-entropy for large vocabularies: never materialises the (T, V) logits.
 
     linear_cross_entropy(hidden, weight, labels, *, softcap=30.0, ignore_index=-100, z_loss=0.0,
-                         reduction="mean", chunk_size=None) -> loss
+                         reduction="mean", chunk_size=None, check_labels=True) -> loss
 
 Shape legend: T tokens, D hidden, V vocabulary, C tokens per chunk.
 
@@ -12,16 +12,19 @@ Semantics (what `linear_cross_entropy_reference` computes, unfused)
   (NaN when every label is ignored, as torch's cross_entropy). Label smoothing is not supported (0).
   hidden (..., D) and labels (...) are flattened; weight (V, D) is the (tied) output embedding.
 
-Algorithm (the gradient is computed during the forward, chunk by chunk)
+Algorithm (chunk by chunk)
   for each chunk of C tokens: logits = h_C @ W^T (cuBLAS on the GPU, fp32 accumulation, output in the input
   dtype); one Triton program per row does softcap + logsumexp (pass 1) and writes d loss / d logits over the
   logits in place (pass 2); then dh_C = dlogits @ W and dW += dlogits^T @ h_C (fp32 accumulator across
   chunks when there is more than one). Peak extra memory: one C x V chunk, dh (T, D), dW (V, D) — instead of
   several T x V tensors (logits, the softcapped copy, its fp32 upcast, log-softmax, their gradients).
-  The backward scales the saved dh / dW by the incoming gradient: exact and free for any gradient that is
-  uniform over the non-ignored tokens (every "sum" / "mean" loss, and per-sample sums added up with one weight
-  as train.py does); a non-uniform per-token gradient ("none" then weighted) recomputes the chunks with
-  per-row weights instead (correct, one more pass).
+  "sum" / "mean": the gradient is computed during the forward (3 matmuls per chunk in all) and the backward
+  scales the saved dh / dW by the incoming scalar, in place. "none": the forward computes the losses only
+  (1 matmul) and the backward recomputes the chunks with the incoming per-token gradient as row weights
+  (3 more): exact for any per-token gradient. Neither backward looks at a value, so neither reads anything
+  back from the device (DESIGN.md 13; the former shortcut compared the incoming gradient with the saved
+  weights, a sync per step); check_labels=False also skips the labels range check (a device->host read) for
+  labels already checked on the host (florenz_fast.packing.check_limits).
   On a CPU without TRITON_INTERPRET the same chunked algorithm runs with torch ops for the per-row part (the
   memory win on CPU); with TRITON_INTERPRET=1 the Triton kernel runs in the interpreter (tests).
 
@@ -234,87 +237,89 @@ _EMPTY = (0,)
 @torch.library.custom_op("florenz::linear_cross_entropy_fwd", mutates_args=())
 def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                              token_weight: Optional[torch.Tensor], softcap: float, ignore_index: int, z_loss: float,
-                             chunk_size: int, need_dh: bool, need_dw: bool
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (per-token losses (T,) fp32 (fp64 for fp64 input), d S / d hidden (T, D) or empty, d S / d weight (V, D)
-    or empty), S = sum_t token_weight_t * loss_t (token_weight None: all 1)."""
+                             chunk_size: int, need_dh: bool, need_dw: bool, grad_in_forward: bool,
+                             check_labels: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (per-token losses (T,) fp32 (fp64 for fp64 input), S = sum_t token_weight_t * loss_t (0-dim; token_weight
+    None: all 1), d S / d hidden (T, D) or empty, d S / d weight (V, D) or empty). need_dh / need_dw: which inputs
+    get gradients; the gradients of S are computed here only with grad_in_forward (else the backward recomputes)."""
     T = hidden.shape[0]
     V = weight.shape[0]
-    if T:
+    if T and check_labels:
         valid = labels != ignore_index
         bad = valid & ((labels < 0) | (labels >= V))
         if bool(bad.any()):
             raise ValueError(f"linear_cross_entropy: labels outside [0, {V}) that are not ignore_index "
                              f"({ignore_index}): {labels[bad][:8].tolist()}")
+    need_dh, need_dw = need_dh and grad_in_forward, need_dw and grad_in_forward
     loss, dh, dw = _chunked(hidden, weight, labels, token_weight, softcap, ignore_index, z_loss, chunk_size, need_dh,
                             need_dw)
-    return (loss, dh if dh is not None else hidden.new_empty(_EMPTY),
+    total = (loss * token_weight).sum() if token_weight is not None else loss.sum()
+    return (loss, total, dh if dh is not None else hidden.new_empty(_EMPTY),
             dw if dw is not None else weight.new_empty(_EMPTY))
 
 
 @linear_cross_entropy_fwd.register_fake
-def _(hidden, weight, labels, token_weight, softcap, ignore_index, z_loss, chunk_size, need_dh, need_dw):
+def _(hidden, weight, labels, token_weight, softcap, ignore_index, z_loss, chunk_size, need_dh, need_dw,
+      grad_in_forward, check_labels):
     T = hidden.shape[0]
-    return (hidden.new_empty((T,), dtype=torch.promote_types(hidden.dtype, torch.float32)),
-            hidden.new_empty(hidden.shape if need_dh else _EMPTY), weight.new_empty(weight.shape if need_dw
-                                                                                    else _EMPTY))
+    dt = torch.promote_types(hidden.dtype, torch.float32)
+    return (hidden.new_empty((T,), dtype=dt), hidden.new_empty((), dtype=dt),
+            hidden.new_empty(hidden.shape if need_dh and grad_in_forward else _EMPTY),
+            weight.new_empty(weight.shape if need_dw and grad_in_forward else _EMPTY))
 
 
 @torch.library.custom_op("florenz::linear_cross_entropy_bwd", mutates_args=())
 def linear_cross_entropy_bwd(grad_T: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             token_weight: Optional[torch.Tensor], dh: torch.Tensor, dw: torch.Tensor, softcap: float,
-                             ignore_index: int, z_loss: float, chunk_size: int, need_dh: bool, need_dw: bool
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rescale the saved gradients (of sum_t token_weight_t loss_t) to grad_T (the per-token loss gradients)."""
-    valid = labels != ignore_index
-    w_T = token_weight if token_weight is not None else torch.ones_like(grad_T)
-    ratio = torch.where(valid, grad_T / w_T, 0.0)  # per row; a zero weight on a real token gives inf / nan
-    r_valid = ratio[valid]
-    uniform = r_valid.numel() == 0 or bool(torch.isfinite(r_valid[0]) and (r_valid == r_valid[0]).all())
-    if uniform or (not need_dw and bool(torch.isfinite(r_valid).all())):
-        c = r_valid[0] if r_valid.numel() else grad_T.new_zeros(())
-        out_dh = (dh * ratio[:, None].to(dh.dtype)) if need_dh else hidden.new_empty(_EMPTY)
-        out_dw = (dw * c.to(dw.dtype)) if need_dw else weight.new_empty(_EMPTY)
-        return out_dh, out_dw
-    # non-uniform per-token weights: dW is no rescaling of the saved one; recompute with per-row weights
-    _, out_dh, out_dw = _chunked(hidden, weight, labels, grad_T, softcap, ignore_index, z_loss,
-                                 chunk_size, need_dh, need_dw)
+                             softcap: float, ignore_index: int, z_loss: float, chunk_size: int, need_dh: bool,
+                             need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of sum_t grad_t * loss_t: the chunks recomputed with grad_T as per-row weights."""
+    _, out_dh, out_dw = _chunked(hidden, weight, labels, grad_T, softcap, ignore_index, z_loss, chunk_size, need_dh,
+                                 need_dw)
     return (out_dh if out_dh is not None else hidden.new_empty(_EMPTY),
             out_dw if out_dw is not None else weight.new_empty(_EMPTY))
 
 
 @linear_cross_entropy_bwd.register_fake
-def _(grad_T, hidden, weight, labels, token_weight, dh, dw, softcap, ignore_index, z_loss, chunk_size, need_dh,
-      need_dw):
+def _(grad_T, hidden, weight, labels, softcap, ignore_index, z_loss, chunk_size, need_dh, need_dw):
     return (hidden.new_empty(hidden.shape if need_dh else _EMPTY),
             weight.new_empty(weight.shape if need_dw else _EMPTY))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, labels, token_weight, softcap, ignore_index, z_loss, chunk, need_dh, need_dw = inputs
-    _, dh, dw = output
+    hidden, weight, labels, token_weight, softcap, ignore_index, z_loss, chunk, need_dh, need_dw, in_fwd, _ = inputs
+    _, _, dh, dw = output
     # dh / dw are outputs only to be saved: never materialise zero gradients for them (a V x D zeros tensor)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(hidden, weight, labels, token_weight, dh, dw)
+    ctx.save_for_backward(hidden, weight, labels, dh, dw)
     ctx.args = (softcap, ignore_index, z_loss, chunk, need_dh, need_dw)
+    ctx.grad_in_forward = in_fwd
 
 
-def _backward_formula(ctx, g_loss, _g_dh, _g_dw):
-    hidden, weight, labels, token_weight, dh, dw = ctx.saved_tensors
-    none = (None,) * 8
-    if g_loss is None:
-        return (None, None) + none
+def _scaled(saved: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    # in place in eager mode: a V x D dW copy doubled the loss's memory (the saved tensor is not used again; a
+    # second backward through the same graph fails autograd's version check instead of reading a scaled dW)
+    if torch.compiler.is_compiling():
+        return saved * g.to(saved.dtype)
+    return saved.mul_(g.to(saved.dtype))
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+def _backward_formula(ctx, g_loss, g_total, _g_dh, _g_dw):
+    hidden, weight, labels, dh, dw = ctx.saved_tensors
     need_dh, need_dw = ctx.args[4], ctx.args[5]
-    # The common case — loss.backward() on the "mean" / "sum" result — asks for exactly the saved gradients:
-    # hand them over without a rescaled copy (a V x D dW copy doubled the loss's memory). Eager only (it reads
-    # values); compiled graphs take the op below.
-    if not torch.compiler.is_compiling():
-        valid = labels != ctx.args[1]
-        w = token_weight if token_weight is not None else 1.0
-        if bool(((g_loss == w) | ~valid).all()):
-            return (dh if need_dh else None, dw if need_dw else None) + none
-    out_dh, out_dw = linear_cross_entropy_bwd(g_loss, hidden, weight, labels, token_weight, dh, dw, *ctx.args)
-    return (out_dh if need_dh else None, out_dw if need_dw else None) + none
+    out_dh = out_dw = None
+    if g_total is not None:  # "sum" / "mean": the saved gradients of S, times the incoming scalar
+        if not ctx.grad_in_forward:
+            raise RuntimeError("linear_cross_entropy: the total of a reduction='none' call has no saved gradients")
+        out_dh = _scaled(dh, g_total) if need_dh else None
+        out_dw = _scaled(dw, g_total) if need_dw else None
+    if g_loss is not None:  # per-token gradient ("none"): recompute with it as row weights
+        r_dh, r_dw = linear_cross_entropy_bwd(g_loss, hidden, weight, labels, *ctx.args)
+        out_dh, out_dw = _add(out_dh, r_dh if need_dh else None), _add(out_dw, r_dw if need_dw else None)
+    return (out_dh, out_dw) + (None,) * 10
 
 
 linear_cross_entropy_fwd.register_autograd(_backward_formula, setup_context=_setup_context)
@@ -325,7 +330,7 @@ linear_cross_entropy_fwd.register_autograd(_backward_formula, setup_context=_set
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, softcap: float = 30.0,
                          ignore_index: int = -100, z_loss: float = 0.0, reduction: str = "mean",
-                         chunk_size: int | None = None) -> torch.Tensor:
+                         chunk_size: int | None = None, check_labels: bool = True) -> torch.Tensor:
     """Fused lm_head + final logit softcap + cross-entropy, chunked over tokens: never the (T, V) logits.
 
     z = hidden @ weight^T; softcap c > 0: z = c * tanh(z / c); loss_t = lse_t - z_t,label_t + z_loss * lse_t^2
@@ -344,12 +349,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         torch's cross_entropy), "sum", or "none".
       chunk_size: tokens per logits chunk; None = about 2 GiB of logits per chunk on the GPU, 128 MiB on the
         CPU (default_chunk_size).
+      check_labels: raise a ValueError for labels outside [0, V) that are not ignore_index. It reads a value
+        back from the device: pass False for labels checked on the host (the training loop does).
 
     Returns:
       "mean" / "sum": a 0-dim fp32 tensor (fp64 for fp64 input); "none": labels' shape, the per-token losses.
-      Differentiable in hidden and weight: the gradients are computed during the forward (only dh and dW are
-      kept) and scaled by the incoming gradient in the backward (a non-uniform per-token gradient of a "none"
-      loss recomputes the chunks instead).
+      Differentiable in hidden and weight. "mean" / "sum": the gradients are computed during the forward (only dh
+      and dW are kept) and scaled by the incoming gradient in the backward. "none": the backward recomputes the
+      chunks with the incoming per-token gradient (one more logits matmul than "sum", in exchange for no saved
+      V x D dW and an exact result for any per-token weighting).
     """
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden (..., D) and weight (V, D) must share D, got hidden "
@@ -386,15 +394,16 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     # "mean": the saved gradients are those of the mean already (weights 1/n), so backward hands them over as is
     token_weight = (valid / valid.sum().clamp_min(1)).to(torch.promote_types(h_TD.dtype, torch.float32)) \
         if reduction == "mean" else None
-    losses, _, _ = linear_cross_entropy_fwd(h_TD, weight, labels_T, token_weight, float(softcap), int(ignore_index),
-                                            float(z_loss), chunk, grad and h_TD.requires_grad,
-                                            grad and weight.requires_grad)
+    losses, total, _, _ = linear_cross_entropy_fwd(h_TD, weight, labels_T, token_weight, float(softcap),
+                                                   int(ignore_index), float(z_loss), chunk,
+                                                   grad and h_TD.requires_grad, grad and weight.requires_grad,
+                                                   reduction != "none", bool(check_labels))
     if reduction == "none":
         return losses.view(lead)
     if reduction == "sum":
-        return losses.sum()
+        return total
     # NaN when every label is ignored, as torch's cross_entropy (without a host sync)
-    return torch.where(valid.any(), (losses * token_weight).sum(), torch.nan)
+    return torch.where(valid.any(), total, torch.nan)
 
 
 # ---- static checks (no GPU): every config compiles for sm_80 / sm_90 without spills ---------------------------

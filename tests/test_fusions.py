@@ -148,11 +148,40 @@ def test_linear_ce_leading_dims_and_bad_input():
         lce.linear_cross_entropy(h, w, labels[:11])
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_linear_ce_reads_nothing_back(reduction):
+    """Forward and backward make no device->host read (DESIGN.md 13) once the labels are checked on the host;
+    the check itself is one read (the guard can fail), and the gradients still match the reference."""
+    from tests.helpers.sync_guard import DeviceHostRead, no_device_host_reads
+
+    h, w, labels = _ce_case(T=9, V=50)
+    h, w = h.requires_grad_(), w.requires_grad_()
+    weights = torch.linspace(0.5, 2.0, 9)  # a non-uniform per-token gradient for "none"
+
+    def loss_of(out):
+        return (out * weights).sum() if reduction == "none" else out * 3.0
+
+    with no_device_host_reads():
+        loss = loss_of(lce.linear_cross_entropy(h, w, labels, reduction=reduction, chunk_size=4, check_labels=False))
+        dh, dw = torch.autograd.grad(loss, (h, w))
+    ref = loss_of(lce.linear_cross_entropy_reference(h, w, labels, reduction=reduction))
+    rdh, rdw = torch.autograd.grad(ref, (h, w))
+    torch.testing.assert_close((loss, dh, dw), (ref, rdh, rdw), rtol=1e-4, atol=1e-5)
+    with pytest.raises(DeviceHostRead, match=r"Tensor.__bool__"):  # the check, inside the custom op
+        with no_device_host_reads():
+            lce.linear_cross_entropy(h, w, labels, reduction=reduction, chunk_size=4)
+
+
 def test_linear_ce_opcheck():
     h, w, labels = _ce_case(T=9, V=50)
-    torch.library.opcheck(torch.ops.florenz.linear_cross_entropy_fwd.default,
-                          (h.requires_grad_(), w.requires_grad_(), labels, None, 30.0, -100, 0.0, 4, True, True),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    h, w = h.requires_grad_(), w.requires_grad_()
+    for grad_in_forward in (True, False):  # "sum" / "mean" (saved gradients) and "none" (recomputed)
+        torch.library.opcheck(torch.ops.florenz.linear_cross_entropy_fwd.default,
+                              (h, w, labels, None, 30.0, -100, 0.0, 4, True, True, grad_in_forward, True),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(torch.ops.florenz.linear_cross_entropy_bwd.default,
+                          (torch.rand(9), h.detach(), w.detach(), labels, 30.0, -100, 0.0, 4, True, True),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.slow

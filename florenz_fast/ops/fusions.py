@@ -39,14 +39,16 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, softcap: float = 30.0,
                          ignore_index: int = -100, z_loss: float = 0.0, reduction: str = "mean",
-                         backend: str | None = None) -> torch.Tensor:
+                         check_labels: bool = True, backend: str | None = None) -> torch.Tensor:
     """Cross-entropy of softcap(hidden @ weight^T) against labels (ignore_index skipped), per token in fp32 (float64
     for float64).
 
     hidden (..., D), weight (V, D), labels (...). reduction "none" -> (...) per-token losses (0 where ignored),
-    "sum", or "mean" over the non-ignored tokens. z_loss > 0 adds z_loss * logsumexp^2 per token."""
+    "sum", or "mean" over the non-ignored tokens. z_loss > 0 adds z_loss * logsumexp^2 per token.
+    check_labels=False: the labels were checked on the host (packing.check_limits), so the fused kernel skips its
+    range check, a device->host read (DESIGN.md 13); the torch reference never reads."""
     return dispatch("linear_cross_entropy", backend, hidden, weight, labels, softcap=softcap,
-                    ignore_index=ignore_index, z_loss=z_loss, reduction=reduction)
+                    ignore_index=ignore_index, z_loss=z_loss, reduction=reduction, check_labels=check_labels)
 
 
 def image_tokens(x_BNC: torch.Tensor, pos_NC: torch.Tensor, weight_dC: torch.Tensor, ln_weight: torch.Tensor,

@@ -115,11 +115,12 @@ def _rope_triton(q, k, cos, sin):
     return kernel(q, k, cos[:, 0, :, :half], sin[:, 0, :, :half])
 
 
-def _linear_cross_entropy_triton(hidden, weight, labels, *, softcap, ignore_index, z_loss, reduction):
+def _linear_cross_entropy_triton(hidden, weight, labels, *, softcap, ignore_index, z_loss, reduction,
+                                 check_labels=True):
     from florenz_kernels.linear_cross_entropy import linear_cross_entropy as kernel
 
     return kernel(hidden, weight, labels, softcap=softcap, ignore_index=ignore_index, z_loss=z_loss,
-                  reduction=reduction)
+                  reduction=reduction, check_labels=check_labels)
 
 
 def _image_tokens_triton(x_BNC, pos_NC, weight_dC, ln_weight, ln_bias, eps):
