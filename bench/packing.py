@@ -161,12 +161,15 @@ def calibrate_budgets(samples, n_img: int, batch_size: int, mean_enc: float, mea
     raise SystemExit("could not find packed budgets matching the padded step count")
 
 
-def make_batches(mode: str, samples, n_img: int, batch_size: int, budgets: tuple[int, int], limits=None):
+def make_batches(mode: str, samples, n_img: int, batch_size: int, budgets: tuple[int, int], limits=None,
+                 segments: dict | None = None):
     # static: batch_size image slots; `limits` (packing.InputLimits): ids and positions checked at collation, so
-    # the model reads nothing back (what the training loop does)
+    # the model reads nothing back (what the training loop does); `segments`: static segment bounds
+    # (max_segment_encoder / max_segment_decoder)
     loader = Loader(ListPipeline(samples), mode=mode, n_image_tokens=n_img, batch_size=batch_size,
                     max_encoder_tokens=budgets[0], max_decoder_tokens=budgets[1],
-                    max_samples=batch_size if mode == "static" else None, limits=limits)
+                    max_samples=batch_size if mode == "static" else None, limits=limits,
+                    **(segments if mode == "static" and segments else {}))
     t0 = time.perf_counter()
     batches = list(loader)
     return batches, time.perf_counter() - t0, loader.efficiency()

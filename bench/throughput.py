@@ -58,6 +58,7 @@ from florenz_fast.config import get_config
 from florenz_fast.florenz import Florenz, apply_trainable_policy
 from florenz_fast.metrics import NVML, device_peak_tflops, train_flops_per_sample
 from florenz_fast.packing import InputLimits
+from florenz_fast.syncs import HostReads
 
 TRAIN_CONFIGS = {"published": ("padded", "torch"), "torch": ("packed", "torch"), "dense": ("packed", "sdpa+dense"),
                  "triton": ("packed", "triton"), "sdpa+triton": ("packed", "sdpa+triton"),
@@ -160,19 +161,23 @@ def build_train_batches(cfg, samples, batch_size, configs):
     mean_enc = sum(n_img + len(s.prompt_ids) for s in samples) / len(samples)
     mean_dec = sum(len(s.labels) for s in samples) / len(samples)
     budgets, scale = calibrate_budgets(samples, n_img, batch_size, mean_enc, mean_dec)
+    # static: the set's longest sample bounds every segment (max_seqlen_k / q), as a loader truncating to it would
+    segments = dict(max_segment_encoder=max(n_img + len(s.prompt_ids) for s in samples),
+                    max_segment_decoder=max(len(s.labels) for s in samples))
     batches = {}
     for name in configs:
         mode = TRAIN_CONFIGS[name][0]
-        limits = InputLimits.from_config(cfg) if mode == "static" else None
-        batches[name] = make_batches(mode, samples, n_img, batch_size, budgets, limits)[0]
-    return batches, budgets, scale
+        # the engine's configurations check ids at collation (the training loop does); `published` does not
+        limits = InputLimits.from_config(cfg) if name != "published" else None
+        batches[name] = make_batches(mode, samples, n_img, batch_size, budgets, limits, segments)[0]
+    return batches, budgets, scale, segments
 
 
 def train_step(model, opt, batch, backend, device, precision, forward_loss=None):
     ops.set_backend(backend)
     try:
         with _autocast(device, precision):
-            inputs = batch.model_inputs()
+            inputs = batch.model_inputs(host_layout=True)  # padded without limits (published): no host layout
             loss = forward_loss(inputs) if forward_loss is not None else model(**inputs).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -198,7 +203,7 @@ def first_batch_losses(model, batch, backend, device, precision):
 
 
 def run_training(args, device, cfg, samples, configs, batch_size=None):
-    batches, budgets, scale = build_train_batches(cfg, samples, batch_size or args.batch, configs)
+    batches, budgets, scale, segments = build_train_batches(cfg, samples, batch_size or args.batch, configs)
     torch.manual_seed(0)
     base_model = Florenz(copy.deepcopy(cfg))
     apply_trainable_policy(base_model)
@@ -253,6 +258,14 @@ def run_training(args, device, cfg, samples, configs, batch_size=None):
                 peak_mem[name] = torch.cuda.max_memory_allocated(device) / 2**30
         print(f"  repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in configs),
               flush=True)
+    # syncs and ops of one more step per configuration, after the timing (the counting slows a step down)
+    reads = {}
+    for name in configs:
+        b = batches[name][0].to(device)
+        with HostReads(dispatch=name not in COMPILED) as r:  # compile refuses a dispatch mode
+            train_step(models[name], opts[name], b, TRAIN_CONFIGS[name][1], device, args.precision, steps.get(name))
+        _sync(device)
+        reads[name] = r
     peak = device_peak_tflops(device)
     rows = []
     for name in configs:
@@ -265,12 +278,14 @@ def run_training(args, device, cfg, samples, configs, batch_size=None):
                          median_s=med, samples_per_s=n_samples / med,
                          tokens_per_s=target_tokens / med, model_tflops_per_s=tflops,
                          mfu=tflops / peak if peak else None, peak_memory_gib=peak_mem.get(name),
-                         first_batch_loss_diff=checks[name]))
+                         first_batch_loss_diff=checks[name], syncs_per_step=reads[name].syncs,
+                         sync_kinds=dict(reads[name].by_kind),
+                         ops_per_step=reads[name].ops if name not in COMPILED else None))
     base = next((r for r in rows if r["config"] == "published"), None)
     for r in rows:
         r["speedup_vs_published"] = base["median_s"] / r["median_s"] if base else None
     return dict(rows=rows, budgets=list(budgets), budget_scale=scale, flops_per_sample=flops_per_sample,
-                batch=batch_size or args.batch)
+                batch=batch_size or args.batch, static_segments=segments)
 
 
 # ---- generation ------------------------------------------------------------------------------------------------
@@ -358,8 +373,9 @@ def markdown(report) -> str:
     if tr:
         lines += ["## Training (forward + backward + AdamW)", "",
                   "| config | batches | attention | steps | s / pass | samples/s | target tokens/s | tokens / CPU-s | "
-                  "vs published | model TFLOP/s | MFU | peak GiB | first-batch loss diff |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "vs published | model TFLOP/s | MFU | peak GiB | first-batch loss diff | syncs / step | "
+                  "aten ops / step |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in tr["rows"]:
             mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
             mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
@@ -368,7 +384,16 @@ def markdown(report) -> str:
                          f"{r['median_s']:.3f} | "
                          f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['tokens_per_cpu_s']:.1f} | {sp} | "
                          f"{r['model_tflops_per_s']:.4f} | "
-                         f"{mfu} | {mem} | {r['first_batch_loss_diff']:.2g} |")
+                         f"{mfu} | {mem} | {r['first_batch_loss_diff']:.2g} | {r.get('syncs_per_step', '-')} | "
+                         f"{r.get('ops_per_step') or '-'} |")
+        seg = tr.get("static_segments")
+        lines += ["", "syncs / step: device->host reads in one forward + loss + backward + AdamW step "
+                  "(florenz_fast.syncs; on the CPU they are counted where a GPU step would wait); aten ops / step: "
+                  "the ops dispatched eagerly (compiled: '-', and only the Python-level reads are counted, since "
+                  "torch.compile refuses to run under a dispatch mode)."]
+        if seg:
+            lines.append(f"static batches: segment bounds {seg['max_segment_encoder']} encoder / "
+                         f"{seg['max_segment_decoder']} decoder tokens (the set's longest sample) = max_seqlen_k / q.")
         lines.append("")
     if report.get("train_sweep"):
         sweep = report["train_sweep"]
