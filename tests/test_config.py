@@ -119,7 +119,7 @@ def test_bad_config_files(tmp_path):
     data = get_config("tiny").to_dict()
     data["decoder"]["n_layers"] = 3
     bad.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"config.json.decoder: unknown key\(s\) for DecoderConfig: \['n_layers'\]"):
+    with pytest.raises(ValueError, match=r"config.json: decoder: unknown key\(s\) for DecoderConfig: \['n_layers'\]"):
         FlorenzConfig.load(bad)
     with pytest.raises(FileNotFoundError, match="nope.json"):
         FlorenzConfig.load(tmp_path / "nope.json")
