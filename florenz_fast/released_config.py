@@ -142,6 +142,8 @@ def from_released(config_json: Any, *, image_size: int = 768, decoder_vocab_size
     vision = _read_vision(vis)
     encoder = _read_encoder(txt)
     gemma = txt.section("gemma_config", required=False)
+    if gemma is not None:  # Florence2LanguageConfig still holds its BART decoder's sizes; the Gemma one replaces it
+        txt.used.update(("decoder_layers", "decoder_attention_heads", "decoder_ffn_dim", "decoder_vocab_size"))
     decoder = _read_gemma(gemma, encoder) if gemma is not None else _read_bart(txt, encoder, decoder_vocab_size)
     if top.has("projection_dim"):
         proj = top.get("projection_dim", int)
