@@ -249,6 +249,7 @@ def _read_gemma(g: _Section, enc: EncoderConfig) -> DecoderConfig:
         rope.expect("rope_type", ("default",), "plain RoPE")
         theta = rope.get("rope_theta", float, theta)
     layers = g.get("num_hidden_layers", int)
+    g.used.add("sliding_window")
     window = 0 if g.has("sliding_window") and g.data["sliding_window"] is None else (
         g.get("sliding_window", int, d.sliding_window))  # null = no window, as in transformers
     if g.has("layer_types") and layers:
@@ -326,11 +327,19 @@ def to_released(cfg: FlorenzConfig) -> dict[str, Any]:
     rows = d.vocab_size if d.kind == "bart" else None
     back = from_released(out, image_size=cfg.image_size, decoder_vocab_size=rows)
     lost = _differences(dataclasses.asdict(cfg), dataclasses.asdict(back), "")
-    lost = [x for x in lost if not x.startswith("name ")]
+    unused = _UNUSED_BY_KIND[d.kind]  # fields the other decoder kind reads: they change no weight or number here
+    lost = [x for x in lost if not x.startswith("name ") and x.split(" ")[0] not in unused]
     if lost:
         raise ValueError(f"config {cfg.name!r} cannot be written as the official config.json, which fixes or "
                          f"shares these fields (ours -> what the file would hold): {', '.join(lost)}")
     return out
+
+
+_UNUSED_BY_KIND = {
+    "gemma2": {"decoder.max_positions", "decoder.dropout", "decoder.layer_norm_eps"},
+    "bart": {"decoder.query_pre_attn_scalar", "decoder.rms_eps", "decoder.rope_theta", "decoder.attn_softcap",
+             "decoder.sliding_window"},
+}
 
 
 def _differences(a: dict, b: dict, prefix: str) -> list[str]:

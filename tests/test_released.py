@@ -183,6 +183,14 @@ def test_config_the_official_file_cannot_hold_is_refused_before_writing(tmp_path
     with pytest.raises(ValueError, match=lost) as e:
         save_pretrained(model, tmp_path / "out", layout="released")
     assert "tiny-bart" in str(e.value) and not (tmp_path / "out").exists()
+    gemma = get_config("tiny")
+    gemma.decoder.dropout = 0.0  # a BART-only field: the Gemma decoder never reads it, so nothing is lost
+    assert FlorenzConfig.from_released(gemma.to_released(), image_size=64) == get_config("tiny")
+    gemma.decoder.sliding_window = gemma.decoder.attn_softcap = 0  # written as null, read back as off
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = FlorenzConfig.from_released(gemma.to_released(), image_size=64)
+    assert back.decoder.sliding_window == 0 and back.decoder.attn_softcap == 0 and back.name == "custom"
     with pytest.raises(ValueError, match="layout must be 'ours' or 'released', got 'microsoft'"):
         save_pretrained(model, tmp_path / "out", layout="microsoft")
 
