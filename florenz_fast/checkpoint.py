@@ -9,10 +9,13 @@ Public API
 On-disk layout (identical to what transformers writes, so either side can read the other):
     one shard   <prefix>.safetensors
     several     <prefix>-00001-of-0000N.safetensors + <prefix>.safetensors.index.json
-                index = {"metadata": {"total_size": bytes, "tied": {...}, **user}, "weight_map": {key: file}}
+                index = {"metadata": {"total_size": bytes, "florenz_fast.tied": {...}, **user}, "weight_map": {...}}
 Every shard header carries {"format": "pt"} (transformers refuses headers without it), the user metadata and,
-when tensors were tied, "tied": JSON {alias: kept_key}; the index repeats the ties so that either source
-alone restores them.
+when tensors were tied, "florenz_fast.tied": JSON {alias: kept_key}; the index repeats the ties so that either
+source alone restores them. The engine's own metadata keys live under "florenz_fast."; other keys belong to
+whoever wrote the file and are only passed through (`Checkpoint.metadata`). Files written before the namespace
+carry a bare "tied" key: it is read as ties only where the header also says writer "florenz-fast..." (what
+every writer of this engine stamped), so another tool's "tied", of any form, is never mistaken for ours.
 
 Nothing here unpickles (DESIGN.md rule 11): tensors go through safetensors, metadata through JSON.
 """
@@ -39,7 +42,9 @@ __all__ = ["CheckpointError", "Checkpoint", "LoadResult", "save_state_dict", "op
 SINGLE_NAME = "{prefix}.safetensors"
 SHARD_NAME = "{prefix}-{index:05d}-of-{count:05d}.safetensors"
 INDEX_NAME = "{prefix}.safetensors.index.json"
-_RESERVED_METADATA = ("format", "tied", "total_size")
+TIED_KEY = "florenz_fast.tied"  # namespaced: a bare "tied" is a common word other writers use in their own sense
+_LEGACY_TIED_KEY = "tied"  # what this engine wrote before the namespace (see the module docstring)
+_RESERVED_METADATA = ("format", TIED_KEY, _LEGACY_TIED_KEY, "total_size")
 _MAX_LISTED = 20  # error messages list this many keys per category, then "... and N more"
 
 # safetensors header dtype codes -> torch dtypes (getattr: the uint/float8 types depend on the torch build).
@@ -112,10 +117,10 @@ def save_state_dict(
     - Fits in `max_shard_bytes` -> `<prefix>.safetensors`; otherwise numbered shards plus
       `<prefix>.safetensors.index.json`.
     - Tied tensors (same storage, offset, shape, stride, dtype) are written once under the first key in sorted
-      order; the other names are recorded as `{"tied": {alias: kept_key}}` and `open_checkpoint` serves them again.
+      order; the other names are recorded as `{TIED_KEY: {alias: kept_key}}`; `open_checkpoint` serves them again.
       Other tensors that merely overlap a kept tensor's storage are written as independent copies.
     - Non-contiguous tensors are made contiguous; tensors on an accelerator reach CPU one shard at a time.
-    - `metadata` (str -> str; "format", "tied", "total_size" are reserved) goes into every header and the index.
+    - `metadata` (str -> str; `_RESERVED_METADATA` keys are not allowed) goes into every header and the index.
     - Atomic: everything is written into a hidden temporary sibling directory first. Only when all files are
       complete are they renamed into `out_dir` (the whole directory in one rename when `out_dir` does not exist
       yet; file by file, index last, otherwise), then stale `<prefix>` files of an older save are removed.
@@ -157,7 +162,7 @@ def save_state_dict(
         names = [SINGLE_NAME.format(prefix=filename_prefix)]
     else:
         names = [SHARD_NAME.format(prefix=filename_prefix, index=i + 1, count=len(shards)) for i in range(len(shards))]
-    header = {"format": "pt", **user_meta, **({"tied": json.dumps(tied, sort_keys=True)} if tied else {})}
+    header = {"format": "pt", **user_meta, **({TIED_KEY: json.dumps(tied, sort_keys=True)} if tied else {})}
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +184,7 @@ def save_state_dict(
             del tensors
         if len(shards) > 1:
             index = {
-                "metadata": {"total_size": sum(sizes.values()), **user_meta, **({"tied": tied} if tied else {})},
+                "metadata": {"total_size": sum(sizes.values()), **user_meta, **({TIED_KEY: tied} if tied else {})},
                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard},
             }
             names.append(INDEX_NAME.format(prefix=filename_prefix))
@@ -232,6 +237,30 @@ def _read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
     return weight_map, meta
 
 
+def _read_ties(meta: dict[str, Any], where: Path, *, encoded: bool) -> dict[str, str]:
+    """Pop this engine's tie record off a header (`encoded`: a JSON string) or index metadata (an object).
+
+    TIED_KEY is ours wherever it appears; the bare legacy key only in a file stamped by this engine's writers.
+    A bare "tied" of another writer stays in `meta`, i.e. in Checkpoint.metadata, as that writer's own key.
+    """
+    if TIED_KEY in meta:
+        key = TIED_KEY
+    elif _LEGACY_TIED_KEY in meta and str(meta.get("writer", "")).startswith("florenz-fast"):
+        key = _LEGACY_TIED_KEY
+    else:
+        return {}
+    value = meta.pop(key)
+    if encoded:
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"malformed {key!r} metadata in {where}: {e}") from e
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise CheckpointError(f"malformed {key!r} metadata in {where}: expected an object alias -> kept key, "
+                              f"got {type(value).__name__}")
+    return value
+
+
 class Checkpoint(Mapping[str, torch.Tensor]):
     """Lazy read-only view of one or more safetensors files: key -> tensor, loaded on access.
 
@@ -252,23 +281,17 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         self.metadata: dict[str, str] = {}
         for f, h in self._handles.items():
             header = dict(h.metadata() or {})
-            if "tied" in header:
-                try:
-                    self._aliases.update(json.loads(header.pop("tied")))
-                except json.JSONDecodeError as e:
-                    raise CheckpointError(f"malformed 'tied' metadata in {f}: {e}") from e
-            self.metadata.update({k: v for k, v in header.items() if k not in _RESERVED_METADATA})
+            self._aliases.update(_read_ties(header, f, encoded=True))
+            self.metadata.update({k: v for k, v in header.items() if k not in ("format", "total_size")})
             if weight_map is None:
                 for key in file_keys[f]:
                     if key in self._where:
                         raise CheckpointError(f"key {key!r} is in both {self._where[key]} and {f} ({path})")
                     self._where[key] = f
         if index_meta is not None:
-            tied = index_meta.get("tied") or {}
-            if not isinstance(tied, dict):
-                raise CheckpointError(f"malformed checkpoint index {path}: metadata 'tied' must be an object")
-            self._aliases.update(tied)
-            self.metadata.update({k: v for k, v in index_meta.items() if k not in _RESERVED_METADATA})
+            index_meta = dict(index_meta)
+            self._aliases.update(_read_ties(index_meta, path, encoded=False))
+            self.metadata.update({k: v for k, v in index_meta.items() if k not in ("format", "total_size")})
         if weight_map is not None:
             for key, f in weight_map.items():
                 if key not in file_keys[f]:

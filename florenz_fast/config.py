@@ -136,7 +136,35 @@ class FlorenzConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "FlorenzConfig":
-        return _from_dict(cls, data, source).validate()
+        """Typed parse: every key and value type is checked (all errors at once, each naming its key path)
+        before `validate()` runs the cross-field checks, so `{"decoder": {"layers": "three"}}` reports
+        `decoder.layers: expected int, got str 'three'`, not a consequence of it."""
+        errors: list[str] = []
+        kwargs = _from_dict(cls, data, "", errors)
+        if errors:
+            raise ValueError(f"{source}: " + (errors[0] if len(errors) == 1 else
+                                               f"{len(errors)} problems:\n  " + "\n  ".join(errors)))
+        return cls(**kwargs).validate()
+
+    @classmethod
+    def from_released(cls, config_json: "dict[str, Any] | str | Path", *, image_size: int = 768,
+                      decoder_vocab_size: int | None = None, source: str | None = None) -> "FlorenzConfig":
+        """Our config for the official Florenz `config.json` (a dict, the file, or its directory).
+
+        Both decoder kinds: `text_config.gemma_config` present = Gemma-2 decoder, absent = the BART decoder of
+        `text_config`. The image size is not in config.json (florenz_fast.convert reads it off
+        preprocessor_config.json). Errors name the file and the official key path; see released_config.py.
+        """
+        from .released_config import from_released
+
+        return from_released(config_json, image_size=image_size, decoder_vocab_size=decoder_vocab_size,
+                             source=source)
+
+    def to_released(self) -> dict[str, Any]:
+        """The official `config.json` for this config; ValueError naming any field it cannot express."""
+        from .released_config import to_released
+
+        return to_released(self)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -153,24 +181,66 @@ class FlorenzConfig:
         return cls.from_dict(data, source=str(path))
 
 
-def _from_dict(cls, data: dict[str, Any], source: str):
+def describe(value: Any) -> str:
+    """`str 'three'`: a value with its JSON-side type, for error messages (long values shortened)."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def check_type(value: Any, hint: Any, where: str, errors: list[str]) -> Any:
+    """`value` (parsed JSON) as the annotation `hint` wants it, or None with one line added to `errors`.
+
+    JSON has no tuples and writes 256.0 as 256, so lists become tuples and ints are accepted for floats; a bool
+    is never an int here (JSON `true` for `layers` is a mistake, not 1).
+    """
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{where}: expected a list, got {describe(value)}")
+            return None
+        (inner, *_) = typing.get_args(hint)
+        n = len(errors)
+        items = tuple(check_type(v, inner, f"{where}[{i}]", errors) for i, v in enumerate(value))
+        return items if len(errors) == n else None
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices or not isinstance(value, str):
+            errors.append(f"{where}: expected one of {choices}, got {describe(value)}")
+            return None
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{where}: expected float, got {describe(value)}")
+            return None
+        return float(value)
+    if hint in (int, str, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            errors.append(f"{where}: expected {hint.__name__}, got {describe(value)}")
+            return None
+        return value
+    raise TypeError(f"{where}: no JSON reading for a field of type {hint}")  # a config class we did not expect
+
+
+def _from_dict(cls, data: Any, path: str, errors: list[str]) -> dict[str, Any]:
+    """Constructor kwargs of dataclass `cls` from `data`; problems go to `errors` as `path.key: message`."""
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected an object for {cls.__name__}, got {type(data).__name__}")
+        errors.append(f"{path or 'top level'}: expected an object for {cls.__name__}, got {describe(data)}")
+        return {}
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{source}: unknown key(s) for {cls.__name__}: {unknown}")
+        errors.append(f"{path or 'top level'}: unknown key(s) for {cls.__name__}: {unknown}")
     kwargs = {}
     for key, value in data.items():
-        hint = hints[key]
+        if key not in names:
+            continue
+        hint, where = hints[key], f"{path}.{key}" if path else key
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _from_dict(hint, value, f"{source}.{key}")
-        elif typing.get_origin(hint) is tuple:
-            kwargs[key] = tuple(value)
+            kwargs[key] = hint(**_from_dict(hint, value, where, errors))
         else:
-            kwargs[key] = value
-    return cls(**kwargs)
+            kwargs[key] = check_type(value, hint, where, errors)
+    return kwargs
 
 
 # ---- presets --------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ and Hugging Face Gemma-2.
 Every layout is described as a rename of *our* state-dict keys (plus a transpose for the one tensor Microsoft's
 code stores as a bare matrix), so one function per layout covers import and export alike:
 
-    load_pretrained(dir)                          our format: config.json + safetensors (sharded or not)
-    save_pretrained(model, dir)
+    load_pretrained(dir)                          our format, or a released directory as published (detected)
+    save_pretrained(model, dir, layout=)          ours (default) or "released" (official config.json + names)
     import_florenz_released(model, path)          released Florenz checkpoints (florenz_checkpoint_keys.json)
     import_florence2(model, path)                 Florence-2 vision tower + projector + encoder (+ BART decoder)
     import_gemma2(model, path)                    a Gemma-2 causal-LM checkpoint into the Gemma decoder
@@ -16,6 +16,7 @@ Errors name the checkpoint and list missing, unexpected and mis-shaped keys (che
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ from .config import FlorenzConfig
 from .florenz import Florenz
 
 LAYOUTS = ("ours", "released", "microsoft", "native", "gemma2")
+_RELEASED_HEAD = "language_model.lm_head.weight"  # tied to language_model.model.decoder.embed_tokens.weight
 
 # Our vision-tower names are transformers' native ones; Microsoft's (and so the released Florenz checkpoints)
 # wrap each sub-layer in PreNorm/Residual helpers, hence the `.fn.` levels.
@@ -173,10 +175,25 @@ def export_state_dict(model: Florenz, layout: str = "released") -> dict[str, tor
 
 
 def import_florenz_released(model: Florenz, path, *, dtype=None, device=None) -> None:
-    """Load a released Florenz checkpoint (names as in florenz_checkpoint_keys.json) into `model`."""
-    _load_part(model, _as_source(path), "released",
+    """Load a released Florenz checkpoint (names as in florenz_checkpoint_keys.json) into `model`.
+
+    The tied lm_head may be stored under its own name, beside the embedding or instead of it; stored beside it,
+    it must hold the same values (this engine ties them, SPEC §4-§5, and would otherwise drop a trained head).
+    """
+    source = _as_source(path)
+    embed = external_name("decoder.embed_tokens.weight", "released")
+    if embed in source and _RELEASED_HEAD in source and not _same_tensor(source, embed, _RELEASED_HEAD):
+        raise CheckpointError(f"{getattr(source, 'path', 'checkpoint')}: {_RELEASED_HEAD} differs from {embed}; "
+                              "Florenz ties the two (SPEC §4-§5), so an untied head cannot be loaded")
+    _load_part(model, source, "released",
                _keys_under(model, ("vision_tower.", "projector.", "encoder.", "decoder.")), ignore=lambda k: False,
                dtype=dtype, device=device)
+
+
+def _same_tensor(source, a: str, b: str) -> bool:
+    """Equal shape and values; the values are read (mmapped) only when the shapes agree."""
+    shape = (lambda k: source.shape(k)) if hasattr(source, "shape") else (lambda k: source[k].shape)
+    return shape(a) == shape(b) and torch.equal(source[a], source[b])
 
 
 # ---- Florence-2 -----------------------------------------------------------------------------------------
@@ -243,33 +260,128 @@ def import_gemma2(model: Florenz, path, *, dtype=None, device=None) -> None:
     _load_part(model, _as_source(path), "gemma2", ours, ignore=lambda k: False, dtype=dtype, device=device)
 
 
-# ---- our own format -------------------------------------------------------------------------------------
+# ---- checkpoint directories: ours and the released layout -------------------------------------------------
 
 CONFIG_NAME = "config.json"
+PREPROCESSOR_NAME = "preprocessor_config.json"
+DEFAULT_IMAGE_SIZE = 768  # SPEC §2: fine-tuning and evaluation resolution, the released processors' size
 
 
-def save_pretrained(model: Florenz, out_dir, *, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """config.json + safetensors (sharded above max_shard_bytes), written atomically."""
+def save_pretrained(model: Florenz, out_dir, *, max_shard_bytes: int = 5 * 2**30, layout: str = "ours") -> Path:
+    """config.json + safetensors (sharded above max_shard_bytes), written atomically.
+
+    layout="released" writes what the published Florenz code loads: the official config.json
+    (FlorenzConfig.to_released; a config it cannot express raises before anything is written), the released key
+    names (florenz_checkpoint_keys.json) with the tied lm_head stored once under the decoder embedding's name, as
+    transformers saves tied weights, and a preprocessor_config.json carrying the image size.
+    """
+    if layout not in ("ours", "released"):
+        raise ValueError(f"save_pretrained: layout must be 'ours' or 'released', got {layout!r}")
     out_dir = Path(out_dir)
-    save_state_dict(model.state_dict(), out_dir, max_shard_bytes=max_shard_bytes,
-                    metadata={"writer": "florenz-fast", "preset": model.cfg.name})
-    tmp = out_dir / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
-    tmp.replace(out_dir / CONFIG_NAME)
+    meta = {"writer": "florenz-fast", "preset": model.cfg.name}
+    if layout == "ours":
+        save_state_dict(model.state_dict(), out_dir, max_shard_bytes=max_shard_bytes, metadata=meta)
+        _write_json(out_dir / CONFIG_NAME, model.cfg.to_dict())
+        return out_dir
+    config_json = model.cfg.to_released()
+    save_state_dict(released_state_dict(model), out_dir, max_shard_bytes=max_shard_bytes, metadata=meta)
+    _write_json(out_dir / CONFIG_NAME, config_json)
+    _write_json(out_dir / PREPROCESSOR_NAME, released_preprocessor_config(model.cfg))
     return out_dir
 
 
-def load_pretrained(path, *, dtype=None, device=None, config: FlorenzConfig | None = None) -> Florenz:
-    """Build the model on the meta device and fill it from `path` (never the whole file in RAM twice)."""
+def released_state_dict(model: Florenz) -> dict[str, torch.Tensor]:
+    """The tensors save_pretrained(layout="released") writes: the released names less the tied lm_head."""
+    out = export_state_dict(model, "released")
+    del out[_RELEASED_HEAD]  # tied: a loader that finds only the head would tie a random embedding to it
+    return out
+
+
+def released_preprocessor_config(cfg: FlorenzConfig) -> dict:
+    """A Florence-2 processor config for `cfg`: bicubic square resize to the image size, ImageNet mean/std."""
+    return {
+        "processor_class": "Florence2Processor", "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True, "size": {"height": cfg.image_size, "width": cfg.image_size}, "resample": 3,
+        "do_center_crop": False, "crop_size": {"height": cfg.image_size, "width": cfg.image_size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+        "image_seq_length": cfg.num_image_tokens(),
+    }
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def is_released_config(data: dict) -> bool:
+    """Whether a config.json is the official (Florence-2 style) one rather than ours (vision/encoder/decoder)."""
+    return "vision_config" in data or "text_config" in data or data.get("model_type") == "florence2"
+
+
+def released_image_size(directory) -> int | None:
+    """The square image size of a released directory's preprocessor_config.json (`size.height/width`, as the
+    Florence-2 processor writes it); None without that file. Errors name the file and the key."""
+    path = Path(directory) / PREPROCESSOR_NAME
+    if not path.is_file():
+        return None
+    data = _read_json(path)
+    size = data.get("size")
+    if isinstance(size, dict) and "height" in size and "width" in size:
+        height, width = size["height"], size["width"]
+    else:
+        raise ValueError(f"{path}: size: expected {{\"height\": H, \"width\": W}} (the Florence-2 processor's "
+                         f"square resize), got {size!r}")
+    for key, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{path}: size.{key}: expected a positive int, got {type(value).__name__} {value!r}")
+    if height != width:
+        raise ValueError(f"{path}: size: {height}x{width} is not square; Florenz resizes to a square (SPEC §2)")
+    return height
+
+
+def load_pretrained(path, *, dtype=None, device=None, config: FlorenzConfig | None = None,
+                    image_size: int | None = None) -> Florenz:
+    """Build the model on the meta device and fill it from `path` (never the whole file in RAM twice).
+
+    `path` is our directory (config.json of ours + safetensors) or a released one as published (the official
+    config.json + safetensors, one file or sharded with an index, with or without a separate lm_head): the
+    layout is read off config.json (or, with `config=` and no config.json, off the tensor names). A released
+    directory takes its image size from preprocessor_config.json, else 768; `image_size=` overrides either.
+    """
     path = Path(path)
-    if config is None:
-        if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (not a florenz-fast checkpoint directory)")
-        config = FlorenzConfig.load(path / CONFIG_NAME)
+    data = _read_json(path / CONFIG_NAME) if (path / CONFIG_NAME).is_file() else None
+    if data is None and config is None:
+        raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (neither a florenz-fast nor a released Florenz "
+                                "checkpoint directory)")
     source = open_checkpoint(path)
+    released = is_released_config(data) if data is not None else any(k.startswith("language_model.") for k in source)
+    if config is None and released:
+        size = image_size or released_image_size(path) or DEFAULT_IMAGE_SIZE
+        config = FlorenzConfig.from_released(
+            data, image_size=size, decoder_vocab_size=rows_of(source, "decoder.embed_tokens.weight", "released"),
+            source=str(path / CONFIG_NAME))
+    elif config is None:
+        config = FlorenzConfig.from_dict(data, source=str(path / CONFIG_NAME))
+    if image_size is not None and image_size != config.image_size:
+        config = dataclasses.replace(config, image_size=image_size).validate()
     with torch.device("meta"):
         model = Florenz(config)
-    load_into(model, source, strict=True, dtype=dtype, device=device)
+    if released:
+        import_florenz_released(model, source, dtype=dtype, device=device)
+    else:
+        load_into(model, source, strict=True, dtype=dtype, device=device)
     if device is not None:
         model.to(device)  # the non-persistent buffers (RoPE frequencies) are in no checkpoint
     return model.eval()

@@ -119,7 +119,41 @@ def test_bad_config_files(tmp_path):
     data = get_config("tiny").to_dict()
     data["decoder"]["n_layers"] = 3
     bad.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"config.json.decoder: unknown key\(s\) for DecoderConfig: \['n_layers'\]"):
+    with pytest.raises(ValueError, match=r"config.json: decoder: unknown key\(s\) for DecoderConfig: \['n_layers'\]"):
         FlorenzConfig.load(bad)
     with pytest.raises(FileNotFoundError, match="nope.json"):
         FlorenzConfig.load(tmp_path / "nope.json")
+
+
+def test_type_errors_come_first_and_name_the_field(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"decoder": {"layers": "three"}}))  # partial: the defaults alone fail a cross check
+    with pytest.raises(ValueError) as err:
+        FlorenzConfig.load(path)
+    assert str(err.value) == f"{path}: decoder.layers: expected int, got str 'three'"
+    data = get_config("tiny").to_dict()
+    data["decoder"].update(heads=True, kind="llama", query_pre_attn_scalar="16")
+    data["vision"]["dims"] = [16, 32.0, 64, 128]
+    data["image_size"] = None
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as err:
+        FlorenzConfig.load(path)
+    assert str(err.value).splitlines() == [  # every problem at once, in the file's order
+        f"{path}: 5 problems:",
+        "  image_size: expected int, got NoneType None",
+        "  vision.dims[1]: expected int, got float 32.0",
+        "  decoder.kind: expected one of ('gemma2', 'bart'), got str 'llama'",
+        "  decoder.heads: expected int, got bool True",
+        "  decoder.query_pre_attn_scalar: expected float, got str '16'",
+    ]
+    path.write_text(json.dumps({"vision": [1, 2]}))
+    with pytest.raises(ValueError, match=r"config.json: vision: expected an object for VisionConfig, got list"):
+        FlorenzConfig.load(path)
+
+
+def test_json_numbers_and_lists_parse_to_the_field_types():
+    data = get_config("tiny").to_dict()
+    data["decoder"]["query_pre_attn_scalar"] = 16  # JSON writes 16.0 as 16 too
+    cfg = FlorenzConfig.from_dict(json.loads(json.dumps(data)))
+    assert cfg == get_config("tiny") and isinstance(cfg.decoder.query_pre_attn_scalar, float)
+    assert isinstance(cfg.vision.dims, tuple) and cfg.vision.patch_prenorm == (False, True, True, True)
