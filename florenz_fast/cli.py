@@ -46,6 +46,15 @@ DEBUG_ENV = "FLORENZ_DEBUG"
 USAGE, FAILURE, INTERRUPTED = 2, 1, 130  # exit statuses (0: success)
 
 
+_debug = False  # the --debug of the command line now running (cli.main sets it; `debugging()` reads it)
+
+
+def debugging() -> bool:
+    """Whether the running command was asked for tracebacks (--debug or FLORENZ_DEBUG=1): commands that turn
+    errors into output rows (generate's batch mode) print those tracebacks too."""
+    return _debug or pop_debug([])[0]
+
+
 class UsageError(ValueError):
     """Input the user fixes on the command line (a bad option, a missing or malformed input file): exit 2."""
 
@@ -183,7 +192,9 @@ def main(cls: type, run: Callable[[Any], Any], argv: list[str] | None = None, *,
     the instance whose values --help shows (default: the class's own defaults). run's int result is the exit
     status; anything else (None, a report dict) means 0. `--debug` is taken out of argv (module doc).
     """
+    global _debug
     debug, argv = pop_debug(list(sys.argv[1:] if argv is None else argv), cls)
+    _debug = debug
     if any(a in ("-h", "--help") for a in argv):
         return print_help(help_text(cls, prog=prog, description=description, defaults=defaults))
 
