@@ -45,11 +45,11 @@ def load_image(path: str | Path) -> Image.Image:
         raise FileNotFoundError(f"{path}: no such image file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ValueError(f"{path}: refused as a possible decompression bomb ({exc}); raise "
-                         f"PIL.Image.MAX_IMAGE_PIXELS if the image is genuine") from None
+                         f"PIL.Image.MAX_IMAGE_PIXELS if the image is genuine") from exc  # chained: --debug shows PIL's
     except UnidentifiedImageError:
         raise ValueError(f"{path}: cannot read image (not an image file PIL can identify)") from None
-    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types (OSError, SyntaxError, struct.error)
-        raise ValueError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # PIL's decoders raise many types (OSError, SyntaxError, struct.error, ...)
+        raise ValueError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
 
 
 def preprocess(images: Sequence[Image.Image | str | Path], size: int) -> torch.Tensor:
