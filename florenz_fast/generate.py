@@ -722,12 +722,12 @@ class GenerateConfig:
     tokenizers: str | None = None  # dir with encoder/ and decoder/ tokenizer.json (default: beside the checkpoint)
     preset: str | None = None  # fail unless the checkpoint is this preset
     image: str | None = None  # one image file (give exactly one of image, batch)
-    batch: str | None = None  # JSONL file of {image, task, lang, src?, id?} rows
+    batch: str | None = None  # JSONL file of {image, task, lang, src?, id?} rows; failures become error rows (exit 3)
     task: str = "caption"  # for --image: one of TASKS (text.py)
     lang: str = "en"  # for --image: target language, one of LANGUAGES (text.py)
     src: str | None = None  # source text for --task=translate
     prefix: bool = False  # start captions with the language's prefix (stripped)
-    out: str | None = None  # JSONL results (default: stdout)
+    out: str | None = None  # JSONL results (default: stdout); kept per chunk in OUT.partial, a re-run resumes
     batch_size: int = 8  # images per generate call
     num_beams: int = 4
     max_new_tokens: int = 128
