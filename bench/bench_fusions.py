@@ -16,6 +16,7 @@ Every case is validated against the reference before it is timed (max abs differ
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -181,7 +182,9 @@ def bench_elementwise(results: list, reps: int):
                       2 * nbytes, 2 * nbytes, reps)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="python bench/bench_fusions.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)  # --help
     if not torch.cuda.is_available():
         raise SystemExit("bench_fusions.py needs a CUDA GPU (for the CPU memory benchmark: bench/loss_memory.py)")
     os.environ.setdefault("FLORENZ_NO_AUTOTUNE", "1")

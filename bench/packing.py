@@ -54,7 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from florenz_fast import ops
+from florenz_fast import cli, ops
 from florenz_fast.config import apply_overrides, get_config
 from florenz_fast.florenz import Florenz, apply_trainable_policy
 from florenz_fast.packing import Batch, ListPipeline, Loader, Packer, collate_padded
@@ -315,7 +315,13 @@ def run_case(run: BenchConfig, preset: str, source: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run = apply_overrides(BenchConfig(), list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        return cli.print_help(cli.help_text(BenchConfig, prog="python bench/packing.py", description=__doc__))
+    try:
+        run = apply_overrides(BenchConfig(), argv)
+    except (ValueError, KeyError) as exc:  # one `error:` line and exit 2, as every command (florenz_fast.cli)
+        return cli.report(exc, cli.USAGE)
     torch.set_flush_denormal(True)  # subnormal floats slow CPU training ~10x (florenz_fast/train.py)
     torch.set_num_threads(run.threads)
     cases = [c.split(":") for c in run.cases.split(",") if c.strip()]

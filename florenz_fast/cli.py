@@ -11,8 +11,14 @@ fields in argparse. Spellings accepted for a field `num_beams` (nested fields ar
     --prefix         a bool field given alone means true (`--prefix=false` turns it off)
 
 `--help` / `-h` prints the command's one-line description and its config tree (dotted name, type, default, doc)
-and exits 0. A usage error (unknown key, bad value, missing required field, a failed `validate()`) prints one
-line `error: ...` naming the key and exits 2, without a traceback.
+and exits 0 (also into a pipe its reader closes early, `--help | head`).
+
+Errors (`guarded`): one line `error: ...` on stderr, no traceback, and the exit status says which kind:
+    2  usage: unknown key, bad value, missing required field, a failed `validate()`, a file named on the command
+       line that does not exist (FileNotFoundError), or a `UsageError` the command raises for its own input
+    1  run-time failure: any other exception while the command runs (an unreadable image, a failed write, ...)
+  130  interrupted (Ctrl-C)
+`--debug` (or env FLORENZ_DEBUG=1) also prints the traceback above the `error:` line.
 
 Field docs follow the convention the configs already use: the comment that ends the field's line, else the
 comment lines right above it (read from the class source). A field without a default is required.
@@ -23,10 +29,12 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import io
+import os
 import re
 import sys
 import textwrap
 import tokenize
+import traceback
 import typing
 from typing import Any, Callable, Literal
 
@@ -34,6 +42,96 @@ from .config import _coerce, apply_overrides, field_hint
 
 _REQUIRED = object()  # the default of a field that has none
 _DOC_CHARS = 110  # a doc longer than this is cut (a few configs explain their choice in a paragraph)
+DEBUG_ENV = "FLORENZ_DEBUG"
+USAGE, FAILURE, INTERRUPTED = 2, 1, 130  # exit statuses (0: success)
+
+
+_debug = False  # the --debug of the command line now running (cli.main sets it; `debugging()` reads it)
+
+
+def debugging() -> bool:
+    """Whether the running command was asked for tracebacks (--debug or FLORENZ_DEBUG=1): commands that turn
+    errors into output rows (generate's batch mode) print those tracebacks too."""
+    return _debug or pop_debug([])[0]
+
+
+class UsageError(ValueError):
+    """Input the user fixes on the command line (a bad option, a missing or malformed input file): exit 2."""
+
+
+def pop_debug(argv: list[str], cls: type | None = None) -> tuple[bool, list[str]]:
+    """(debug?, argv without `--debug`): the flag, or env FLORENZ_DEBUG=1. Left alone if `cls` has a `debug` field."""
+    debug = os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    if cls is not None and "debug" in {f.name for f in dataclasses.fields(cls)}:
+        return debug, argv
+    rest = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if key == "--debug":
+            debug = not eq or value.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            rest.append(arg)
+    return debug, rest
+
+
+def error_message(exc: BaseException) -> str:
+    """One line naming what failed: the exception's own message (KeyError unquoted), else its type."""
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    else:
+        text = str(exc)
+    text = " ".join(text.split())  # one line, whatever the message held
+    if not text:
+        return type(exc).__name__
+    if isinstance(exc, (ValueError, OSError, KeyError, RuntimeError)):  # our messages name the file / key / value
+        return text
+    return f"{type(exc).__name__}: {text}"  # an unexpected kind (TypeError, AssertionError): say which
+
+
+def _quiet_stdout() -> None:
+    """After a reader closed our stdout (`| head`): point fd 1 at /dev/null, so that the interpreter's final flush
+    does not print a second BrokenPipeError ("Exception ignored ...") at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a real file (pytest's capture): nothing to protect
+        pass
+
+
+def print_help(text: str) -> int:
+    """Print a help text; 0, also when the reader of a pipe stops early."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _quiet_stdout()
+    return 0
+
+
+def report(exc: BaseException, status: int, *, debug: bool = False, message: str | None = None) -> int:
+    """Print `exc` as one `error:` line (the traceback first with `debug`); return `status`."""
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    hint = f" (--debug or {DEBUG_ENV}=1 shows the traceback)" if status == FAILURE and not debug else ""
+    print(f"error: {message or error_message(exc)}{hint}", file=sys.stderr, flush=True)
+    return status
+
+
+def guarded(run: Callable[[], Any], *, debug: bool = False) -> int:
+    """run() under the command-line error convention (module doc): its int result is the exit status (anything
+    else means 0); an exception becomes one `error:` line and 2, 1 or 130; with `debug` the traceback first."""
+    try:
+        result = run()
+    except BrokenPipeError as exc:  # our stdout's reader went away (`| head`): stop, quietly unless debugging
+        _quiet_stdout()
+        return report(exc, FAILURE, debug=True, message="output closed early (broken pipe)") if debug else FAILURE
+    except KeyboardInterrupt as exc:
+        return report(exc, INTERRUPTED, debug=debug, message="interrupted")
+    except (UsageError, FileNotFoundError) as exc:
+        return report(exc, USAGE, debug=debug)
+    except Exception as exc:  # noqa: BLE001 - the CLI's last resort: one line instead of a traceback
+        return report(exc, FAILURE, debug=debug)
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 def normalize(cls: type, argv: list[str]) -> list[str]:
@@ -88,24 +186,23 @@ def parse(cls: type, argv: list[str], build: Callable[[list[str]], Any] | None =
 
 def main(cls: type, run: Callable[[Any], Any], argv: list[str] | None = None, *, prog: str, description: str = "",
          build: Callable[[list[str]], Any] | None = None, defaults: Any = None) -> int:
-    """A whole command line: --help, parse (or one `error:` line and 2), then `run(cfg)`.
+    """A whole command line: --help, parse (or one `error:` line and 2), then `run(cfg)` under `guarded`.
 
     `build(overrides)` replaces the default construction (train applies --recipe/--preset first); `defaults` is
     the instance whose values --help shows (default: the class's own defaults). run's int result is the exit
-    status; anything else (None, a report dict) means 0.
+    status; anything else (None, a report dict) means 0. `--debug` is taken out of argv (module doc).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    global _debug
+    debug, argv = pop_debug(list(sys.argv[1:] if argv is None else argv), cls)
+    _debug = debug
     if any(a in ("-h", "--help") for a in argv):
-        print(help_text(cls, prog=prog, description=description, defaults=defaults))
-        return 0
+        return print_help(help_text(cls, prog=prog, description=description, defaults=defaults))
+
     try:
         cfg = parse(cls, argv, build)
     except (ValueError, KeyError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    result = run(cfg)
-    return result if isinstance(result, int) else 0
+        return report(exc, USAGE, debug=debug)
+    return guarded(lambda: run(cfg), debug=debug)
 
 
 # ---- --help ---------------------------------------------------------------------------------------------------
@@ -126,6 +223,8 @@ def help_text(cls: type, *, prog: str, description: str = "", defaults: Any = No
             continue
         cells = [cell.ljust(w) for cell, w in zip(row[:3], widths)]
         lines.append(f"  {' '.join(cells)}  {row[3]}".rstrip())
+    lines += ["", f"--debug (or env {DEBUG_ENV}=1) prints an error's traceback. Exit status: 0 done, 1 the run "
+              "failed, 2 a usage error (one `error:` line names the key, file or value)."]
     return "\n".join(lines)
 
 

@@ -290,13 +290,13 @@ def evaluate(pipe, args: "EvalConfig") -> dict:
                 if not (_exists(raw / f"{split}.en") and _exists(raw / f"{split}.{tgt}")):
                     continue
                 if not images:
-                    raise ValueError(f"--multi30k {split} needs "
-                                     f"--{'flickr30k' if source == 'flickr' else 'mscoco'}-images")
+                    raise cli.UsageError(f"--multi30k {split} needs "
+                                         f"--{'flickr30k' if source == 'flickr' else 'mscoco'}-images")
                 add_translation(f"multi30k/{split}/en-{tgt}", read_multi30k_task1(args.multi30k, split, tgt, images),
                                 tgt)
     if args.multi30k_task2:
         if not args.flickr30k_images:
-            raise ValueError("--multi30k-task2 needs --flickr30k-images")
+            raise cli.UsageError("--multi30k-task2 needs --flickr30k-images")
         for lang in ("en", "de"):
             add_caption(f"multi30k-task2/{lang}", read_multi30k_task2(args.multi30k_task2, lang, args.flickr30k_images),
                         lang)
@@ -309,12 +309,12 @@ def evaluate(pipe, args: "EvalConfig") -> dict:
             report["commute"][f"en-{tgt}"] = commute_accuracy(pipe, items, tgt, bs)
     if args.xm3600:
         if not args.xm3600_images:
-            raise ValueError("--xm3600 needs --xm3600-images")
+            raise cli.UsageError("--xm3600 needs --xm3600-images")
         for lang in args.xm3600_langs.split(","):
             add_caption(f"xm3600/{lang}", read_xm3600(args.xm3600, args.xm3600_images, lang), lang)
     if args.coco_karpathy:
         if not args.coco_images:
-            raise ValueError("--coco-karpathy needs --coco-images")
+            raise cli.UsageError("--coco-karpathy needs --coco-images")
         add_caption("coco-karpathy/test", read_coco_karpathy(args.coco_karpathy, args.coco_images), "en")
     if args.loss_manifest:
         report["loss_groups"] = manifest_losses(pipe, args.loss_manifest, bs, lim)
@@ -410,10 +410,17 @@ class EvalConfig:
     def validate(self) -> "EvalConfig":
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be one of ('float32', 'bfloat16', 'float16'), got {self.dtype!r}")
+        # a set without its images fails here, before the model loads (evaluate() checks again for library use)
+        for name, images in (("multi30k-task2", "flickr30k-images"), ("xm3600", "xm3600-images"),
+                             ("coco-karpathy", "coco-images")):
+            if getattr(self, name.replace("-", "_")) and not getattr(self, images.replace("-", "_")):
+                raise ValueError(f"--{name} needs --{images}")
         return self
 
 
 def run_cli(cfg: EvalConfig) -> int:
+    """Loading the checkpoint is set-up (its errors: exit 2); a failure while evaluating (an unreadable image, a
+    malformed set file) is one `error:` line naming the file and exit 1 (cli.guarded); a missing file is 2."""
     from dataclasses import replace
 
     import torch
@@ -425,10 +432,9 @@ def run_cli(cfg: EvalConfig) -> int:
         pipe = load_pipeline(cfg.ckpt, tokenizers=cfg.tokenizers, preset=cfg.preset, device=device,
                              dtype=getattr(torch, cfg.dtype) if cfg.dtype else None)
         pipe.config = replace(pipe.config, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens).validate()
-        report = evaluate(pipe, cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, KeyError) as exc:
+        raise cli.UsageError(cli.error_message(exc)) from exc
+    report = evaluate(pipe, cfg)
     report["meta"] = {"ckpt": str(cfg.ckpt), "num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens,
                       "prefix": cfg.prefix, "limit": cfg.limit}
     j, m = write_report(report, cfg.out)

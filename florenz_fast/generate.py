@@ -34,6 +34,7 @@ Shape legend: B images, K beams, N = B * K rows, P decoder prompt length, T = P 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -359,16 +360,17 @@ class Request:
     lang: str = "en"
     src: str | None = None  # source text for task "translate"
     id: str | None = None
+    line: int | None = None  # line in the batch file (read_requests), the request's key when it has no id
 
 
-def check_request(r: Request, where: str = "request") -> None:
+def check_request(r: Request, where: str = "request", *, image: bool = True) -> None:
     if r.task not in TASKS:
         raise ValueError(f"{where}: unknown task {r.task!r}, expected one of {TASKS}")
     if r.lang not in LANGUAGES:
         raise ValueError(f"{where}: unknown language {r.lang!r}, expected one of {tuple(LANGUAGES)}")
     if r.task == "translate" and not (r.src or "").strip():
         raise ValueError(f"{where}: task 'translate' needs a non-empty 'src'")
-    if not Path(r.image).is_file():
+    if image and not Path(r.image).is_file():
         raise FileNotFoundError(f"{where}: image file not found: {r.image}")
 
 
@@ -480,16 +482,18 @@ def load_pipeline(ckpt, *, tokenizers=None, preset: str | None = None, device="c
     return Pipeline(model, enc_tok, dec_tok, device=torch.device(device), config=config, cuda_graph=cuda_graph)
 
 
-# ---- command line ----------------------------------------------------------------------------------------
+# ---- command line: requests in, result rows out -----------------------------------------------------------
 
 
-def read_requests(path: str | Path) -> list[Request]:
+def read_requests(path: str | Path, *, check_images: bool = True) -> list[Request]:
     """JSONL rows {"image": path, "task": "caption", "lang": "de", "src": ..., "id": ...}; relative image
-    paths are read from the file's directory. Errors name the file, the line and the key."""
+    paths are read from the file's directory. Errors name the file, the line and the key. Each Request keeps its
+    line number; ids must be unique (a re-run matches results to requests by id). With `check_images=False` a
+    missing image file is left for the run to report (batch mode turns it into an error row)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"batch file not found: {path}")
-    out = []
+    out, seen = [], {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -506,8 +510,12 @@ def read_requests(path: str | Path) -> list[Request]:
         image = Path(row["image"])
         image = image if image.is_absolute() else path.parent / image
         r = Request(image=image, task=row.get("task", "caption"), lang=row.get("lang", "en"),
-                    src=row.get("src"), id=None if row.get("id") is None else str(row["id"]))
-        check_request(r, where)
+                    src=row.get("src"), id=None if row.get("id") is None else str(row["id"]), line=n)
+        if r.id is not None:
+            if r.id in seen:
+                raise ValueError(f"{where}: id {r.id!r} repeats line {seen[r.id]} (ids must be unique)")
+            seen[r.id] = n
+        check_request(r, where, image=check_images)
         out.append(r)
     if not out:
         raise ValueError(f"{path}: empty batch (no rows)")
@@ -520,7 +528,187 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     with tmp.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
+
+
+PARTIAL_EXIT = 3  # batch mode: the run finished, every request has a row, and some rows are errors
+
+
+def _key(id_: str | None, line: int | None) -> tuple:
+    """How a result row finds its request again on a re-run: its id, else its line in the batch file."""
+    return ("id", id_) if id_ is not None else ("line", line)
+
+
+def error_row(r: Request, exc: BaseException) -> dict:
+    """The row of a request that failed: what the request was and one line saying why."""
+    if cli.debugging():
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    return {"id": r.id, "line": r.line, "image": str(r.image), "task": r.task, "lang": r.lang,
+            "error": cli.error_message(exc)}
+
+
+def generate_rows(pipe: Pipeline, requests: Sequence[Request], prefix: bool = False) -> list[dict]:
+    """One chunk of a batch, never raising for a request's own failure: rows in request order, a failed request
+    (unreadable image, decompression bomb, a generate error) as an `error_row`. The chunk first runs as one
+    batch; if that fails, the requests whose image does not decode become error rows and the rest runs again as
+    one batch, then one by one if it still fails. KeyboardInterrupt (and SystemExit) stop the run."""
+    from .images import load_image
+
+    def ok(rs: Sequence[Request]) -> list[dict]:
+        return [{"id": row["id"], "line": r.line, **{k: v for k, v in row.items() if k != "id"}}
+                for r, row in zip(rs, pipe.generate(rs, prefix=prefix))]
+
+    try:
+        return ok(requests)
+    except Exception as exc:  # noqa: BLE001 - any failure of a request becomes its error row
+        if len(requests) == 1:
+            return [error_row(requests[0], exc)]
+    rows: list[dict | None] = [None] * len(requests)
+    good = []
+    for j, r in enumerate(requests):
+        try:
+            load_image(r.image)
+            good.append(j)
+        except Exception as exc:  # noqa: BLE001 - FileNotFoundError or ValueError naming the file, as a row
+            rows[j] = error_row(r, exc)
+    if good:
+        try:
+            again = ok([requests[j] for j in good])
+        except Exception:  # noqa: BLE001 - the batch still fails: find the request(s) one at a time
+            again = [generate_rows(pipe, [requests[j]], prefix)[0] for j in good]
+        for j, row in zip(good, again):
+            rows[j] = row
+    return rows
+
+
+def _read_rows(path: Path, truncated_tail_ok: bool) -> list[tuple[int, dict]]:
+    """(line number, row) of a results file; a cut last line is dropped where `truncated_tail_ok` (a partial file
+    of a killed run); any other malformed line is a UsageError naming the file and line."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if truncated_tail_ok and n == len(lines):
+                break
+            raise cli.UsageError(f"{path}:{n}: not a JSON row; --out names a file that is not generate's results "
+                                 "(choose another --out or remove it)") from None
+        if not isinstance(row, dict) or "id" not in row or not ({"text", "error"} & set(row)):
+            raise cli.UsageError(f"{path}:{n}: not a generate result row (needs 'id' and 'text' or 'error'); "
+                                 "choose another --out or remove it")
+        out.append((n, row))
+    return out
+
+
+def previous_results(out: Path, requests: Sequence[Request]) -> dict[int, dict]:
+    """Rows a previous run with this --out already produced, by request index: from OUT (a finished run) and
+    OUT.partial (a killed or failed one; newer, so it wins). Only successful rows count as done (error rows are
+    retried). A row that matches no request, or whose image has another file name, is a UsageError: the file
+    belongs to another batch, and it is not ours to drop."""
+    index = {_key(r.id, r.line): i for i, r in enumerate(requests)}
+    found: dict[int, dict] = {}
+    for path, partial in ((out, False), (partial_path(out), True)):
+        if not path.is_file():
+            continue
+        for n, row in _read_rows(path, partial):
+            i = index.get(_key(row.get("id"), row.get("line")))
+            if i is None or Path(str(row.get("image", ""))).name != Path(requests[i].image).name:
+                what = f"id {row.get('id')!r}" if row.get("id") is not None else f"line {row.get('line')}"
+                raise cli.UsageError(f"{path}:{n}: the row for {what} ({row.get('image')}) matches no request of "
+                                     "this batch; --out holds another batch's results (choose another --out)")
+            if "error" in row:
+                found.pop(i, None)
+            else:
+                found[i] = row
+    return found
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+class _RowSink:
+    """Where batch rows go as they are made: appended and flushed per chunk to OUT.partial (fsync'd, so a killed
+    run keeps every finished chunk), or printed to stdout without --out."""
+
+    def __init__(self, out: Path | None, done: list[dict]):
+        self.out, self.file = out, None
+        if out is None:
+            return
+        out.parent.mkdir(parents=True, exist_ok=True)
+        part = partial_path(out)
+        write_jsonl_atomic(part, done)  # the rows kept from before, then this run's rows appended
+        self.file = part.open("a", encoding="utf-8")
+
+    def add(self, rows: list[dict]) -> None:
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        if self.file is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        self.file.write(text)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def finish(self, rows: list[dict]) -> None:
+        """All rows in request order into OUT (atomic rename); the partial file goes."""
+        if self.file is None:
+            return
+        self.file.close()
+        write_jsonl_atomic(self.out, rows)
+        partial_path(self.out).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self.file is not None and not self.file.closed:
+            self.file.close()
+
+
+def run_batch(pipe: Pipeline, requests: Sequence[Request], *, out: Path | None, batch_size: int,
+              prefix: bool = False, done: dict[int, dict] | None = None, log=None) -> int:
+    """Batch mode (docs/generation-and-eval.md, "Batch mode"): every request gets a row, a result or an error;
+    rows are kept as they are made; a re-run with the same `out` skips the requests already done (`done`:
+    previous_results, read here when not given). Exit status 0, or PARTIAL_EXIT (3) when some rows are errors."""
+    from tqdm import tqdm
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if done is None:
+        done = previous_results(out, requests) if out is not None else {}
+    if done:
+        log(f"generate: resuming {out}: {len(done)} of {len(requests)} requests already done, skipped")
+    rows = dict(done)
+    sink = _RowSink(out, [done[i] for i in sorted(done)])
+    todo = len(requests) - len(done)
+    try:
+        with tqdm(total=todo, desc="generate", unit="img", disable=todo <= 1) as bar:
+            # chunks are cut from the whole batch, not from what is left, so that a resumed run batches the
+            # requests it still has exactly as one clean run would (the same padding, so the same numbers)
+            for s in range(0, len(requests), batch_size):
+                idx = [i for i in range(s, min(s + batch_size, len(requests))) if i not in done]
+                if not idx:
+                    continue
+                made = generate_rows(pipe, [requests[i] for i in idx], prefix)
+                sink.add(made)
+                rows.update(zip(idx, made))
+                bar.update(len(idx))
+        sink.finish([rows[i] for i in range(len(requests))])
+    except BaseException:
+        sink.close()
+        if out is not None:
+            log(f"generate: stopped after {len(rows)} of {len(requests)} requests; the finished ones are in "
+                f"{partial_path(out)} (the same command resumes)")
+        raise
+    errors = sum("error" in row for row in rows.values())
+    where = f" -> {out}" if out is not None else ""
+    log(f"generate: {len(requests) - errors} done, {errors} error{'s' * (errors != 1)}, {len(done)} skipped{where}"
+        + (f" (error rows have an 'error' key; exit status {PARTIAL_EXIT})" if errors else ""))
+    return PARTIAL_EXIT if errors else 0
 
 
 # ---- the command line -------------------------------------------------------------------------------------------
@@ -534,12 +722,12 @@ class GenerateConfig:
     tokenizers: str | None = None  # dir with encoder/ and decoder/ tokenizer.json (default: beside the checkpoint)
     preset: str | None = None  # fail unless the checkpoint is this preset
     image: str | None = None  # one image file (give exactly one of image, batch)
-    batch: str | None = None  # JSONL file of {image, task, lang, src?, id?} rows
+    batch: str | None = None  # JSONL file of {image, task, lang, src?, id?} rows; failures become error rows (exit 3)
     task: str = "caption"  # for --image: one of TASKS (text.py)
     lang: str = "en"  # for --image: target language, one of LANGUAGES (text.py)
     src: str | None = None  # source text for --task=translate
     prefix: bool = False  # start captions with the language's prefix (stripped)
-    out: str | None = None  # JSONL results (default: stdout)
+    out: str | None = None  # JSONL results (default: stdout); kept per chunk in OUT.partial, a re-run resumes
     batch_size: int = 8  # images per generate call
     num_beams: int = 4
     max_new_tokens: int = 128
@@ -564,9 +752,14 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def run_cli(cfg: GenerateConfig) -> int:
+    """Set-up errors (the batch file, the checkpoint, the options) are usage errors (exit 2); in batch mode a
+    request's failure is its error row (`run_batch`); with --image it is one `error:` line and exit 1."""
+    done = None
     try:
         if cfg.batch:
-            requests = read_requests(cfg.batch)
+            requests = read_requests(cfg.batch, check_images=False)
+            if cfg.out:
+                done = previous_results(Path(cfg.out), requests)  # a foreign --out fails now, before loading
         else:
             r = Request(image=Path(cfg.image), task=cfg.task, lang=cfg.lang, src=cfg.src)
             check_request(r, "--image/--task/--lang")
@@ -577,22 +770,16 @@ def run_cli(cfg: GenerateConfig) -> int:
                              dtype=dtype, cuda_graph=cfg.cuda_graph)
         pipe.config = replace(pipe.config, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
                               no_repeat_ngram_size=cfg.no_repeat_ngram_size).validate()
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from tqdm import tqdm
-
-    results = []
-    with tqdm(total=len(requests), desc="generate", unit="img", disable=len(requests) == 1) as bar:
-        for s in range(0, len(requests), cfg.batch_size):
-            chunk = requests[s:s + cfg.batch_size]
-            results += pipe.generate(chunk, prefix=cfg.prefix)
-            bar.update(len(chunk))
+    except (ValueError, KeyError) as exc:
+        raise cli.UsageError(cli.error_message(exc)) from exc
+    if cfg.batch:
+        return run_batch(pipe, requests, out=Path(cfg.out) if cfg.out else None, batch_size=cfg.batch_size,
+                         prefix=cfg.prefix, done=done)
+    row = pipe.generate(requests, prefix=cfg.prefix)[0]  # a failure: one `error:` line, exit 1 (cli.guarded)
     if cfg.out:
-        write_jsonl_atomic(Path(cfg.out), results)
+        write_jsonl_atomic(Path(cfg.out), [row])
     else:
-        for row in results:
-            print(json.dumps(row, ensure_ascii=False))
+        print(json.dumps(row, ensure_ascii=False), flush=True)
     return 0
 
 

@@ -6,6 +6,7 @@ ImageNet mean/std.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -26,16 +27,29 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB; errors name the file."""
+    """Open an image file as RGB; errors name the file: FileNotFoundError if it is missing, ValueError for anything
+    else (not an image, truncated, a decoder failure, or a decompression bomb).
+
+    Bombs: PIL warns (DecompressionBombWarning) above Image.MAX_IMAGE_PIXELS (89.5 M pixels by default) and
+    raises above twice that. We refuse both, before decoding: every Florenz input is resized to 224 or 768 px, so
+    an image of ~90 M pixels is a mistake or an attack, and decoding it would take ~270 MB (RGB) or far more.
+    """
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now, so a truncated file fails here and not later
-            return to_rgb(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()  # decode now, so a truncated file fails here and not later
+                return to_rgb(im)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(f"{path}: cannot read image ({exc})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(f"{path}: refused as a possible decompression bomb ({exc}); raise "
+                         f"PIL.Image.MAX_IMAGE_PIXELS if the image is genuine") from exc  # chained: --debug shows PIL's
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: cannot read image (not an image file PIL can identify)") from None
+    except Exception as exc:  # PIL's decoders raise many types (OSError, SyntaxError, struct.error, ...)
+        raise ValueError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
 
 
 def preprocess(images: Sequence[Image.Image | str | Path], size: int) -> torch.Tensor:

@@ -14,6 +14,9 @@ tokenises to nothing, and rows past the tokenizer's vocabulary, take the mean of
 If the preset's encoder vocabulary is larger than the checkpoint's (51,328 vs 51,289 rows for the BART presets),
 the new rows are the mean of the existing ones.
 Extra arguments `key=value` override the preset (florenz_fast.config.apply_overrides).
+Errors follow florenz_fast.cli: one `error:` line, exit 2 for a usage error (a missing or unknown option, a bad
+override, an input the preset needs, a missing path), 1 for a failure while preparing; --debug (or
+FLORENZ_DEBUG=1) prints the traceback.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from . import cli
 from .checkpoint import open_checkpoint
 from .config import apply_overrides, get_config
 from .convert import detect_florence2_layout, external_name, import_florence2, import_gemma2, rows_of, save_pretrained
@@ -81,13 +85,18 @@ def _init_cross_attention(model: Florenz, seed: int) -> None:
             layer.post_attention_layernorm.weight.detach().clone())
 
 
-def prepare(cfg, florence2: str | Path, *, gemma2=None, encoder_tokenizer=None, decoder_tokenizer=None,
-            seed: int = 0, log=print) -> Florenz:
+def check_inputs(cfg, *, gemma2=None, encoder_tokenizer=None, decoder_tokenizer=None) -> None:
+    """The inputs the preset's decoder kind needs (ValueError naming the missing option)."""
     if cfg.decoder.kind == "gemma2" and gemma2 is None:
         raise ValueError(f"preset {cfg.name!r} has a Gemma-2 decoder: pass --gemma2 DIR")
     if cfg.decoder.kind == "bart" and (encoder_tokenizer is None or decoder_tokenizer is None):
         raise ValueError(f"preset {cfg.name!r} has a BART decoder: pass --encoder-tokenizer DIR (Florence-2's "
                          "BART tokenizer) and --decoder-tokenizer DIR (Gemma's) for the vocabulary remap")
+
+
+def prepare(cfg, florence2: str | Path, *, gemma2=None, encoder_tokenizer=None, decoder_tokenizer=None,
+            seed: int = 0, log=print) -> Florenz:
+    check_inputs(cfg, gemma2=gemma2, encoder_tokenizer=encoder_tokenizer, decoder_tokenizer=decoder_tokenizer)
     source = open_checkpoint(florence2)
     layout = detect_florence2_layout(source)
     log(f"Florence-2 checkpoint {florence2}: {layout} layout, {len(source)} tensors")
@@ -122,9 +131,17 @@ def prepare(cfg, florence2: str | Path, *, gemma2=None, encoder_tokenizer=None, 
     return model
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m florenz_fast.prepare", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error:` line and exit 2 (cli.UsageError), not its usage block."""
+
+    def error(self, message: str):
+        raise cli.UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    paragraphs = __doc__.split("\n\n")
+    parser = _Parser(prog="python -m florenz_fast.prepare", description=paragraphs[0],
+                     epilog="\n\n".join(paragraphs[2:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", required=True)
     parser.add_argument("--florence2", required=True, help="Florence-2 checkpoint (Microsoft or native layout)")
     parser.add_argument("--gemma2", help="Gemma-2 checkpoint directory (Gemma presets)")
@@ -132,13 +149,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoder-tokenizer", help="Gemma tokenizer directory (BART presets)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
-    args, overrides = parser.parse_known_args(argv)
-    cfg = apply_overrides(get_config(args.preset), overrides)
-    model = prepare(cfg, args.florence2, gemma2=args.gemma2, encoder_tokenizer=args.encoder_tokenizer,
-                    decoder_tokenizer=args.decoder_tokenizer, seed=args.seed)
-    out = save_pretrained(model, args.out)
-    print(f"wrote {out} ({cfg.name})")
-    return 0
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug, argv = cli.pop_debug(list(sys.argv[1:] if argv is None else argv))
+    parser = _parser()
+    if any(a in ("-h", "--help") for a in argv):
+        return cli.print_help(parser.format_help().rstrip())
+
+    def run() -> int:
+        try:
+            args, overrides = parser.parse_known_args(argv)
+            cfg = apply_overrides(get_config(args.preset), overrides)
+            check_inputs(cfg, gemma2=args.gemma2, encoder_tokenizer=args.encoder_tokenizer,
+                         decoder_tokenizer=args.decoder_tokenizer)
+            for option, path in (("--florence2", args.florence2), ("--gemma2", args.gemma2),
+                                 ("--encoder-tokenizer", args.encoder_tokenizer),
+                                 ("--decoder-tokenizer", args.decoder_tokenizer)):
+                if path is not None and not Path(path).exists():
+                    raise FileNotFoundError(f"{option} {path}: no such file or directory")
+        except (ValueError, KeyError) as exc:
+            raise cli.UsageError(cli.error_message(exc)) from exc
+        model = prepare(cfg, args.florence2, gemma2=args.gemma2, encoder_tokenizer=args.encoder_tokenizer,
+                        decoder_tokenizer=args.decoder_tokenizer, seed=args.seed)
+        out = save_pretrained(model, args.out)
+        print(f"wrote {out} ({cfg.name})")
+        return 0
+
+    return cli.guarded(run, debug=debug)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from florenz_fast.convert import (
     save_pretrained,
 )
 from florenz_fast.florenz import Florenz
-from florenz_fast.prepare import CROSS_INIT_STD, remap_embedding
+from florenz_fast.prepare import CROSS_INIT_STD, prepare, remap_embedding
 from florenz_fast.prepare import main as prepare_main
 from florenz_fast.text import load_decoder_tokenizer, load_encoder_tokenizer
 from tests.helpers.hf_models import florence2_reference, gemma2_reference
@@ -202,10 +202,14 @@ def test_prepare_bart_preset_remaps_vocabulary(tmp_path):
     assert torch.equal(wide[: cfg.decoder.vocab_size], table.detach())
 
 
-def test_prepare_needs_its_inputs(tmp_path):
+def test_prepare_needs_its_inputs(tmp_path, capsys):
     florence2_reference(get_config("tiny"), seed=9).save_pretrained(tmp_path / "f2")
-    with pytest.raises(ValueError, match="pass --gemma2 DIR"):
-        prepare_main(["--preset", "tiny", "--florence2", str(tmp_path / "f2"), "--out", str(tmp_path / "o")])
-    with pytest.raises(ValueError, match="--encoder-tokenizer"):
-        prepare_main(["--preset", "tiny-bart", "--florence2", str(tmp_path / "f2"), "--out", str(tmp_path / "o")])
+    # a usage error (florenz_fast.cli): one `error:` line and exit 2
+    assert prepare_main(["--preset", "tiny", "--florence2", str(tmp_path / "f2"), "--out", str(tmp_path / "o")]) == 2
+    assert "pass --gemma2 DIR" in capsys.readouterr().err
+    assert prepare_main(["--preset", "tiny-bart", "--florence2", str(tmp_path / "f2"), "--out",
+                         str(tmp_path / "o")]) == 2
+    assert "--encoder-tokenizer" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="pass --gemma2 DIR"):  # the library function itself raises
+        prepare(get_config("tiny"), tmp_path / "f2")
     assert not (tmp_path / "o").exists()
