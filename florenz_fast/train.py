@@ -328,13 +328,15 @@ class _Health:
     streak: int = 0  # consecutive bad steps now (a non-finite loss or gradients; fp16 overflow at loss scale <= 1)
     streak_start: int = 0  # the first step of the streak
     last_update: int = 0  # the last step whose update was applied
+    last_update_lr: float = 0.0  # and its learning rate
     last_good: str | None = None  # newest checkpoint directory known good
     pending: str | None = None  # newest checkpoint, awaiting its confirmation by the next step
 
-    def observe(self, step: int, loss_finite: bool, applied: bool, overflow_only: bool) -> None:
-        """Step `step` ran: applied or skipped; `overflow_only`: skipped by fp16 loss scaling, not divergence."""
+    def observe(self, step: int, loss_finite: bool, applied: bool, overflow_only: bool, lr: float = 0.0) -> None:
+        """Step `step` ran (at learning rate `lr`): applied or skipped; `overflow_only`: skipped by fp16 loss
+        scaling, not divergence."""
         if applied:
-            self.last_update = step
+            self.last_update, self.last_update_lr = step, lr
         else:
             self.skipped += 1
         bad = not applied and not (loss_finite and overflow_only)
@@ -360,8 +362,7 @@ class _Health:
         return cls(**{f.name: h[f.name] for f in dataclasses.fields(cls)})
 
 
-def _divergence_message(cfg: TrainConfig, health: _Health, step: int, out: Path, lr: float,
-                        scale: float | None) -> str:
+def _divergence_message(cfg: TrainConfig, health: _Health, step: int, out: Path, scale: float | None) -> str:
     ckpts = out / "checkpoints"
     good = (f"last good checkpoint: {ckpts / health.last_good} (to continue from it: write {health.last_good} "
             f"into {ckpts / 'latest'}, then rerun with a lower --optim.lr)" if health.last_good else
@@ -370,8 +371,9 @@ def _divergence_message(cfg: TrainConfig, health: _Health, step: int, out: Path,
         cause = (f"fp16 overflow (loss scale now {scale:g}; --precision=bf16 has the range of fp32) or a "
                  f"learning rate too high (optim.lr={cfg.optim.lr:g})")
     else:
-        cause = (f"a learning rate too high (optim.lr={cfg.optim.lr:g}, {lr:g} at step {step}; lower it or raise "
-                 f"--optim.warmup_steps)" + (", or bf16 overflow" if cfg.precision == "bf16" else ""))
+        cause = (f"a learning rate too high (optim.lr={cfg.optim.lr:g}; {health.last_update_lr:g} at step "
+                 f"{health.last_update}, the last update: lower it, or raise --optim.warmup_steps)"
+                 + (", or bf16 overflow" if cfg.precision == "bf16" else ""))
     return (f"training diverged at step {step}: {health.streak} consecutive steps ({health.streak_start}-{step}) "
             f"with a non-finite loss or gradients, their updates skipped (weights as after step "
             f"{health.last_update}); {good}. Likely cause: {cause}")
@@ -460,6 +462,7 @@ def train(cfg: TrainConfig) -> dict:
         # the global gradient norm decide on device whether the update is applied: a non-finite one is skipped
         stats = all_reduce_sum(torch.cat([loss_sum.float().view(1), torch.tensor(local, device=world.device)]), world)
         applied = _guarded_step(optimizer, scaler, torch.isfinite(stats[0]) & torch.isfinite(grad_norm))
+        step_lr = optimizer.param_groups[0]["lr"]  # the rate of this update (a host float: the scheduler's)
         scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -490,7 +493,7 @@ def train(cfg: TrainConfig) -> dict:
         # fp16: a skip for gradient overflow with a finite loss is the scaler calibrating (it halves the scale),
         # not divergence, while the scale used was above 1 (at or below 1 the true gradients overflow fp16)
         overflow_only = loss_scale is not None and loss_scale / scaler.get_backoff_factor() > 1.0
-        health.observe(done, math.isfinite(step_loss), not skipped, overflow_only)
+        health.observe(done, math.isfinite(step_loss), not skipped, overflow_only, step_lr)
         if world.main:
             samples = stats[2]
             prompt_per_sample = encoder_tokens / max(samples, 1) - cfg.model.num_image_tokens()
@@ -511,7 +514,7 @@ def train(cfg: TrainConfig) -> dict:
                 tqdm.write(f"step {done:5d}  loss {step_loss:.4f}  lr {record['lr']:.2e}  "
                            f"{record['tokens_per_s']:,.0f} tok/s")
         if cfg.max_bad_steps and health.streak >= cfg.max_bad_steps:
-            diverged = _divergence_message(cfg, health, done, out, scheduler.get_last_lr()[0], loss_scale)
+            diverged = _divergence_message(cfg, health, done, out, loss_scale)
             end = done
             break
         if done % cfg.save_every == 0 or done == end:
