@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -629,8 +630,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return cli.main(TrainConfig, train, argv, prog="python -m florenz_fast.train", description=__doc__,
                         build=parse_args, defaults=recipe("tiny"))
-    except (TrainingDiverged, CheckpointWriteError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (TrainingDiverged, CheckpointWriteError) as exc:  # every rank stops; rank 0 says why (torchrun sets RANK)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
         return 1
 
 
