@@ -319,6 +319,21 @@ def _guarded_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
     return ok
 
 
+def _apply_resumed_lr(cfg: TrainConfig, optimizer: torch.optim.Optimizer, scheduler, world: World) -> None:
+    """A resumed run follows this run's --optim.lr: the scheduler's state carries the base rate it was built
+    with (and the optimizer's, the rate of the next step), so without this a rerun with a lower rate after a
+    divergence would silently diverge again at the old one."""
+    old = scheduler.base_lrs[0]
+    if old == cfg.optim.lr:
+        return
+    factor = lr_lambda(cfg.optim, cfg.steps)(scheduler.last_epoch)
+    scheduler.base_lrs = [cfg.optim.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["lr"] = cfg.optim.lr, cfg.optim.lr * factor
+    if world.main:
+        print(f"resumed with optim.lr={cfg.optim.lr:g} (the checkpoint's run had {old:g})")
+
+
 @dataclass
 class _Health:
     """What the loop knows about divergence; saved in every checkpoint's train_state["health"].
@@ -368,13 +383,12 @@ def _divergence_message(cfg: TrainConfig, health: _Health, step: int, out: Path,
     good = (f"last good checkpoint: {ckpts / health.last_good} (to continue from it: write {health.last_good} "
             f"into {ckpts / 'latest'}, then rerun with a lower --optim.lr)" if health.last_good else
             "no good checkpoint was written before it")
+    cause = (f"a learning rate too high (optim.lr={cfg.optim.lr:g}; {health.last_update_lr:g} at step "
+             f"{health.last_update}, the last update: lower it, or raise --optim.warmup_steps)")
     if cfg.precision == "fp16":
-        cause = (f"fp16 overflow (loss scale now {scale:g}; --precision=bf16 has the range of fp32) or a "
-                 f"learning rate too high (optim.lr={cfg.optim.lr:g})")
-    else:
-        cause = (f"a learning rate too high (optim.lr={cfg.optim.lr:g}; {health.last_update_lr:g} at step "
-                 f"{health.last_update}, the last update: lower it, or raise --optim.warmup_steps)"
-                 + (", or bf16 overflow" if cfg.precision == "bf16" else ""))
+        cause = f"fp16 overflow (loss scale now {scale:g}; --precision=bf16 has the range of fp32) or {cause}"
+    elif cfg.precision == "bf16":
+        cause += ", or bf16 overflow"
     return (f"training diverged at step {step}: {health.streak} consecutive steps ({health.streak_start}-{step}) "
             f"with a non-finite loss or gradients, their updates skipped (weights as after step "
             f"{health.last_update}); {good}. Likely cause: {cause}")
@@ -418,6 +432,7 @@ def train(cfg: TrainConfig) -> dict:
         loader.load_state_dict(state["loader"])
         start = state["step"]
         health = _Health.from_state(state, resumed_from.name)
+        _apply_resumed_lr(cfg, optimizer, scheduler, world)
     metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start + 1 if resumed_from else None) \
         if world.main else None
     nvml = NVML(world.device)

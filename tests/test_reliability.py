@@ -22,7 +22,7 @@ from florenz_fast import checkpoint as ckpt_io
 from florenz_fast.checkpoint import CheckpointWriteError, open_checkpoint, save_state_dict
 from florenz_fast.distributed import World
 from florenz_fast.metrics import MetricsWriter, plot_losses, sparkline
-from florenz_fast.train import _guarded_step, _Health, main, parse_args, train
+from florenz_fast.train import _guarded_step, _Health, lr_lambda, main, parse_args, train
 from florenz_fast.train_state import NonFiniteWeightsError, latest_checkpoint, save_checkpoint
 
 QUICK = ["--data.synthetic_images=32", "--data.max_encoder_tokens=200", "--data.max_decoder_tokens=96",
@@ -110,6 +110,19 @@ def test_run_ending_on_a_bad_step_exports_nothing(good_run, tmp_path, capsys):
     assert "skipped steps: 1" in captured.out and "×" in captured.out  # the sparkline marks the NaN step
     assert (out / "final" / "model.safetensors").read_bytes() == final_before
     _strict_records(out / "metrics.jsonl")
+
+
+def test_a_resumed_run_follows_the_new_learning_rate(good_run, tmp_path, capsys):
+    # the advice of the divergence error (rerun with a lower --optim.lr) must work: the scheduler's state
+    # would otherwise restore the checkpoint's base rate
+    out = tmp_path / "run"
+    shutil.copytree(good_run, out)
+    cfg = parse_args(QUICK + ["--steps=3", "--save_every=1000", "--optim.lr=1e-4", f"--out={out}"])
+    train(cfg)
+    assert "resumed with optim.lr=0.0001 (the checkpoint's run had 0.002)" in capsys.readouterr().out
+    records = _strict_records(out / "metrics.jsonl")
+    assert records[1]["lr"] == pytest.approx(2e-3 * lr_lambda(cfg.optim, 3)(2), rel=1e-12)  # the first run
+    assert records[2]["lr"] == pytest.approx(1e-4 * lr_lambda(cfg.optim, 3)(3), rel=1e-12)
 
 
 # ---- the skip itself ------------------------------------------------------------------------------------------
