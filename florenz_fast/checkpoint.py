@@ -1,10 +1,12 @@
 """Model-agnostic checkpoint I/O: safetensors shards + a Hugging Face style JSON index.
 
 Public API
-    save_state_dict(state_dict, out_dir, *, max_shard_bytes, metadata, filename_prefix) -> list[Path]
+    save_state_dict(state_dict, out_dir, *, max_shard_bytes, metadata, filename_prefix, require_finite,
+                    extra_files) -> list[Path]
     open_checkpoint(path) -> Checkpoint      lazy, read-only, mmap-backed mapping key -> tensor
     load_into(target, source, *, dtype, device, strict, rename) -> LoadResult
     CheckpointError(ValueError)              every unreadable / inconsistent checkpoint
+    CheckpointWriteError(OSError)            a write that failed (ENOSPC, EACCES, ...), naming the file
 
 On-disk layout (identical to what transformers writes, so either side can read the other):
     one shard   <prefix>.safetensors
@@ -22,6 +24,7 @@ Nothing here unpickles (DESIGN.md rule 11): tensors go through safetensors, meta
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -33,11 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-__all__ = ["CheckpointError", "Checkpoint", "LoadResult", "save_state_dict", "open_checkpoint", "load_into"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "Checkpoint", "LoadResult", "save_state_dict",
+           "open_checkpoint", "load_into"]
 
 SINGLE_NAME = "{prefix}.safetensors"
 SHARD_NAME = "{prefix}-{index:05d}-of-{count:05d}.safetensors"
@@ -63,6 +67,14 @@ _DTYPES: dict[str, torch.dtype] = {
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, inconsistent, or does not fit the target it is loaded into."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint file could not be written (disk full, permissions, ...); the message names the file.
+    Built as OSError(errno, message, path): `errno` and `filename` as usual, str() the message alone."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 # --------------------------------------------------------------------------------------------------- save
@@ -98,6 +110,28 @@ def _write_shard(tensors: dict[str, torch.Tensor], path: Path, header: dict[str,
         os.fsync(f.fileno())
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Write and fsync a small text file (the index, a caller's config.json)."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _nonfinite_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys of the floating-point tensors holding NaN or inf (one reduction per tensor, on its device)."""
+    return [k for k, t in state_dict.items() if t.is_floating_point() and t.numel()
+            and not bool(torch.isfinite(t.detach()).all())]
+
+
+def _write_failed(exc: BaseException, target: Path, staged: Path, out: Path) -> CheckpointWriteError:
+    # safetensors reports an I/O failure as its own SafetensorError, not OSError: keep its text, default errno
+    code = getattr(exc, "errno", None) or errno.EIO
+    reason = getattr(exc, "strerror", None) or str(exc)
+    return CheckpointWriteError(code, f"writing {target} failed (staged as {staged}; {out} left as it was): {reason}",
+                                str(target))
+
+
 def _is_ours(name: str, prefix: str) -> bool:
     """Whether `name` is a checkpoint file this function would write for `prefix` (used to drop stale files)."""
     p = re.escape(prefix)
@@ -111,6 +145,8 @@ def save_state_dict(
     max_shard_bytes: int = 5 * 2**30,
     metadata: Mapping[str, str] | None = None,
     filename_prefix: str = "model",
+    require_finite: bool = False,
+    extra_files: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Save `state_dict` as safetensors shards in `out_dir`; return the written paths (index last).
 
@@ -126,6 +162,13 @@ def save_state_dict(
       yet; file by file, index last, otherwise), then stale `<prefix>` files of an older save are removed.
       An exception (e.g. TypeError for a non-tensor value) leaves `out_dir` untouched. A hard kill can at
       worst leave the hidden `.<out_dir>.*.tmp` sibling behind, never a partial file inside `out_dir`.
+      A failed write (disk full, permissions) raises CheckpointWriteError naming the file; `out_dir` keeps
+      its previous contents and the temporary directory is removed.
+    - `require_finite`: refuse (ValueError naming the tensors, nothing written) when a floating-point tensor
+      holds NaN or inf, so that a diverged model never replaces a good export.
+    - `extra_files` (file name -> text, e.g. a config.json) are written into the same temporary directory and
+      moved into `out_dir` with the shards, before the index: the files of one save are never mixed with
+      those of an older one by a failure while writing.
     """
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -137,6 +180,13 @@ def save_state_dict(
         if k in _RESERVED_METADATA:
             raise ValueError(f"metadata key {k!r} is reserved (one of {_RESERVED_METADATA})")
 
+    extra = dict(extra_files or {})
+    for name, text in extra.items():
+        if not isinstance(name, str) or "/" in name or name.startswith(".") or _is_ours(name, filename_prefix) \
+                or not isinstance(text, str):
+            raise ValueError(f"extra_files: {name!r} must be a plain file name (not a {filename_prefix!r} "
+                             f"checkpoint file) mapped to text")
+
     # Validate every value before anything touches the disk.
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
@@ -145,6 +195,12 @@ def save_state_dict(
             raise ValueError(f"state_dict[{key!r}] is on the meta device and has no data to save")
         if value.layout != torch.strided:
             raise ValueError(f"state_dict[{key!r}] has layout {value.layout}; only dense tensors can be saved")
+    if require_finite and (bad := _nonfinite_keys(state_dict)):
+        n_float = sum(t.is_floating_point() for t in state_dict.values())
+        listed = ", ".join(repr(k) for k in bad[:_MAX_LISTED]) + (f", ... and {len(bad) - _MAX_LISTED} more"
+                                                                   if len(bad) > _MAX_LISTED else "")
+        raise ValueError(f"not writing {out_dir}: {len(bad)} of {n_float} floating-point tensors hold NaN or inf "
+                         f"({listed})")
 
     # Tied tensors: keep the first name in sorted order, remember the rest as aliases.
     tied: dict[str, str] = {}
@@ -180,15 +236,27 @@ def save_state_dict(
                     t = t.clone()
                 seen_storage.add(storage)
                 tensors[key] = t.contiguous()
-            _write_shard(tensors, tmp / name, header)
+            try:
+                _write_shard(tensors, tmp / name, header)
+            except (OSError, SafetensorError) as e:  # safetensors' I/O errors are not OSError: name the file
+                raise _write_failed(e, out / name, tmp / name, out) from e
             del tensors
+        for name, text in extra.items():
+            try:
+                _write_text(tmp / name, text)
+            except OSError as e:
+                raise _write_failed(e, out / name, tmp / name, out) from e
+        names[len(shards):len(shards)] = list(extra)
         if len(shards) > 1:
             index = {
                 "metadata": {"total_size": sum(sizes.values()), **user_meta, **({TIED_KEY: tied} if tied else {})},
                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard},
             }
             names.append(INDEX_NAME.format(prefix=filename_prefix))
-            (tmp / names[-1]).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            try:
+                _write_text(tmp / names[-1], json.dumps(index, indent=2, sort_keys=True) + "\n")
+            except OSError as e:
+                raise _write_failed(e, out / names[-1], tmp / names[-1], out) from e
 
         # mkdtemp makes the directory 0o700; give it the permissions a normal mkdir would have.
         umask = os.umask(0)

@@ -130,11 +130,28 @@ class MetricsWriter:
             path.unlink()
 
     def write(self, record: dict) -> None:
+        # strict JSON: a diverged step's NaN loss is written as null (bare NaN, which json.dumps writes by
+        # default, is rejected by jq, JavaScript and every other strict parser)
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
     def read(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def json_safe(value):
+    """`value` with every non-finite float (nan, inf) replaced by None, through dicts, lists and tuples."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def plot_losses(records: list[dict], out_png: Path) -> Path | None:
@@ -149,11 +166,18 @@ def plot_losses(records: list[dict], out_png: Path) -> Path | None:
         return None
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["loss"] for r in records], label="loss (all)", color="black", linewidth=2)
-    keys = sorted({k for r in records for k in r.get("loss_by_key", {})})
+    # a non-finite loss (null in metrics.jsonl) is a gap in the curve, and its step a red mark on the x axis
+    ax.plot(steps, [r["loss"] if _finite(r.get("loss")) else math.nan for r in records], label="loss (all)",
+            color="black", linewidth=2)
+    keys = sorted({k for r in records for k in (r.get("loss_by_key") or {})})
     for key in keys:
-        pts = [(r["step"], r["loss_by_key"][key]) for r in records if key in r.get("loss_by_key", {})]
+        pts = [(r["step"], v if _finite(v := r["loss_by_key"][key]) else math.nan) for r in records
+               if key in (r.get("loss_by_key") or {})]
         ax.plot(*zip(*pts), label=key, linewidth=1, alpha=0.8)
+    bad = [r["step"] for r in records if not _finite(r.get("loss")) or r.get("skipped")]
+    if bad:
+        ax.plot(bad, [0] * len(bad), linestyle="none", marker="|", markersize=12, color="red",
+                transform=ax.get_xaxis_transform(), label=f"skipped step ({len(bad)})", clip_on=False)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / target token)")
     ax.set_yscale("log")
@@ -165,13 +189,19 @@ def plot_losses(records: list[dict], out_png: Path) -> Path | None:
     return out_png
 
 
-def sparkline(values: list[float], width: int = 40) -> str:
-    """A one-line text picture of a curve, for the end-of-run summary."""
+def sparkline(values: list[float | None], width: int = 40) -> str:
+    """A one-line text picture of a curve, for the end-of-run summary; a point holding a non-finite value (nan,
+    inf, None: a diverged step) is drawn as `×` and the scale is set by the finite points only."""
     if not values:
         return ""
     ticks = "▁▂▃▄▅▆▇█"
     step = max(1, len(values) // width)
-    pts = [sum(values[i:i + step]) / len(values[i:i + step]) for i in range(0, len(values), step)]
-    lo, hi = min(pts), max(pts)
+    pts = [sum(chunk) / len(chunk) if all(_finite(v) for v in chunk) else None
+           for chunk in (values[i:i + step] for i in range(0, len(values), step))]
+    finite = [p for p in pts if p is not None and math.isfinite(p)]  # a sum of huge finite values can overflow
+    if not finite:
+        return "×" * len(pts)
+    lo, hi = min(finite), max(finite)
     span = (hi - lo) or 1.0
-    return "".join(ticks[min(7, int((p - lo) / span * 7.999))] for p in pts)
+    return "".join(ticks[min(7, int((p - lo) / span * 7.999))] if p is not None and math.isfinite(p) else "×"
+                   for p in pts)

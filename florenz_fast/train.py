@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from . import cli
-from .checkpoint import save_state_dict
+from .checkpoint import CheckpointWriteError, save_state_dict
 from .config import FlorenzConfig, apply_overrides, get_config
 from .convert import CONFIG_NAME, load_pretrained
 from .distributed import World, all_reduce_sum, init_world, no_sync, wrap_model
@@ -49,7 +50,13 @@ from .metrics import (
     sparkline,
     train_flops_per_sample,
 )
-from .train_state import full_model_state_dict, latest_checkpoint, load_checkpoint, save_checkpoint
+from .train_state import (
+    NonFiniteWeightsError,
+    full_model_state_dict,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -110,6 +117,7 @@ class TrainConfig:
     out: str = "runs/tiny"
     save_every: int = 100
     keep_checkpoints: int = 2
+    max_bad_steps: int = 10  # stop after this many consecutive steps with a non-finite loss or gradients; 0 = never
     log_every: int = 10
     resume: bool = True  # continue from <out>/checkpoints/latest when there is one
     profile_steps: str = ""  # "START:END": torch.profiler trace of those steps into <out>/profile/
@@ -264,15 +272,137 @@ def make_forward_loss(module: torch.nn.Module, cfg: TrainConfig, device: torch.d
 
 
 def export_final(model, cfg: TrainConfig, path: Path, world: World) -> Path | None:
-    """The trained model in the foundation's format (config.json + safetensors); collective under FSDP2."""
+    """The trained model in the foundation's format (config.json + safetensors); collective under FSDP2.
+    Weights holding NaN or inf are refused (ValueError, nothing written); config.json travels with the shards,
+    so a failed write leaves the previous export whole."""
     state = full_model_state_dict(model)
     if not world.main:
         return None
-    save_state_dict(state, path, metadata={"writer": "florenz-fast", "preset": cfg.model.name})
-    tmp = path / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(cfg.model.to_dict(), indent=2) + "\n")
-    tmp.replace(path / CONFIG_NAME)
+    save_state_dict(state, path, metadata={"writer": "florenz-fast", "preset": cfg.model.name}, require_finite=True,
+                    extra_files={CONFIG_NAME: json.dumps(cfg.model.to_dict(), indent=2) + "\n"})
     return path
+
+
+class TrainingDiverged(RuntimeError):
+    """`max_bad_steps` consecutive steps had a non-finite loss or gradients; the message says what to do."""
+
+
+def _grad_norm(params: list[torch.nn.Parameter], clip: float) -> torch.Tensor:
+    """The global gradient norm (clipping to `clip` when > 0), a device tensor: its finiteness is the step's
+    gradient check, so it is computed without clipping too (one foreach norm over the gradients)."""
+    if clip:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor (replicated), as a plain tensor
+        norm = norm.full_tensor()
+    return norm.float()
+
+
+def _guarded_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ok: torch.Tensor) -> torch.Tensor:
+    """`optimizer.step()` only when `ok` (a device bool: the step's loss and gradient norm are finite); returns
+    whether the update was applied, as a device bool that the loop reads with the step's other statistics.
+
+    Where the host waits (DESIGN.md rule 13): nowhere, for torch's fused AdamW (the CUDA default): the flag goes
+    to the kernel as `found_inf`, the mechanism GradScaler uses, which leaves weights, moments and step count
+    untouched. Other optimizers (foreach AdamW, the CPU default; apex) cannot skip on a device flag, so the flag
+    is read once, between backward and the update: free on the CPU (no queue to drain), one wait on CUDA, the
+    same read GradScaler makes for such optimizers in fp16. An update that has been applied cannot be undone
+    without a copy of weights and moments (3x the parameter memory), so a read after the step is no option.
+    fp16: GradScaler already skips on non-finite unscaled gradients; the loss check is folded into its found_inf,
+    so it skips (and backs the scale off) for a non-finite loss too.
+    """
+    if scaler.is_enabled():
+        found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]  # filled by unscale_
+        for flag in found.values():
+            flag.copy_(torch.maximum(flag, (~ok).to(flag.device, flag.dtype).view_as(flag)))
+        scaler.step(optimizer)
+        return ok & (torch.stack([f.to(ok.device).reshape(()) for f in found.values()]).sum() == 0)
+    if getattr(optimizer, "_step_supports_amp_scaling", False) and all(g.get("fused") for g in optimizer.param_groups):
+        optimizer.grad_scale, optimizer.found_inf = None, (~ok).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+        return ok
+    if bool(ok):  # the one read, for optimizers without a device-side skip (see above)
+        optimizer.step()
+    return ok
+
+
+def _apply_resumed_lr(cfg: TrainConfig, optimizer: torch.optim.Optimizer, scheduler, world: World) -> None:
+    """A resumed run follows this run's --optim.lr: the scheduler's state carries the base rate it was built
+    with (and the optimizer's, the rate of the next step), so without this a rerun with a lower rate after a
+    divergence would silently diverge again at the old one."""
+    old = scheduler.base_lrs[0]
+    if old == cfg.optim.lr:
+        return
+    factor = lr_lambda(cfg.optim, cfg.steps)(scheduler.last_epoch)
+    scheduler.base_lrs = [cfg.optim.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["lr"] = cfg.optim.lr, cfg.optim.lr * factor
+    if world.main:
+        print(f"resumed with optim.lr={cfg.optim.lr:g} (the checkpoint's run had {old:g})")
+
+
+@dataclass
+class _Health:
+    """What the loop knows about divergence; saved in every checkpoint's train_state["health"].
+
+    A checkpoint at step N holds the weights after update N, which are only known good once step N+1 has run
+    them with a finite loss: it is `pending` until then, and `last_good` after (rotation never removes it)."""
+    skipped: int = 0  # optimizer steps skipped (non-finite loss or gradients; fp16 overflow) in the whole run
+    streak: int = 0  # consecutive bad steps now (a non-finite loss or gradients; fp16 overflow at loss scale <= 1)
+    streak_start: int = 0  # the first step of the streak
+    last_update: int = 0  # the last step whose update was applied
+    last_update_lr: float = 0.0  # and its learning rate
+    last_good: str | None = None  # newest checkpoint directory known good
+    pending: str | None = None  # newest checkpoint, awaiting its confirmation by the next step
+
+    def observe(self, step: int, loss_finite: bool, applied: bool, overflow_only: bool, lr: float = 0.0) -> None:
+        """Step `step` ran (at learning rate `lr`): applied or skipped; `overflow_only`: skipped by fp16 loss
+        scaling, not divergence."""
+        if applied:
+            self.last_update, self.last_update_lr = step, lr
+        else:
+            self.skipped += 1
+        bad = not applied and not (loss_finite and overflow_only)
+        if bad:
+            self.streak += 1
+            self.streak_start = self.streak_start if self.streak > 1 else step
+            self.pending = None  # its weights gave a non-finite step
+        elif applied:
+            self.streak = 0
+        if not bad and self.pending is not None:
+            self.last_good, self.pending = self.pending, None
+
+    def to_state(self, name: str) -> dict:
+        """The record of a checkpoint named `name` written now (pending when the run is healthy)."""
+        return {**dataclasses.asdict(self), "healthy": self.streak == 0,
+                "pending": name if self.streak == 0 else None}
+
+    @classmethod
+    def from_state(cls, state: dict, name: str) -> _Health:
+        h = state.get("health")
+        if h is None:  # a checkpoint from before health was recorded: good, awaiting confirmation
+            return cls(last_update=state["step"], pending=name)
+        return cls(**{f.name: h[f.name] for f in dataclasses.fields(cls)})
+
+
+def _divergence_message(cfg: TrainConfig, health: _Health, step: int, out: Path, scale: float | None) -> str:
+    ckpts = out / "checkpoints"
+    good = (f"last good checkpoint: {ckpts / health.last_good} (to continue from it: write {health.last_good} "
+            f"into {ckpts / 'latest'}, then rerun with a lower --optim.lr)" if health.last_good else
+            "no good checkpoint was written before it")
+    cause = (f"a learning rate too high (optim.lr={cfg.optim.lr:g}; {health.last_update_lr:g} at step "
+             f"{health.last_update}, the last update: lower it, or raise --optim.warmup_steps)")
+    if cfg.precision == "fp16":
+        cause = f"fp16 overflow (loss scale now {scale:g}; --precision=bf16 has the range of fp32) or {cause}"
+    elif cfg.precision == "bf16":
+        cause += ", or bf16 overflow"
+    return (f"training diverged at step {step}: {health.streak} consecutive steps ({health.streak_start}-{step}) "
+            f"with a non-finite loss or gradients, their updates skipped (weights as after step "
+            f"{health.last_update}); {good}. Likely cause: {cause}")
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -304,6 +434,7 @@ def train(cfg: TrainConfig) -> dict:
     trainable = [p for p in train_module.parameters() if p.requires_grad]
 
     start = 0
+    health = _Health()
     resumed_from = latest_checkpoint(out) if cfg.resume else None
     if resumed_from is not None:
         state = load_checkpoint(resumed_from, train_module, optimizer, world=world)
@@ -311,6 +442,8 @@ def train(cfg: TrainConfig) -> dict:
         scaler.load_state_dict(state["scaler"])
         loader.load_state_dict(state["loader"])
         start = state["step"]
+        health = _Health.from_state(state, resumed_from.name)
+        _apply_resumed_lr(cfg, optimizer, scheduler, world)
     metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start + 1 if resumed_from else None) \
         if world.main else None
     nvml = NVML(world.device)
@@ -325,6 +458,7 @@ def train(cfg: TrainConfig) -> dict:
 
     it = iter(loader)
     losses: list[float] = []
+    diverged: str | None = None  # the error message once max_bad_steps bad steps in a row have been seen
     totals = {"tokens": 0.0, "samples": 0.0, "seconds": 0.0}
     bar = tqdm(range(start, end), desc="train", unit="step", disable=not world.main, initial=0)
     for step in bar:
@@ -350,22 +484,22 @@ def train(cfg: TrainConfig) -> dict:
             loss_sum += sums.detach().sum()
             per_sample.append((batch, sums.detach(), counts))
         scaler.unscale_(optimizer)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
-                     if cfg.optim.grad_clip else torch.tensor(0.0))
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor (replicated), as a plain tensor for the copy below
-            grad_norm = grad_norm.full_tensor()
-        scaler.step(optimizer)
+        grad_norm = _grad_norm(trainable, cfg.optim.grad_clip).detach().to(world.device)
+        # the global loss (summed over ranks before the update, so that every rank takes the same decision) and
+        # the global gradient norm decide on device whether the update is applied: a non-finite one is skipped
+        stats = all_reduce_sum(torch.cat([loss_sum.float().view(1), torch.tensor(local, device=world.device)]), world)
+        applied = _guarded_step(optimizer, scaler, torch.isfinite(stats[0]) & torch.isfinite(grad_norm))
+        step_lr = optimizer.param_groups[0]["lr"]  # the rate of this update (a host float: the scheduler's)
         scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if prof is not None:
             prof.step()
 
-        # after the step: one device->host copy of everything the log needs
-        stats = all_reduce_sum(torch.cat([loss_sum.float().view(1), torch.tensor(local, device=world.device)]), world)
-        values = torch.cat([stats, (stats[0] / stats[1]).view(1), grad_norm.detach().float().view(1).to(world.device)]
+        # after the step: one device->host copy of everything the log needs (the skip flag included)
+        values = torch.cat([stats, (stats[0] / stats[1]).view(1), grad_norm.view(1), applied.float().view(1)]
                            + [t.float() for _, sums, counts in per_sample for t in (sums, counts)]).tolist()
-        stats, step_loss, grad_norm, at = values[:4], values[4], values[5], 6
+        stats, step_loss, grad_norm, skipped, at = values[:4], values[4], values[5], values[6] == 0, 7
         by_key: dict[str, list[float]] = {}
         for b, sums, _ in per_sample:
             n = sums.numel()
@@ -382,6 +516,11 @@ def train(cfg: TrainConfig) -> dict:
         totals["seconds"] += seconds
         bar.set_postfix(loss=f"{step_loss:.4f}")
         done = step + 1
+        loss_scale = scaler.get_scale() if scaler.is_enabled() else None
+        # fp16: a skip for gradient overflow with a finite loss is the scaler calibrating (it halves the scale),
+        # not divergence, while the scale used was above 1 (at or below 1 the true gradients overflow fp16)
+        overflow_only = loss_scale is not None and loss_scale / scaler.get_backoff_factor() > 1.0
+        health.observe(done, math.isfinite(step_loss), not skipped, overflow_only, step_lr)
         if world.main:
             samples = stats[2]
             prompt_per_sample = encoder_tokens / max(samples, 1) - cfg.model.num_image_tokens()
@@ -394,22 +533,47 @@ def train(cfg: TrainConfig) -> dict:
                 "tokens_per_s": stats[1] / seconds, "samples_per_s": samples / seconds,
                 "tflops_per_s": flops / seconds / 1e12,
                 "mfu": (flops / seconds / 1e12 / peak / world.size) if peak else None,
-                "peak_memory_gib": peak_memory_gib(world.device), "loss_scale": scaler.get_scale()
-                if scaler.is_enabled() else None, **nvml.read(),
+                "peak_memory_gib": peak_memory_gib(world.device), "loss_scale": loss_scale,
+                "skipped": skipped, "skipped_steps": health.skipped, **nvml.read(),
             }
             metrics.write(record)
             if done % cfg.log_every == 0 or done == end:
                 tqdm.write(f"step {done:5d}  loss {step_loss:.4f}  lr {record['lr']:.2e}  "
                            f"{record['tokens_per_s']:,.0f} tok/s")
+        if cfg.max_bad_steps and health.streak >= cfg.max_bad_steps:
+            diverged = _divergence_message(cfg, health, done, out, loss_scale)
+            end = done
+            break
         if done % cfg.save_every == 0 or done == end:
-            save_checkpoint(out, done, train_module, optimizer, world=world, keep=cfg.keep_checkpoints,
-                            train_state={"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                         "loader": loader.state_dict(), "config": dataclasses.asdict(cfg)})
+            name = f"step-{done:06d}"
+            try:
+                save_checkpoint(out, done, train_module, optimizer, world=world, keep=cfg.keep_checkpoints,
+                                train_state={"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                             "loader": loader.state_dict(), "config": dataclasses.asdict(cfg),
+                                             "health": health.to_state(name)},
+                                protect=[health.last_good] if health.last_good else [])
+                if health.streak == 0:
+                    health.pending = name
+            except NonFiniteWeightsError as e:  # refused, nothing written; the run goes on (and stops if it diverged)
+                if world.main:
+                    tqdm.write(f"warning: {e}")
+    bar.close()
     if prof is not None:
         prof.stop()
 
-    summary = {"start_step": start, "end_step": end, "losses": losses, "out": str(out)}
-    final = export_final(train_module, cfg, out / "final", world) if end == cfg.steps else None
+    summary = {"start_step": start, "end_step": end, "losses": losses, "out": str(out),
+               "skipped_steps": health.skipped, "diverged": diverged}
+    final = None
+    if end == cfg.steps and not diverged:
+        if health.streak:  # the weights gave non-finite losses: exporting them could replace a good final/
+            if world.main:
+                print(f"final export not written: the last {health.streak} step(s) had a non-finite loss or "
+                      f"gradients", file=sys.stderr)
+        else:
+            try:
+                final = export_final(train_module, cfg, out / "final", world)
+            except ValueError as e:  # weights with NaN or inf: refused before anything was written
+                print(f"final export refused: {e}", file=sys.stderr)
     if world.main:
         records = metrics.read()
         png = plot_losses(records, out / "loss.png") if records else None
@@ -419,6 +583,8 @@ def train(cfg: TrainConfig) -> dict:
         _print_summary(cfg, summary, totals, out, tok_dir)
     if world.distributed:
         torch.distributed.destroy_process_group()
+    if diverged:
+        raise TrainingDiverged(diverged)
     return summary
 
 
@@ -468,6 +634,9 @@ def _print_summary(cfg: TrainConfig, summary: dict, totals: dict, out: Path, tok
     print(f"\nloss {losses[0]:.4f} -> {losses[-1]:.4f} over steps {summary['start_step'] + 1}-{summary['end_step']}"
           f"   {sparkline(losses)}")
     print(f"throughput: {totals['tokens'] / secs:,.0f} target tokens/s, {totals['samples'] / secs:,.1f} samples/s")
+    if summary.get("skipped_steps"):
+        print(f"skipped steps: {summary['skipped_steps']} (non-finite loss or gradients: the update was not applied;"
+              f" `skipped` in metrics.jsonl)")
     if summary.get("efficiency"):
         eff = summary["efficiency"]
         parts = [f"{side} {eff[side]['efficiency']:.1%}" + (f" (budget filled {eff[side]['fill']:.1%})"
@@ -482,9 +651,15 @@ def _print_summary(cfg: TrainConfig, summary: dict, totals: dict, out: Path, tok
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m florenz_fast.train --help` lists the TrainConfig tree (the `tiny` recipe's values)."""
-    return cli.main(TrainConfig, train, argv, prog="python -m florenz_fast.train", description=__doc__,
-                    build=parse_args, defaults=recipe("tiny"))
+    """`python -m florenz_fast.train --help` lists the TrainConfig tree (the `tiny` recipe's values).
+    A diverged run or a failed checkpoint write: one `error: ...` line and exit status 1 (usage errors: 2)."""
+    try:
+        return cli.main(TrainConfig, train, argv, prog="python -m florenz_fast.train", description=__doc__,
+                        build=parse_args, defaults=recipe("tiny"))
+    except (TrainingDiverged, CheckpointWriteError) as exc:  # every rank stops; rank 0 says why (torchrun sets RANK)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
