@@ -453,11 +453,12 @@ class Pipeline:
 
 def load_pipeline(ckpt, *, tokenizers=None, preset: str | None = None, device="cpu", dtype=None,
                   config: GenerationConfig | None = None, cuda_graph: bool = False) -> Pipeline:
-    """A florenz-fast checkpoint directory (config.json + safetensors) and its tokenizers (DIR with encoder/
-    and decoder/; default: CKPT/tokenizers, then CKPT/../tokenizers). `preset`, if given, must be the
-    checkpoint's (a guard against pointing at the wrong model)."""
+    """A checkpoint directory (config.json + safetensors: this engine's layout or a released checkpoint's, see
+    convert.load_pretrained) and its tokenizers (DIR with encoder/ and decoder/; default: CKPT/tokenizers, then
+    CKPT/../tokenizers). `preset`, if given, must be the checkpoint's (a guard against pointing at the wrong
+    model)."""
     from .config import FlorenzConfig
-    from .convert import CONFIG_NAME, load_pretrained
+    from .convert import CONFIG_NAME, _read_json, is_released_config, load_pretrained
     from .text import load_decoder_tokenizer, load_encoder_tokenizer
 
     ckpt = Path(ckpt)
@@ -465,7 +466,13 @@ def load_pipeline(ckpt, *, tokenizers=None, preset: str | None = None, device="c
         raise FileNotFoundError(f"checkpoint directory not found: {ckpt}")
     if not (ckpt / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{ckpt}: no {CONFIG_NAME} (not a florenz-fast checkpoint directory)")
-    cfg = FlorenzConfig.load(ckpt / CONFIG_NAME)
+    raw = _read_json(ckpt / CONFIG_NAME)
+    cfg = None if is_released_config(raw) else FlorenzConfig.load(ckpt / CONFIG_NAME)
+    if cfg is None:  # released layout: load_pretrained maps its config (and reads the image size beside it)
+        model = load_pretrained(ckpt, dtype=dtype, device=device)
+        cfg = model.cfg
+    else:
+        model = None
     if preset is not None and cfg.name != preset:
         raise ValueError(f"{ckpt / CONFIG_NAME}: checkpoint is preset {cfg.name!r}, but --preset {preset!r} "
                          f"was asked for")
@@ -478,7 +485,8 @@ def load_pipeline(ckpt, *, tokenizers=None, preset: str | None = None, device="c
     tokenizers = Path(tokenizers)
     enc_tok = load_encoder_tokenizer(tokenizers / "encoder")
     dec_tok = load_decoder_tokenizer(tokenizers / "decoder")
-    model = load_pretrained(ckpt, dtype=dtype, device=device, config=cfg)
+    if model is None:
+        model = load_pretrained(ckpt, dtype=dtype, device=device, config=cfg)
     return Pipeline(model, enc_tok, dec_tok, device=torch.device(device), config=config, cuda_graph=cuda_graph)
 
 

@@ -247,3 +247,25 @@ def test_eval_cli_end_to_end(tiny_ckpt, capsys):
     assert "| multi30k/test_2016_flickr/en-de | BLEU |" in (out / "report.md").read_text()
     code, _, err = _run(ev.main, [f"--ckpt={ckpt}", f"--out={out}", f"--xm3600={xm}"], capsys)
     assert code == 2 and "--xm3600-images" in err
+
+
+def test_pipeline_loads_a_released_directory(tiny_ckpt, tmp_path):
+    """generate.load_pipeline takes a released-layout directory as it comes, and generates what our layout does."""
+    import shutil
+
+    from florenz_fast.convert import load_pretrained
+
+    root, ckpt = tiny_ckpt
+    released = tmp_path / "released"
+    save_pretrained(load_pretrained(ckpt), released, layout="released")
+    shutil.copytree(ckpt / "tokenizers", released / "tokenizers")
+    assert "vision_config" in json.loads((released / "config.json").read_text())
+    config = gen_mod.GenerationConfig(max_new_tokens=5, num_beams=2)
+    ours = gen_mod.load_pipeline(ckpt, config=config)
+    theirs = gen_mod.load_pipeline(released, preset="tiny", config=config)
+    reqs = [gen_mod.Request(image=root / "0.png", task="caption", lang="de"),
+            gen_mod.Request(image=root / "1.png", task="translate", lang="fr", src="a red circle")]
+    got, want = theirs.generate(reqs), ours.generate(reqs)
+    assert got == want and all(r["text"] is not None for r in got)
+    with pytest.raises(ValueError, match="preset 'tiny'"):
+        gen_mod.load_pipeline(released, preset="small")
