@@ -321,7 +321,7 @@ def test_grouping_sampler(data):
     assert DataPipeline(records, enc, dec, image_size=64, seed=0).fingerprint != pipe.fingerprint
     ref = DataPipeline(records, enc, dec, image_size=64, seed=0, group_size=k)
     it = iter(ref)
-    head = [next(it) for _ in range(4)]
+    [next(it) for _ in range(4)]
     state = json.loads(json.dumps(ref.state_dict()))
     assert ref._group  # taken inside a group of the same image
     tail = [next(it) for _ in range(8)]
