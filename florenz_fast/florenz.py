@@ -39,6 +39,13 @@ class FlorenzOutput:
 
 
 class Florenz(nn.Module):
+    # The frozen, deterministic image path runs in chunks of exactly this many images (the last one padded with
+    # zero images), so an image's tokens are the same bits whatever batch it arrives in: deduplicated, cached
+    # (features.py) and recomputed image tokens are then identical (tests/test_image_features.py). Measured why:
+    # oneDNN's conv picks its algorithm by batch size (tiny preset on 2 threads: 1 or 2 images differ from 8 by
+    # up to 1.4e-6). 4: a multiple of the 2 CPU threads and little padding at small batches (docs/image-features.md).
+    frozen_image_chunk: int = 4
+
     def __init__(self, cfg: FlorenzConfig):
         super().__init__()
         self.cfg = cfg.validate()
@@ -56,15 +63,74 @@ class Florenz(nn.Module):
         check_pixels(pixel_values, self.cfg)
         return self.projector(self.vision_tower(pixel_values))
 
+    def image_path_frozen(self) -> bool:
+        """No parameter of the vision tower or the image-token projector trains (policies spec, no_vision)."""
+        return not any(p.requires_grad for m in (self.vision_tower, self.projector) for p in m.parameters())
+
+    def image_path_stochastic(self) -> bool:
+        """drop_path is active: the published recipe keeps it on in the frozen DaViT in train mode (SPEC §7), so
+        two visits of one image get different tokens and no image may share a forward with another sample."""
+        return self.vision_tower.training and self.cfg.vision.drop_path > 0
+
+    def frozen_image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(U, 3, H, W) -> (U, N, d) without autograd, in chunks of `frozen_image_chunk` images (zero-padded):
+        batch-size independent bits (see frozen_image_chunk)."""
+        K, U = self.frozen_image_chunk, pixel_values.shape[0]
+        pad = (-U) % K
+        if pad:
+            pixel_values = torch.cat([pixel_values, pixel_values.new_zeros((pad, *pixel_values.shape[1:]))])
+        with torch.no_grad():
+            return torch.cat([self.image_tokens(chunk) for chunk in pixel_values.split(K)])[:U]
+
+    def batch_image_tokens(self, pixel_values, image_index=None, num_images=None, image_features=None):
+        """Image tokens per sample (padded) or image slot (packed, static): (B, N, d).
+
+        Plain input: pixel_values (B, 3, H, W). Deduplicated (packing.image_inputs): the distinct images
+        pixel_values[:num_images] (num_images a Python int, so the slice reads nothing back) and the cached
+        tokens `image_features` (C, N, d) are stacked and gathered by image_index (B,): each distinct image runs
+        through the tower once and gradients (policy `all`) accumulate through the gather. Exceptions, for exact
+        numerics: with drop_path active every sample needs its own draw, so the pixels are gathered first (the
+        same random draws as without dedup); under torch.compile the tower runs on every slot (a varying
+        num_images would recompile) — image_features_first computes the tokens outside the graph instead."""
+        frozen = self.image_path_frozen()
+        if image_features is not None and not frozen:
+            raise ValueError("image_features (precomputed image tokens) need a frozen image path: the vision tower "
+                             "and projector train under this policy")
+        stochastic = self.image_path_stochastic()
+        if stochastic and image_index is not None and image_features is not None:  # cached per image, not sample
+            raise ValueError("cached image_features with drop_path active: every sample needs its own draw "
+                             "(model.vision.drop_path=0, or eval mode, to use cached tokens)")
+        if pixel_values is not None:
+            if num_images is not None and not torch.compiler.is_compiling() and (frozen and not stochastic):
+                pixel_values = pixel_values[:num_images]
+            if stochastic and image_index is not None:
+                pixel_values, image_index = pixel_values.index_select(0, image_index), None
+        parts = []
+        if pixel_values is not None and pixel_values.shape[0]:
+            parts.append(self.frozen_image_tokens(pixel_values) if frozen and not stochastic
+                         else self.image_tokens(pixel_values))
+        if image_features is not None:
+            d = self.cfg.encoder.d_model
+            if image_features.dim() != 3 or image_features.shape[-1] != d:
+                raise ValueError(f"image_features must be (C, N_img, {d}), got {tuple(image_features.shape)}")
+            dtype = parts[0].dtype if parts else self.projector.image_projection.weight.dtype
+            parts.append(image_features.to(dtype))
+        if not parts:
+            raise ValueError("no images: pixel_values and image_features are both empty")
+        img = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return img if image_index is None else img.index_select(0, image_index)
+
     def encode(self, pixel_values, input_ids, attention_mask=None, prompt_cu_seqlens=None, *, encoder_index=None,
-               encoder_cu_seqlens=None, encoder_positions=None, max_seqlen_k=None, inputs_checked=False):
+               encoder_cu_seqlens=None, encoder_positions=None, max_seqlen_k=None, inputs_checked=False,
+               image_index=None, num_images=None, image_features=None):
         """Encoder states and their layout. Padded: (B, S, d); packed: (1, sum S_i, d).
 
         Packed input comes either with the host layout of packing.host_layout (encoder_index, encoder_cu_seqlens,
         encoder_positions, max_seqlen_k: no device->host read) or with prompt_cu_seqlens alone, from which the
-        same layout is built here after one read of prompt_cu_seqlens (a device sync for a CUDA tensor)."""
+        same layout is built here after one read of prompt_cu_seqlens (a device sync for a CUDA tensor).
+        image_index / num_images / image_features: distinct images once (batch_image_tokens)."""
         check_ids("input_ids", input_ids, self.cfg.encoder.vocab_size, values=not inputs_checked)
-        img_BNd = self.image_tokens(pixel_values)
+        img_BNd = self.batch_image_tokens(pixel_values, image_index, num_images, image_features)
         txt = self.encoder.embed_tokens(input_ids).to(img_BNd.dtype)
         if prompt_cu_seqlens is None and encoder_index is None:
             if img_BNd.shape[0] != input_ids.shape[0]:
@@ -137,7 +203,8 @@ class Florenz(nn.Module):
                 decoder_attention_mask=None, prompt_cu_seqlens=None, decoder_cu_seqlens=None,
                 labels=None, return_logits: bool = True, encoder_index=None, encoder_cu_seqlens=None,
                 encoder_positions=None, decoder_positions=None, max_seqlen_q: int | None = None,
-                max_seqlen_k: int | None = None, inputs_checked: bool = False) -> FlorenzOutput:
+                max_seqlen_k: int | None = None, inputs_checked: bool = False, image_index=None,
+                num_images: int | None = None, image_features=None) -> FlorenzOutput:
         """With `labels`: `loss` (mean over target tokens) and `token_losses` (B, L). return_logits=False skips
         the (B, L, V) logits (the loss then comes from `token_losses`, fused on the triton backend).
 
@@ -151,7 +218,8 @@ class Florenz(nn.Module):
         enc, enc_layout = self.encode(pixel_values, input_ids, attention_mask, prompt_cu_seqlens,
                                       encoder_index=encoder_index, encoder_cu_seqlens=encoder_cu_seqlens,
                                       encoder_positions=encoder_positions, max_seqlen_k=max_seqlen_k,
-                                      inputs_checked=inputs_checked)
+                                      inputs_checked=inputs_checked, image_index=image_index,
+                                      num_images=num_images, image_features=image_features)
         hidden = self.decode(decoder_input_ids, enc, enc_layout, decoder_attention_mask, decoder_cu_seqlens,
                              decoder_positions=decoder_positions, max_seqlen_q=max_seqlen_q,
                              inputs_checked=inputs_checked)
@@ -168,6 +236,25 @@ class Florenz(nn.Module):
                 tok = self.token_losses(hidden, labels, labels_checked=inputs_checked)
             loss = tok.sum() / (labels != IGNORE_INDEX).sum()
         return FlorenzOutput(logits=logits, loss=loss, encoder_states=enc, token_losses=tok)
+
+
+def image_features_first(model: Florenz, inputs: dict) -> dict:
+    """`inputs` (Batch.model_inputs) with the frozen image path already run, eagerly and without autograd: the
+    distinct images once, their tokens gathered to one row per sample / slot in `image_features`, no pixels.
+    For torch.compile: the compiled forward then sees fixed shapes whatever the number of distinct images
+    (static batches: (M, N_img, d) for every batch, one graph). A trainable image path is left to the
+    forward (its gradients need the graph); num_images is dropped there, as the compiled forward ignores it."""
+    if "image_index" not in inputs and "image_features" not in inputs:
+        return inputs
+    out = dict(inputs)
+    if not model.image_path_frozen():
+        out.pop("num_images", None)
+        return out
+    with torch.no_grad():
+        tokens = model.batch_image_tokens(out.pop("pixel_values"), out.pop("image_index", None),
+                                          out.pop("num_images", None), out.pop("image_features", None))
+    out.update(pixel_values=None, image_features=tokens)
+    return out
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -74,7 +74,7 @@ class Example(Protocol):
 
 @dataclass
 class Batch:
-    pixel_values: torch.Tensor  # (N, 3, S, S)
+    pixel_values: torch.Tensor | None  # (N, 3, S, S); with image_index (U, 3, S, S) distinct images (static: M slots)
     input_ids: torch.Tensor  # padded (N, P) | packed (1, sum P_i)
     decoder_input_ids: torch.Tensor  # padded (N, L) | packed (1, sum L_i) = shift_right(labels) per sample
     labels: torch.Tensor  # same shape as decoder_input_ids, -100 where ignored (padding)
@@ -95,6 +95,10 @@ class Batch:
     host_prompt_lengths: list[int] | None = None  # real samples only (Python ints: no tensor read for accounting)
     host_label_lengths: list[int] | None = None
     inputs_checked: bool = False  # check_limits ran at collation (ids in range, positions within the tables)
+    # distinct images (image_inputs; examples with an image_id): each runs through the frozen image path once
+    image_index: torch.Tensor | None = None  # (N,) int64 (static: (M,)) sample -> row of [tower(pixels) ; features]
+    num_images: int | None = None  # U, the distinct images in pixel_values (host int; static: the first U slots)
+    image_features: torch.Tensor | None = None  # (C, N_img, d) cached image tokens of the other distinct images
 
     @property
     def packed(self) -> bool:
@@ -119,6 +123,8 @@ class Batch:
             out.update(attention_mask=self.attention_mask, decoder_attention_mask=self.decoder_attention_mask)
         if (self.static or host_layout) and self.inputs_checked:
             out.update(inputs_checked=True)
+        if self.image_index is not None:
+            out.update(image_index=self.image_index, num_images=self.num_images, image_features=self.image_features)
         return out
 
     def _map(self, fn) -> "Batch":
@@ -253,9 +259,9 @@ def _check_examples(examples: Sequence[Example], n_image_tokens: int) -> None:
         raise ValueError("cannot collate an empty list of examples")
     if n_image_tokens < 0:
         raise ValueError(f"n_image_tokens must be >= 0, got {n_image_tokens}")
-    shape = tuple(examples[0].pixels.shape)
+    shape = next((tuple(ex.pixels.shape) for ex in examples if ex.pixels is not None), None)  # None: all cached
     for i, ex in enumerate(examples):
-        if tuple(ex.pixels.shape) != shape:
+        if ex.pixels is not None and tuple(ex.pixels.shape) != shape:
             raise ValueError(f"example {i} ({ex.key}) has pixels {tuple(ex.pixels.shape)}, example 0 {shape}")
         if len(ex.prompt_ids) == 0 or len(ex.labels) == 0:
             raise ValueError(f"example {i} ({ex.key}) has {len(ex.prompt_ids)} prompt ids and "
@@ -278,7 +284,7 @@ def collate_padded(examples: Sequence[Example], n_image_tokens: int) -> Batch:
         labels[i, :len(ex.labels)] = torch.as_tensor(ex.labels, dtype=torch.long)
         decoder_attention_mask[i, :len(ex.labels)] = True
     return Batch(
-        pixel_values=torch.stack([ex.pixels for ex in examples]),
+        **image_inputs(examples),
         input_ids=input_ids,
         decoder_input_ids=shift_right(labels, DECODER_START_ID, DECODER_PAD_ID),
         labels=labels,
@@ -299,7 +305,7 @@ def collate_packed(examples: Sequence[Example], n_image_tokens: int) -> Batch:
     # shift each sample on its own: segment i starts with the start token, not with sample i-1's last label
     dec_in = [shift_right(t, DECODER_START_ID, DECODER_PAD_ID) for t in labels]
     return Batch(
-        pixel_values=torch.stack([ex.pixels for ex in examples]),
+        **image_inputs(examples),
         input_ids=torch.cat(prompt)[None],
         decoder_input_ids=torch.cat(dec_in)[None],
         labels=torch.cat(labels)[None],
@@ -379,12 +385,10 @@ def collate_static(examples: Sequence[Example], n_image_tokens: int, *, max_samp
         labels[0, at:at + len(t)] = t
         dec_in[0, at:at + len(t)] = shift_right(t, DECODER_START_ID, DECODER_PAD_ID)
         at += len(t)
-    pixels = torch.zeros((M, *examples[0].pixels.shape), dtype=examples[0].pixels.dtype)
-    pixels[:n] = torch.stack([ex.pixels for ex in examples])
     pad_enc, pad_dec = _split(E - enc_real, P), _split(D - dec_real, P)
     zeros = [0] * (M - n)
     return Batch(
-        pixel_values=pixels, input_ids=input_ids, decoder_input_ids=dec_in, labels=labels,
+        **image_inputs(examples, slots=M), input_ids=input_ids, decoder_input_ids=dec_in, labels=labels,
         keys=[ex.key for ex in examples],
         prompt_cu_seqlens=cu_seqlens_from_lengths(plen + pad_enc + zeros),
         decoder_cu_seqlens=cu_seqlens_from_lengths(llen + pad_dec + zeros),
@@ -392,6 +396,53 @@ def collate_static(examples: Sequence[Example], n_image_tokens: int, *, max_samp
         **host_layout(n_image_tokens, plen, llen, slots=M, encoder_tokens=E, decoder_tokens=D,
                       pad_segments=P, max_seqlen=(S_q, S_k)),
     )
+
+
+def image_inputs(examples: Sequence[Example], slots: int | None = None) -> dict[str, Any]:
+    """The Batch's image fields: each distinct image of the batch once (issue 15 item 4).
+
+    Examples without an `image_id` (and without cached `features`) keep the plain layout: pixel_values (N, ...)
+    (static: `slots` rows, unused ones zero) and no image_index. Otherwise distinct images (same image_id = same
+    image; an example without one is its own) are numbered pixels first, then cached ones: pixel_values (U, ...)
+    holds the U distinct images that need the tower (static: `slots` rows, the U first, the rest zero: fixed
+    shapes), image_features (C, N_img, d) the cached image tokens of the others (None if there are none),
+    image_index (N,) (static: (slots,), the pad slots pointing at row 0) maps each sample to its row of
+    [tower(pixel_values[:U]) ; image_features], and num_images = U as a Python int: the model slices and
+    gathers without reading anything back from the device. Host-side Python, at collation."""
+    ids = [getattr(ex, "image_id", None) for ex in examples]
+    feats = [getattr(ex, "features", None) for ex in examples]
+    if all(i is None for i in ids) and all(f is None for f in feats):
+        pixels = torch.stack([ex.pixels for ex in examples])
+        if slots is not None:
+            pixels = torch.cat([pixels, pixels.new_zeros((slots - len(examples), *pixels.shape[1:]))])
+        return dict(pixel_values=pixels)
+    rows: dict[Any, tuple[str, int]] = {}  # image key -> ("px" | "feat", position)
+    px, ft = [], []
+    for i, ex in enumerate(examples):
+        key = ids[i] if ids[i] is not None else ("sample", i)
+        if key in rows:
+            continue
+        if feats[i] is not None:
+            if ft and tuple(feats[i].shape) != tuple(ft[0].shape):
+                raise ValueError(f"example {i} ({ex.key}, image {ids[i]}) has cached image tokens "
+                                 f"{tuple(feats[i].shape)}, another image of the batch {tuple(ft[0].shape)}")
+            rows[key] = ("feat", len(ft))
+            ft.append(feats[i])
+        elif ex.pixels is None:
+            raise ValueError(f"example {i} ({ex.key}, image {ids[i]}) has neither pixels nor cached image tokens")
+        else:
+            rows[key] = ("px", len(px))
+            px.append(ex.pixels)
+    U = len(px)
+    index = [rows[ids[i] if ids[i] is not None else ("sample", i)] for i in range(len(examples))]
+    index = [pos if kind == "px" else U + pos for kind, pos in index]
+    pixels = torch.stack(px) if px else None
+    if slots is not None:
+        index += [0] * (slots - len(examples))
+        if pixels is not None:
+            pixels = torch.cat([pixels, pixels.new_zeros((slots - U, *pixels.shape[1:]))])
+    return dict(pixel_values=pixels, image_index=torch.tensor(index, dtype=torch.long), num_images=U,
+                image_features=torch.stack(ft) if ft else None)
 
 
 def host_layout(n_image_tokens: int, prompt_lengths: list[int], label_lengths: list[int], *,

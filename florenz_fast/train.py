@@ -40,7 +40,7 @@ from .checkpoint import CheckpointWriteError, save_state_dict
 from .config import FlorenzConfig, apply_overrides, get_config
 from .convert import CONFIG_NAME, load_pretrained
 from .distributed import World, all_reduce_sum, init_world, no_sync, wrap_model
-from .florenz import Florenz, apply_trainable_policy
+from .florenz import Florenz, apply_trainable_policy, image_features_first
 from .metrics import (
     NVML,
     MetricsWriter,
@@ -88,6 +88,13 @@ class DataConfig:
     max_segment_decoder: int = 0
     batch_size: int = 24  # padded: samples per micro-batch; packed: at most this many samples; static: image slots
     caption_prefix: bool = False
+    # the grouping sampler: draw this many annotations of an image per visit, one after another, so they share a
+    # batch and the frozen image path runs once for all of them (1 = SPEC §8, one per visit; docs/image-features.md)
+    group_annotations: int = 1
+    # a directory: the frozen image path's tokens per image on disk (features.py), filled before step 1 and read
+    # instead of decoding and encoding the image; needs a frozen, deterministic image path (trainable spec or
+    # no_vision, --model.vision.drop_path=0). "" = off
+    feature_cache: str = ""
 
 
 @dataclass
@@ -244,7 +251,7 @@ def _build_data(cfg: TrainConfig, world: World, out: Path):
             raise ValueError(f"{tok_dir / side}: tokenizer has {tok.vocab_size} tokens, model.{side}.vocab_size "
                              f"is {vocab}")
     pipeline = data_mod.DataPipeline(records, enc_tok, dec_tok, cfg.model.image_size, seed=cfg.seed,
-                                     caption_prefix=d.caption_prefix)
+                                     caption_prefix=d.caption_prefix, group_size=d.group_annotations)
     n_img = cfg.model.num_image_tokens()
     segments = {}
     if d.mode == "static":
@@ -256,6 +263,28 @@ def _build_data(cfg: TrainConfig, world: World, out: Path):
                     batch_size=d.batch_size, max_samples=d.batch_size if d.mode in ("packed", "static") else None,
                     rank=world.rank, world=world.size, limits=InputLimits.from_config(cfg.model), **segments)
     return pipeline, loader, tok_dir
+
+
+def attach_feature_cache(cfg: TrainConfig, model: Florenz, pipeline, world: World, autocast=None) -> dict | None:
+    """--data.feature_cache=DIR: fill the cache with every image of the pipeline not in it yet (the main rank;
+    the others wait, then read), then serve cached images as tokens. None when off."""
+    if not cfg.data.feature_cache:
+        return None
+    from .features import FeatureCache
+
+    cache = FeatureCache.for_model(model, cfg.data.feature_cache, cfg.model.image_size)
+    counts = None
+    if world.main:
+        if not model.image_path_frozen():
+            raise ValueError("data.feature_cache needs a frozen image path (trainable=spec or no_vision), "
+                             f"got trainable={cfg.trainable}")
+        counts = cache.fill(model, pipeline, autocast=autocast)  # refuses an active drop_path, naming the flag
+        print(f"feature cache {cache.root}: {counts['cached']} images cached, {counts['computed']} computed, "
+              f"{counts['unreadable']} unreadable")
+    if world.distributed:
+        torch.distributed.barrier()
+    pipeline.features = cache
+    return counts
 
 
 def make_forward_loss(module: torch.nn.Module, cfg: TrainConfig, device: torch.device):
@@ -271,7 +300,12 @@ def make_forward_loss(module: torch.nn.Module, cfg: TrainConfig, device: torch.d
     if not (cfg.compile or cfg.cuda_graphs):
         return forward_loss
     mode = "reduce-overhead" if cfg.cuda_graphs else None
-    return torch.compile(forward_loss, fullgraph=True, dynamic=False, backend=cfg.compile_backend, mode=mode)
+    compiled = torch.compile(forward_loss, fullgraph=True, dynamic=False, backend=cfg.compile_backend, mode=mode)
+    model = getattr(module, "module", module)  # DDP wraps; FSDP2 shards in place (its tower then stays inside)
+    if not isinstance(model, Florenz) or any(type(p).__name__ == "DTensor" for p in model.projector.parameters()):
+        return compiled
+    # the frozen image path (distinct images once) runs eagerly before the graph: fixed shapes, one graph
+    return lambda inputs: compiled(image_features_first(model, inputs))
 
 
 def export_final(model, cfg: TrainConfig, path: Path, world: World) -> Path | None:
@@ -427,6 +461,7 @@ def train(cfg: TrainConfig) -> dict:
     model.train()
     counts = apply_trainable_policy(model, cfg.trainable)
     pipeline, loader, tok_dir = _build_data(cfg, world, out)
+    attach_feature_cache(cfg, model, pipeline, world, _autocast(cfg.precision, world.device))
     torch.manual_seed(cfg.seed + 1 + world.rank)  # dropout streams differ per rank
     train_module = wrap_model(model, world, parallel=cfg.parallel,
                               activation_checkpointing=cfg.activation_checkpointing)

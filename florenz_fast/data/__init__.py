@@ -13,7 +13,8 @@ Modules (everything public is re-exported here: `from florenz_fast.data import D
     synthetic.py  the synthetic "shapes" set: scenes, the per-language grammar, rendering, synthetic_records,
                   tokenizer_corpus, build_synthetic_tokenizers
     readers.py    read_manifest (JSONL), read_tar_shards (WebDataset-style tar), load_record_image
-    pipeline.py   GreedyBalancer, DataPipeline (seeded epoch order, balancing, prompts, tokenizing, resume)
+    pipeline.py   GreedyBalancer, DataPipeline (seeded epoch order, balancing, prompts, tokenizing, resume; image
+                  ids, the optional grouping sampler), record_image_ids
 
 Vocabulary:
     record      one image with all its annotations (SPEC §8: several annotations per image)
@@ -36,7 +37,7 @@ every skip is counted by reason with the first few names (file:line, shard:membe
 `DataStats.report()`. Over-long texts are not skipped: they are truncated to 128 tokens (SPEC §6) and noted.
 """
 
-from .pipeline import DataPipeline, GreedyBalancer
+from .pipeline import DataPipeline, GreedyBalancer, record_image_ids
 from .readers import IMAGE_EXTENSIONS, load_record_image, read_manifest, read_tar_shards
 from .records import (
     CAPTION_TASKS,
@@ -75,5 +76,6 @@ __all__ = [
     "Annotation", "BadData", "DataPipeline", "DataStats", "EncodedExample", "GreedyBalancer", "Record", "RecordList",
     "RecordStream", "Scene", "ShapeGroup", "add_caption_prefix", "build_synthetic_tokenizers", "check_annotation",
     "describe_scene", "load_record_image", "make_annotation", "noun_phrase", "read_manifest", "read_tar_shards",
+    "record_image_ids",
     "render_scene", "sample_scene", "synthetic_records", "synthetic_scene", "tokenizer_corpus",
 ]

@@ -123,12 +123,24 @@ class DataPipeline:
     `records` may be any iterable (it is read once into a list; a reader's `.stats` is merged into
     `.stats`). Iterating always continues from the current position, so `state_dict()` taken between two
     examples and `load_state_dict()` on a fresh pipeline over the same records continue the same stream.
+
+    Every example carries its record's `image_id` (a hash of the record name, and of the bytes for an
+    in-memory image; stable across runs), so a batch can run each distinct image through the frozen image
+    path once. `group_size` k > 1 (the grouping sampler, default off): each visit draws min(k, annotations)
+    distinct annotations of the image, one balancer draw each, and yields them one after another, so the
+    loader packs them into one batch and the image runs through the tower once for all of them. What that
+    does to the data is in docs/image-features.md: an epoch yields sum_i min(k, n_i) examples instead of one
+    per image, an image with many annotations weighs more, and a batch of B samples holds ~B / k images.
+    `features` (a features.FeatureCache, set by the training set-up): examples of cached images carry their
+    image tokens in `features` and no pixels (the image is not even decoded).
     """
 
     def __init__(self, records: Iterable[Record], enc_tok: TextTokenizer, dec_tok: TextTokenizer, image_size: int,
-                 seed: int = 0, caption_prefix: bool = False):
+                 seed: int = 0, caption_prefix: bool = False, group_size: int = 1):
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
+        if not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be an int >= 1 (annotations drawn per visit), got {group_size!r}")
         records_list = list(records)  # reads a stream to the end, so its stats are complete afterwards
         self.stats = DataStats()
         reader_stats = getattr(records, "stats", None)
@@ -156,12 +168,18 @@ class DataPipeline:
             raise ValueError(f"DataPipeline: no usable records among {len(records_list)}\n{self.stats.report()}")
         keys = sorted({a.key for r in self.records for a in r.annotations})
         self.balancer = GreedyBalancer(keys, seed=_mix(self.seed, _SALT_BALANCE))
-        h = hashlib.sha1(f"{self.seed} {self.image_size} {self.caption_prefix}".encode())
+        settings = f"{self.seed} {self.image_size} {self.caption_prefix}"
+        h = hashlib.sha1(settings.encode() + (f" group {group_size}".encode() if group_size > 1 else b""))
         for rec in self.records:
             h.update(rec.name.encode("utf-8", "replace") + b"\0")
             for a in rec.annotations:
                 h.update(f"{a.key}\0{a.target}\0{a.source}\0".encode("utf-8", "replace"))
         self.fingerprint = h.hexdigest()  # resuming on other data (or settings) is refused
+        self.group_size = group_size
+        self.image_ids = record_image_ids(self.records)
+        self.features = None  # a features.FeatureCache: cached images are served as tokens, not decoded
+        self._group: list[tuple[int, int]] = []  # the visit's remaining (record, annotation) draws (group_size > 1)
+        self._group_image: tuple[int, Any] | None = None  # (record, its pixels or cached tokens) of that visit
         self.epoch, self.pos = 0, 0
         self.bad: set[int] = set()
         self._order_epoch, self._order_cache = -1, []
@@ -202,7 +220,38 @@ class DataPipeline:
             self.stats.note("truncated_target", name, ann.key)
         return prompt_ids, labels
 
+    def load_image(self, idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(pixels, None) of record `idx`, or (None, image tokens) when the feature cache holds it; raises what
+        the decoder raises for a bad image."""
+        if self.features is not None:
+            tokens = self.features.get(self.image_ids[idx])
+            if tokens is not None:
+                return None, tokens
+        return preprocess([load_record_image(self.records[idx].image)], self.image_size)[0], None
+
+    def _example(self, idx: int, ann_idx: int, image: tuple[torch.Tensor | None, torch.Tensor | None]):
+        rec, ann = self.records[idx], self.records[idx].annotations[ann_idx]
+        prompt_ids, labels = self.encode(ann, rec.name)
+        self.stats.use(ann.key)
+        return EncodedExample(pixels=image[0], prompt_ids=prompt_ids, labels=labels, key=ann.key,
+                              image_id=self.image_ids[idx], features=image[1])
+
+    def _draw_group(self, idx: int) -> list[int]:
+        """Annotation indices of one visit: one balancer draw, or (grouping) min(k, n) distinct ones in a row."""
+        anns = self.records[idx].annotations
+        left = list(range(len(anns)))
+        chosen = []
+        for _ in range(min(self.group_size, len(anns))):
+            pick = left.pop(self.balancer.choose([anns[j].key for j in left]))
+            chosen.append(pick)
+        return chosen
+
     def _next(self) -> EncodedExample:
+        if self._group:  # the rest of a grouped visit: the same image
+            idx, ann_idx = self._group.pop(0)
+            if self._group_image is None or self._group_image[0] != idx:  # resumed mid-group: load it again
+                self._group_image = (idx, self.load_image(idx))
+            return self._example(idx, ann_idx, self._group_image[1])
         n = len(self.records)
         misses = 0
         while True:
@@ -213,7 +262,7 @@ class DataPipeline:
             if idx not in self.bad:
                 rec = self.records[idx]
                 try:
-                    pixels = preprocess([load_record_image(rec.image)], self.image_size)[0]
+                    image = self.load_image(idx)
                 except FileNotFoundError as e:
                     self.bad.add(idx)
                     self.stats.skip("missing_image", rec.name, str(e))
@@ -221,10 +270,10 @@ class DataPipeline:
                     self.bad.add(idx)
                     self.stats.skip("corrupt_image", rec.name, f"{type(e).__name__}: {e}")
                 else:
-                    ann = rec.annotations[self.balancer.choose([a.key for a in rec.annotations])]
-                    prompt_ids, labels = self.encode(ann, rec.name)
-                    self.stats.use(ann.key)
-                    return EncodedExample(pixels=pixels, prompt_ids=prompt_ids, labels=labels, key=ann.key)
+                    first, *rest = self._draw_group(idx)
+                    self._group = [(idx, j) for j in rest]
+                    self._group_image = (idx, image) if rest else None
+                    return self._example(idx, first, image)
             misses += 1
             if misses > n:
                 raise RuntimeError(f"DataPipeline: a whole epoch without a usable record\n{self.stats.report()}")
@@ -239,7 +288,8 @@ class DataPipeline:
         bad, the balancer counts and draws (its RNG is counter-based), and the stats so far."""
         return {"version": 1, "fingerprint": self.fingerprint, "seed": self.seed, "epoch": self.epoch,
                 "pos": self.pos, "num_records": len(self.records), "bad": sorted(self.bad),
-                "balancer": self.balancer.state_dict(), "stats": self.stats.as_dict()}
+                "balancer": self.balancer.state_dict(), "stats": self.stats.as_dict(),
+                **({"group": [list(g) for g in self._group]} if self._group else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`; raises ValueError if it was taken on other records or settings."""
@@ -256,3 +306,23 @@ class DataPipeline:
         self.bad = {int(i) for i in state["bad"]}
         self.balancer.load_state_dict(state["balancer"])
         self.stats = DataStats.from_dict(state["stats"])  # replaces: the saved stats already hold the reader's
+        self._group = [(int(i), int(j)) for i, j in state.get("group", [])]
+        self._group_image = None
+
+
+def record_image_ids(records: Sequence[Record]) -> list[str]:
+    """One id per record's image, stable across runs and processes: sha1 of the record name (a manifest's
+    normalised path, a tar shard:member, synthetic:seed:index) and, for an in-memory image (bytes), of its
+    bytes. Two records with the same id (hand-built records sharing a name) get their list index mixed in, so
+    distinct images never share an id; the same image under two names gets two ids (no dedup, still correct)."""
+    ids = []
+    for rec in records:
+        h = hashlib.sha1(rec.name.encode("utf-8", "replace") + b"\0")
+        if isinstance(rec.image, (bytes, bytearray)):
+            h.update(hashlib.sha1(rec.image).digest())
+        ids.append(h.hexdigest()[:24])
+    seen: dict[str, int] = {}
+    for i, image_id in enumerate(ids):
+        seen[image_id] = seen.get(image_id, 0) + 1
+    return [hashlib.sha1(f"{image_id}#{i}".encode()).hexdigest()[:24] if seen[image_id] > 1 else image_id
+            for i, image_id in enumerate(ids)]

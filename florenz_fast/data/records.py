@@ -44,10 +44,14 @@ class Record:
 
 @dataclass
 class EncodedExample:
-    pixels: torch.Tensor  # (3, S, S) float32, SPEC §2 preprocessing at the pipeline's image size
+    pixels: torch.Tensor | None  # (3, S, S) float32, SPEC §2 preprocessing; None when `features` holds the tokens
     prompt_ids: list[int]  # BART ids [<s>, ..., </s>], at most 128
     labels: list[int]  # Gemma ids [bos, t1..tn, eos], at most 128
     key: str  # annotation key, e.g. "caption-de"
+    # which image (stable across runs: the record name, see DataPipeline): collation runs each distinct image
+    # of a batch through the frozen image path once (packing.image_inputs); None = every example its own image
+    image_id: str | None = None
+    features: torch.Tensor | None = None  # (N_img_tokens, d) image tokens from the feature cache (features.py)
 
 
 class BadData(ValueError):
