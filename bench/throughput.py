@@ -65,13 +65,15 @@ TRAIN_CONFIGS = {"published": ("padded", "torch"), "torch": ("packed", "torch"),
                  "flex": ("packed", "sdpa+flex"), "static": ("static", "sdpa+dense"),
                  "static-torch": ("static", "torch"), "static-triton": ("static", "triton"),
                  "static-compiled": ("static", "torch"), "dense-cached": ("packed", "sdpa+dense"),
-                 "static-cached": ("static", "sdpa+dense"), "static-compiled-cached": ("static", "torch")}
+                 "static-cached": ("static", "sdpa+dense"), "static-compiled-cached": ("static", "torch"),
+                 "static-compiled-dense": ("static", "sdpa+dense"),
+                 "static-compiled-dense-cached": ("static", "sdpa+dense")}
 # torch.compile(fullgraph=True, dynamic=False) of forward + loss (inductor; one graph for every static batch)
-COMPILED = {"static-compiled", "static-compiled-cached"}
+COMPILED = {"static-compiled", "static-compiled-cached", "static-compiled-dense", "static-compiled-dense-cached"}
 # the frozen image path's tokens from the feature cache (florenz_fast/features.py, --data.feature_cache): computed
 # once per image before the timed passes, which are then later epochs over the same images. The cache needs a
 # deterministic tower, so these models train with drop_path 0 (the published recipe keeps it on, SPEC §7).
-CACHED = {"dense-cached", "static-cached", "static-compiled-cached"}
+CACHED = {"dense-cached", "static-cached", "static-compiled-cached", "static-compiled-dense-cached"}
 GPU_ONLY = {"triton", "sdpa+triton", "flex", "static-triton"}
 SCHEMA_VERSION = 1
 
@@ -86,6 +88,9 @@ class ThroughputConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     precision: str = ""  # fp32 | bf16 | fp16 ("" = bf16 on a GPU, fp32 on the CPU)
     samples: int = 64
+    # data: the synthetic set (florenz_fast.data); ragged: uniformly ragged lengths (prompts 8-32 ids, labels 6-48,
+    # random ids, a distinct random image per sample), the batch shape of issue 15's side-by-side measurement
+    source: str = "data"
     batch: int = 8
     sweep_batches: str = ""  # also train at these batch sizes (e.g. 4,16,32): throughput and peak memory vs batch
     repeats: int = 3
@@ -104,6 +109,8 @@ class ThroughputConfig:
     def validate(self) -> "ThroughputConfig":
         if self.mode not in ("train", "generate", "both"):
             raise ValueError(f"mode must be one of ('train', 'generate', 'both'), got {self.mode!r}")
+        if self.source not in ("data", "ragged"):
+            raise ValueError(f"source must be 'data' or 'ragged', got {self.source!r}")
         return self
 
 
@@ -156,6 +163,21 @@ def _autocast(device, precision):
 
 
 # ---- training -----------------------------------------------------------------------------------------------
+
+
+def ragged_samples(n: int, cfg, seed: int) -> list:
+    """Uniformly ragged examples: prompts of 8-32 ids, labels of 6-48, random ids in range, random pixels."""
+    from florenz_fast.data import EncodedExample
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p, l_ = int(torch.randint(8, 33, (), generator=g)), int(torch.randint(6, 49, (), generator=g))
+        prompt = [0, *torch.randint(3, cfg.encoder.vocab_size, (p - 2,), generator=g).tolist(), 2]
+        labels = [2, *torch.randint(3, cfg.decoder.vocab_size, (l_ - 2,), generator=g).tolist(), 1]
+        pixels = torch.randn(3, cfg.image_size, cfg.image_size, generator=g)
+        out.append(EncodedExample(pixels, prompt, labels, "caption-en", image_id=f"ragged-{i}"))
+    return out
 
 
 def cached_samples(model, samples):
@@ -403,7 +425,8 @@ def markdown(report) -> str:
         lines = ["# Multi-GPU step time and MFU: an ESTIMATE for florenz-3.5b / -11.2b (CPT recipe)", ""]
     else:
         lines = [f"# Throughput, {env['device']} — preset {report['args']['preset']}, {report['args']['precision']}",
-                 "", f"torch {env['torch']}, triton {env.get('triton')}, {report['args']['samples']} samples, batch "
+                 "", f"torch {env['torch']}, triton {env.get('triton')}, {report['args']['samples']} samples "
+                 f"({report['args'].get('source', 'data')}), batch "
                  f"{report['args']['batch']} (padded) / calibrated token budgets (packed), "
                  f"{report['args']['repeats']} repeats (medians).", ""]
     tr = report.get("train")
@@ -571,7 +594,8 @@ def run(args: ThroughputConfig) -> int:
                 raise SystemExit(f"training config {c!r} needs a CUDA device (the Triton interpreter is a test tool; "
                                  f"FlexAttention has no CPU backward)")
         # the synthetic set through the data pipeline (bench/packing.py)
-        samples = bench_module("packing").data_samples(args.samples, cfg, seed=0)
+        samples = (bench_module("packing").data_samples(args.samples, cfg, seed=0) if args.source == "data"
+                   else ragged_samples(args.samples, cfg, seed=0))
         if args.mode in ("train", "both"):
             print(f"training: {', '.join(configs)} on {env['device']}", flush=True)
             report["train"] = run_training(args, device, cfg, samples, configs)
