@@ -273,8 +273,9 @@ def linear_cross_entropy_bwd(grad_T: torch.Tensor, hidden: torch.Tensor, weight:
                              softcap: float, ignore_index: int, z_loss: float, chunk_size: int, need_dh: bool,
                              need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of sum_t grad_t * loss_t: the chunks recomputed with grad_T as per-row weights."""
-    _, out_dh, out_dw = _chunked(hidden, weight, labels, grad_T, softcap, ignore_index, z_loss, chunk_size, need_dh,
-                                 need_dw)
+    # contiguous: the gradient of a sum or mean arrives expanded (stride 0), and the row kernel indexes it densely
+    _, out_dh, out_dw = _chunked(hidden, weight, labels, grad_T.contiguous(), softcap, ignore_index, z_loss,
+                                 chunk_size, need_dh, need_dw)
     return (out_dh if out_dh is not None else hidden.new_empty(_EMPTY),
             out_dw if out_dw is not None else weight.new_empty(_EMPTY))
 

@@ -158,7 +158,7 @@ def test_linear_ce_reads_nothing_back(reduction):
     h, w = h.requires_grad_(), w.requires_grad_()
     weights = torch.linspace(0.5, 2.0, 9)  # a non-uniform per-token gradient for "none"
 
-    def loss_of(out):
+    def loss_of(out):  # "none": a non-uniform gradient, then (below) the expanded one of a mean
         return (out * weights).sum() if reduction == "none" else out * 3.0
 
     with no_device_host_reads():
@@ -167,6 +167,11 @@ def test_linear_ce_reads_nothing_back(reduction):
     ref = loss_of(lce.linear_cross_entropy_reference(h, w, labels, reduction=reduction))
     rdh, rdw = torch.autograd.grad(ref, (h, w))
     torch.testing.assert_close((loss, dh, dw), (ref, rdh, rdw), rtol=1e-4, atol=1e-5)
+    if reduction == "none":  # the gradient of tok.sum() / n arrives as an expanded (stride 0) tensor
+        got = torch.autograd.grad(lce.linear_cross_entropy(h, w, labels, reduction="none", chunk_size=4,
+                                                           check_labels=False).sum() / 7, (h, w))
+        want = torch.autograd.grad(lce.linear_cross_entropy_reference(h, w, labels, reduction="none").sum() / 7, (h, w))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     with pytest.raises(DeviceHostRead, match=r"Tensor.__bool__"):  # the check, inside the custom op
         with no_device_host_reads():
             lce.linear_cross_entropy(h, w, labels, reduction=reduction, chunk_size=4)
