@@ -338,6 +338,15 @@ def static_pad_segments(max_encoder_tokens: int, max_decoder_tokens: int, max_se
     return P
 
 
+def static_segments(max_encoder_tokens: int, max_decoder_tokens: int, max_segment_encoder: int | None,
+                    max_segment_decoder: int | None) -> tuple[int, int, int]:
+    """(S_k, S_q, P): the segment bounds of a static batch (None: the whole row, budget + 1) and its number of
+    pad segments (static_pad_segments; 1 when neither bound is given, one pad segment filling the row)."""
+    S_k = max_encoder_tokens + 1 if max_segment_encoder is None else max_segment_encoder
+    S_q = max_decoder_tokens + 1 if max_segment_decoder is None else max_segment_decoder
+    return S_k, S_q, static_pad_segments(max_encoder_tokens, max_decoder_tokens, S_k, S_q)
+
+
 def _split(total: int, parts: int) -> list[int]:
     """`total` as `parts` near-equal non-negative ints, larger first."""
     q, r = divmod(total, parts)
@@ -361,13 +370,7 @@ def collate_static(examples: Sequence[Example], n_image_tokens: int, *, max_samp
         raise ValueError(f"{n} examples with {enc_real} encoder / {dec_real} decoder tokens do not fit the static "
                          f"bounds max_samples={M}, max_encoder_tokens={max_encoder_tokens}, "
                          f"max_decoder_tokens={max_decoder_tokens}")
-    if max_segment_encoder is None and max_segment_decoder is None:
-        P = 1  # one pad segment filling the rest of each row; max_seqlen = the row
-        S_k, S_q = max_encoder_tokens + 1, max_decoder_tokens + 1
-    else:
-        S_k = max_segment_encoder if max_segment_encoder is not None else max_encoder_tokens + 1
-        S_q = max_segment_decoder if max_segment_decoder is not None else max_decoder_tokens + 1
-        P = static_pad_segments(max_encoder_tokens, max_decoder_tokens, S_k, S_q)
+    S_k, S_q, P = static_segments(max_encoder_tokens, max_decoder_tokens, max_segment_encoder, max_segment_decoder)
     for ex, p, l_ in zip(examples, plen, llen):
         if n_image_tokens + p > S_k or l_ > S_q:
             raise ValueError(f"example {ex.key!r} has {n_image_tokens} + {p} encoder / {l_} decoder tokens, over "
@@ -473,7 +476,6 @@ def host_layout(n_image_tokens: int, prompt_lengths: list[int], label_lengths: l
         enc_pos += [0] * pad_enc  # positions 0: any value would do (pad outputs are never read), 0 is in every table
         dec_pos += [0] * pad_dec
         enc_len += _split(pad_enc, pad_segments) + [0] * (M - n)
-        dec_len += _split(pad_dec, pad_segments) + [0] * (M - n)
         # the bounds: constant, so one graph for every batch
         max_q, max_k = max_seqlen if max_seqlen is not None else (decoder_tokens, encoder_tokens)
     return dict(encoder_index=torch.tensor(index, dtype=torch.long),
@@ -683,10 +685,8 @@ class Loader:
             if max_encoder_tokens is None or max_decoder_tokens is None:
                 raise ValueError(f"{mode} mode needs max_encoder_tokens and max_decoder_tokens")
             self.packer = Packer(n_image_tokens, max_encoder_tokens, max_decoder_tokens, max_samples)
-        if mode == "static" and (max_segment_encoder is not None or max_segment_decoder is not None):
-            # fail at construction, not at the first batch: the bounds must admit some pad layout
-            static_pad_segments(max_encoder_tokens, max_decoder_tokens, max_segment_encoder or max_encoder_tokens + 1,
-                                max_segment_decoder or max_decoder_tokens + 1)
+        if mode == "static":  # fail at construction, not at the first batch: the bounds must admit a pad layout
+            static_segments(max_encoder_tokens, max_decoder_tokens, max_segment_encoder, max_segment_decoder)
         self.max_segment_encoder, self.max_segment_decoder = max_segment_encoder, max_segment_decoder
         self.pipeline = pipeline
         self.mode, self.n_image_tokens = mode, n_image_tokens
