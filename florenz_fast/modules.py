@@ -45,11 +45,8 @@ class Layout:
         """Token positions: (1, T) restarting per packed segment, or (1, L) = 0..L-1 for right-padded input."""
         if self.pos_BL is not None:
             return self.pos_BL
-        if self.packed:
-            # no device->host read: the total comes from the shape (output_size), not from cu_seqlens[-1]
-            cu = self.cu_seqlens.long()
-            starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=length)
-            return (torch.arange(length, device=cu.device) - starts)[None]
+        if self.packed:  # no device->host read: the total comes from the shape, not from cu_seqlens[-1]
+            return ops.positions_from_cu_seqlens(self.cu_seqlens, length)[None]
         return torch.arange(length, device=device)[None]
 
     def position_bound(self, length: int) -> int | None:
