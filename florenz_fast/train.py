@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from . import cli
-from .checkpoint import CheckpointWriteError, save_state_dict
+from .checkpoint import save_state_dict
 from .config import FlorenzConfig, apply_overrides, get_config
 from .convert import CONFIG_NAME, load_pretrained
 from .distributed import World, all_reduce_sum, init_world, no_sync, wrap_model
@@ -340,9 +339,9 @@ def _guarded_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
     """`optimizer.step()` only when `ok` (a device bool: the step's loss and gradient norm are finite); returns
     whether the update was applied, as a device bool that the loop reads with the step's other statistics.
 
-    Where the host waits (DESIGN.md rule 13): nowhere, for torch's fused AdamW (the CUDA default): the flag goes
-    to the kernel as `found_inf`, the mechanism GradScaler uses, which leaves weights, moments and step count
-    untouched. Other optimizers (foreach AdamW, the CPU default; apex) cannot skip on a device flag, so the flag
+    Where the host waits (DESIGN.md rule 13): nowhere, for torch's fused AdamW (the default on CUDA and CPU): the
+    flag goes to the kernel as `found_inf`, the mechanism GradScaler uses, which leaves weights, moments and step
+    count untouched. Other optimizers (foreach AdamW, apex) cannot skip on a device flag, so the flag
     is read once, between backward and the update: free on the CPU (no queue to drain), one wait on CUDA, the
     same read GradScaler makes for such optimizers in fp16. An update that has been applied cannot be undone
     without a copy of weights and moments (3x the parameter memory), so a read after the step is no option.
@@ -690,14 +689,10 @@ def _print_summary(cfg: TrainConfig, summary: dict, totals: dict, out: Path, tok
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m florenz_fast.train --help` lists the TrainConfig tree (the `tiny` recipe's values).
-    A diverged run or a failed checkpoint write: one `error: ...` line and exit status 1 (usage errors: 2)."""
-    try:
-        return cli.main(TrainConfig, train, argv, prog="python -m florenz_fast.train", description=__doc__,
-                        build=parse_args, defaults=recipe("tiny"))
-    except (TrainingDiverged, CheckpointWriteError) as exc:  # every rank stops; rank 0 says why (torchrun sets RANK)
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {exc}", file=sys.stderr)
-        return 1
+    A diverged run or a failed checkpoint write: one `error: ...` line and exit status 1 (usage errors: 2), as
+    for every run-time failure (cli.guarded)."""
+    return cli.main(TrainConfig, train, argv, prog="python -m florenz_fast.train", description=__doc__,
+                    build=parse_args, defaults=recipe("tiny"))
 
 
 if __name__ == "__main__":
