@@ -110,7 +110,7 @@ def _write_shard(tensors: dict[str, torch.Tensor], path: Path, header: dict[str,
         os.fsync(f.fileno())
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_synced(path: Path, text: str) -> None:
     """Write and fsync a small text file (the index, a caller's config.json)."""
     with open(path, "w") as f:
         f.write(text)
@@ -243,7 +243,7 @@ def save_state_dict(
             del tensors
         for name, text in extra.items():
             try:
-                _write_text(tmp / name, text)
+                write_text_synced(tmp / name, text)
             except OSError as e:
                 raise _write_failed(e, out / name, tmp / name, out) from e
         names[len(shards):len(shards)] = list(extra)
@@ -254,7 +254,7 @@ def save_state_dict(
             }
             names.append(INDEX_NAME.format(prefix=filename_prefix))
             try:
-                _write_text(tmp / names[-1], json.dumps(index, indent=2, sort_keys=True) + "\n")
+                write_text_synced(tmp / names[-1], json.dumps(index, indent=2, sort_keys=True) + "\n")
             except OSError as e:
                 raise _write_failed(e, out / names[-1], tmp / names[-1], out) from e
 

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .checkpoint import CheckpointWriteError
+from .checkpoint import CheckpointWriteError, write_text_synced
 from .distributed import World, all_reduce_sum
 
 LATEST = "latest"
@@ -122,14 +122,6 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _fsync_write(path: Path, text: str) -> None:
-    """Write and fsync a small file: a rename is only durable once the data reached the disk."""
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(root: Path, step: int, model, optimizer, *, world: World, train_state: dict,
                     keep: int = 2, protect: Iterable[str] = ()) -> Path:
     """Write step `step` atomically; `train_state` must be JSON-serialisable (rank-0's copy is kept).
@@ -182,12 +174,12 @@ def _publish(ckpt_dir: Path, tmp: Path, final: Path, state: dict, keep: int,
     pointer = ckpt_dir / (LATEST + ".tmp")
     where = tmp / "train_state.json"
     try:
-        _fsync_write(where, json.dumps(state))
+        write_text_synced(where, json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         where = final
         os.replace(tmp, final)
         where = pointer
-        _fsync_write(pointer, final.name + "\n")
+        write_text_synced(pointer, final.name + "\n")
         where = ckpt_dir / LATEST
         os.replace(pointer, ckpt_dir / LATEST)
     except OSError as e:
