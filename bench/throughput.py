@@ -59,6 +59,7 @@ from florenz_fast.florenz import Florenz, apply_trainable_policy, image_features
 from florenz_fast.metrics import NVML, device_peak_tflops, train_flops_per_sample
 from florenz_fast.packing import InputLimits
 from florenz_fast.syncs import HostReads
+from florenz_fast.vision import DropPath
 
 TRAIN_CONFIGS = {"published": ("padded", "torch"), "torch": ("packed", "torch"), "dense": ("packed", "sdpa+dense"),
                  "triton": ("packed", "triton"), "sdpa+triton": ("packed", "sdpa+triton"),
@@ -261,7 +262,7 @@ def run_training(args, device, cfg, samples, configs, batch_size=None):
         if name in CACHED:  # deterministic tower (see CACHED)
             m.cfg.vision.drop_path = 0.0
             for mod in m.vision_tower.modules():
-                if hasattr(mod, "p") and type(mod).__name__ == "DropPath":
+                if isinstance(mod, DropPath):
                     mod.p = 0.0
         models[name] = m
         if name in COMPILED:  # the compiled forward + loss; compile time lands in the warm-up pass, untimed

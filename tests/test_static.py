@@ -5,13 +5,12 @@ collation, and a guard under which any device->host read inside forward, loss an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 from florenz_fast import ops
 from florenz_fast.config import get_config
+from florenz_fast.data import EncodedExample
 from florenz_fast.florenz import Florenz
 from florenz_fast.packing import (
     Batch,
@@ -28,20 +27,12 @@ from tests.helpers.sync_guard import DeviceHostRead, no_device_host_reads
 TOL = 1e-5
 
 
-@dataclass(eq=False)
-class Ex:  # the fields of florenz_fast.data.EncodedExample
-    pixels: torch.Tensor
-    prompt_ids: list[int]
-    labels: list[int]
-    key: str
-
-
-def example(prompt_len: int, label_len: int, seed: int, image_size: int = 64, vocab: int = 512) -> Ex:
+def example(prompt_len: int, label_len: int, seed: int, image_size: int = 64, vocab: int = 512) -> EncodedExample:
     g = torch.Generator().manual_seed(seed)
     prompt = [0, *torch.randint(3, vocab, (max(prompt_len - 2, 0),), generator=g).tolist(), 2][:prompt_len]
     labels = [2, *torch.randint(3, vocab, (label_len - 2,), generator=g).tolist(), 1]
-    return Ex(torch.randn(3, image_size, image_size, generator=g), prompt, labels,
-              ("caption-en", "caption-de", "translate-fr")[seed % 3])
+    return EncodedExample(torch.randn(3, image_size, image_size, generator=g), prompt, labels,
+                          ("caption-en", "caption-de", "translate-fr")[seed % 3])
 
 
 def model_for(name: str) -> Florenz:
@@ -253,13 +244,13 @@ def test_collation_checks_ids_and_positions_with_the_models_messages():
     for mode in ("padded", "packed", "static"):
         kw = dict(limits=limits, **BOUNDS)
         assert collate([good], n_img, mode, **kw).inputs_checked
-        bad = Ex(good.pixels, [0, 512, 2], good.labels, "x")
+        bad = EncodedExample(good.pixels, [0, 512, 2], good.labels, "x")
         with pytest.raises(ValueError, match=r"input_ids has ids outside \[0, 512\): min 0, max 512"):
             collate([good, bad], n_img, mode, **kw)
-        bad = Ex(good.pixels, good.prompt_ids, [2, -3, 1], "x")
+        bad = EncodedExample(good.pixels, good.prompt_ids, [2, -3, 1], "x")
         with pytest.raises(ValueError, match=r"labels has ids outside \[0, 512\)"):
             collate([bad], n_img, mode, **kw)
-        bad = Ex(good.pixels, [0] * cfg.encoder.max_positions, good.labels, "x")
+        bad = EncodedExample(good.pixels, [0] * cfg.encoder.max_positions, good.labels, "x")
         with pytest.raises(ValueError, match="exceeds the 256 learned positions"):
             collate([bad], n_img, mode, limits=limits, max_samples=2, max_encoder_tokens=4096, max_decoder_tokens=48)
     # the BART decoder has a learned-position table too; Gemma's RoPE has none
