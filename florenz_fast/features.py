@@ -20,6 +20,7 @@ file is a ValueError naming the file. Only tensors and JSON metadata: nothing is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -166,7 +167,7 @@ class FeatureCache:
             if not pending:
                 return
             pixels = torch.stack([p for _, p in pending]).to(device)
-            with autocast if autocast is not None else _null():
+            with autocast if autocast is not None else contextlib.nullcontext():
                 tokens = model.frozen_image_tokens(pixels)
             self.put({image_id: t.to(self.dtype) for (image_id, _), t in zip(pending, tokens)})
             counts["computed"] += len(pending)
@@ -198,11 +199,3 @@ def _unique(indices: Iterable[int], ids: list[str]):
         if ids[i] not in seen:
             seen.add(ids[i])
             yield i
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
