@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import ops
 from .config import DecoderConfig
 from .encoder import BartAttention, BartStack
 from .modules import KVCache, Layout, project_kv_all_layers
@@ -30,7 +31,7 @@ class BartDecoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(d, eps=eps)
 
     def forward(self, x, layout: Layout, enc_BSd, enc_layout: Layout, cross_kv=None):
-        drop = lambda t: F.dropout(t, self.dropout, self.training)
+        drop = lambda t: ops.dropout(t, self.dropout, self.training)
         x = self.self_attn_layer_norm(x + drop(self.self_attn(x, layout, causal=True)))
         cross = self.encoder_attn(x, layout, enc_BSd, enc_layout, projected_kv=cross_kv)
         x = self.encoder_attn_layer_norm(x + drop(cross))

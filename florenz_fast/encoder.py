@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import ops
 from .config import EncoderConfig
 from .modules import Layout, attend
 
@@ -87,10 +88,10 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
 
     def forward(self, x, layout: Layout):
-        h = F.dropout(self.self_attn(x, layout), self.dropout, self.training)
+        h = ops.dropout(self.self_attn(x, layout), self.dropout, self.training)
         x = self.self_attn_layer_norm(x + h)
-        h = F.dropout(F.gelu(self.fc1(x)), self.dropout, self.training)  # activation dropout
-        h = F.dropout(self.fc2(h), self.dropout, self.training)
+        h = ops.dropout(F.gelu(self.fc1(x)), self.dropout, self.training)  # activation dropout
+        h = ops.dropout(self.fc2(h), self.dropout, self.training)
         return self.final_layer_norm(x + h)
 
 
@@ -109,7 +110,7 @@ class BartStack(nn.Module):
         pos = self.embed_positions(layout.positions(L, x_BLd.device), bound=layout.position_bound(L),
                                    checked=layout.positions_checked)
         x = self.layernorm_embedding(x_BLd + pos.to(x_BLd.dtype))
-        return F.dropout(x, self.dropout, self.training)
+        return ops.dropout(x, self.dropout, self.training)
 
 
 class Encoder(BartStack):

@@ -36,6 +36,7 @@ class FlorenzOutput:
     loss: torch.Tensor | None = None
     encoder_states: torch.Tensor | None = None
     token_losses: torch.Tensor | None = None  # with labels: (B, L) fp32 cross-entropy per token, 0 where ignored
+    loss_sum: torch.Tensor | None = None  # with labels: the sum of token_losses (0-dim; see forward's sum_loss)
 
 
 class Florenz(nn.Module):
@@ -190,13 +191,14 @@ class Florenz(nn.Module):
         cross K/V (decoder.cross_kv); rows are batch-major beams (florenz_fast.generate drives this)."""
         return self.logits(self.decoder.step(ids_N, pos, caches, cross_kv, enc_layout, beams)[:, 0])
 
-    def token_losses(self, hidden_BLd: torch.Tensor, labels_BL: torch.Tensor, *,
-                     labels_checked: bool = False) -> torch.Tensor:
+    def token_losses(self, hidden_BLd: torch.Tensor, labels_BL: torch.Tensor, *, labels_checked: bool = False,
+                     reduction: str = "none"):
         """(B, L) fp32 cross-entropy of the softcapped logits per token (0 where labels == -100), through
-        ops.linear_cross_entropy: on the triton backend the fused loss, which never builds the (B, L, V) logits."""
+        ops.linear_cross_entropy: on the triton backend the fused loss, which never builds the (B, L, V) logits.
+        reduction="sum+none": (their sum, differentiable; the (B, L) losses without gradient)."""
         return ops.linear_cross_entropy(hidden_BLd, self.decoder.embed_tokens.weight, labels_BL,
                                         softcap=self.cfg.decoder.final_softcap, ignore_index=IGNORE_INDEX,
-                                        reduction="none", check_labels=not labels_checked)
+                                        reduction=reduction, check_labels=not labels_checked)
 
     # ---- the whole model ------------------------------------------------------------------------------
     def forward(self, pixel_values, input_ids, decoder_input_ids, *, attention_mask=None,
@@ -204,9 +206,12 @@ class Florenz(nn.Module):
                 labels=None, return_logits: bool = True, encoder_index=None, encoder_cu_seqlens=None,
                 encoder_positions=None, decoder_positions=None, max_seqlen_q: int | None = None,
                 max_seqlen_k: int | None = None, inputs_checked: bool = False, image_index=None,
-                num_images: int | None = None, image_features=None) -> FlorenzOutput:
-        """With `labels`: `loss` (mean over target tokens) and `token_losses` (B, L). return_logits=False skips
-        the (B, L, V) logits (the loss then comes from `token_losses`, fused on the triton backend).
+                num_images: int | None = None, image_features=None, sum_loss: bool = False) -> FlorenzOutput:
+        """With `labels`: `loss` (mean over target tokens), `loss_sum` and `token_losses` (B, L). return_logits=False
+        skips the (B, L, V) logits (the loss then comes from `token_losses`, fused on the triton backend).
+        sum_loss=True (with return_logits=False): the gradient flows through `loss_sum` / `loss` only and
+        `token_losses` come without it, so the fused loss keeps the gradients its forward computed (3 logits
+        matmuls instead of 4: the training loop backpropagates a sum and only logs the per-token losses).
 
         The host layout (encoder_index ... max_seqlen_k, packing.host_layout) and inputs_checked=True (ids and
         positions checked at collation, packing.check_limits) come from `Batch.model_inputs(host_layout=True)`:
@@ -227,15 +232,18 @@ class Florenz(nn.Module):
             raise ValueError(f"labels {tuple(labels.shape)} and decoder_input_ids "
                              f"{tuple(decoder_input_ids.shape)} differ in shape")
         logits = self.logits(hidden) if return_logits else None
-        loss = tok = None
+        loss = tok = total = None
         if labels is not None:
             if logits is not None:  # the logits exist anyway: no second lm_head matmul
                 tok = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                       reduction="none").view(labels.shape)
+            elif sum_loss:
+                total, tok = self.token_losses(hidden, labels, labels_checked=inputs_checked, reduction="sum+none")
             else:
                 tok = self.token_losses(hidden, labels, labels_checked=inputs_checked)
-            loss = tok.sum() / (labels != IGNORE_INDEX).sum()
-        return FlorenzOutput(logits=logits, loss=loss, encoder_states=enc, token_losses=tok)
+            total = tok.sum() if total is None else total
+            loss = total / (labels != IGNORE_INDEX).sum()
+        return FlorenzOutput(logits=logits, loss=loss, encoder_states=enc, token_losses=tok, loss_sum=total)
 
 
 def image_features_first(model: Florenz, inputs: dict) -> dict:

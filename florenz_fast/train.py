@@ -287,12 +287,14 @@ def attach_feature_cache(cfg: TrainConfig, model: Florenz, pipeline, world: Worl
 
 
 def make_forward_loss(module: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-    """`fn(inputs) -> token_losses`: forward and per-token loss of one micro-batch (the loop sums them per sample).
+    """`fn(inputs) -> (loss_sum, token_losses)`: forward and loss of one micro-batch; the loop backpropagates the
+    sum and logs the per-token losses (without gradient: the fused loss keeps its forward's gradients).
     --compile: torch.compile'd with fullgraph=True (a graph break is an error, not a slow step); AOTAutograd
     compiles the backward of the same graph. --cuda_graphs (CUDA): mode="reduce-overhead", the forward and
     backward graphs replayed as CUDA graphs (the optimizer step stays outside: fused AdamW, no host read)."""
-    def forward_loss(inputs: dict) -> torch.Tensor:
-        return module(**inputs, return_logits=False).token_losses
+    def forward_loss(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        out = module(**inputs, return_logits=False, sum_loss=True)
+        return out.loss_sum, out.token_losses
 
     if cfg.cuda_graphs and device.type != "cuda":
         raise ValueError("cuda_graphs needs a CUDA device")
@@ -514,12 +516,12 @@ def train(cfg: TrainConfig) -> dict:
                 torch.compiler.cudagraph_mark_step_begin()
             with no_sync(train_module, i < len(micro) - 1), _autocast(cfg.precision, world.device):
                 # per-token losses without (B, L, V) logits: the fused loss on the triton backend
-                token_losses = forward_loss(inputs)
-            sums, counts = batch.per_sample_sums(token_losses)  # per sample: loss sum, target tokens
-            loss = sums.sum() * world.size / n_tokens  # DDP / FSDP2 average gradients over ranks
+                micro_sum, token_losses = forward_loss(inputs)
+            sums, counts = batch.per_sample_sums(token_losses)  # per sample: loss sum, target tokens (no gradient)
+            loss = micro_sum * world.size / n_tokens  # DDP / FSDP2 average gradients over ranks
             scaler.scale(loss).backward()
-            loss_sum += sums.detach().sum()
-            per_sample.append((batch, sums.detach(), counts))
+            loss_sum += micro_sum.detach()
+            per_sample.append((batch, sums, counts))
         scaler.unscale_(optimizer)
         grad_norm = _grad_norm(trainable, cfg.optim.grad_clip).detach().to(world.device)
         # the global loss (summed over ranks before the update, so that every rank takes the same decision) and

@@ -9,7 +9,9 @@ Semantics (what `linear_cross_entropy_reference` computes, unfused)
   z = hidden @ weight^T (T, V); softcap c > 0: z = c * tanh(z / c) (Gemma-2's final logit cap, c = 30);
   lse_t = log sum_v exp(z_tv) in fp32; loss_t = lse_t - z_t,label_t + z_loss * lse_t^2; loss_t = 0 where
   label_t == ignore_index. reduction "none" -> (T,) fp32; "sum" -> sum; "mean" -> sum / #(label != ignore)
-  (NaN when every label is ignored, as torch's cross_entropy). Label smoothing is not supported (0).
+  (NaN when every label is ignored, as torch's cross_entropy); "sum+none" -> (sum, the per-token losses without
+  gradient): a training loop that backpropagates a sum and logs per-sample losses keeps the 3-matmul path.
+  Label smoothing is not supported (0).
   hidden (..., D) and labels (...) are flattened; weight (V, D) is the (tied) output embedding.
 
 Algorithm (chunk by chunk)
@@ -18,8 +20,8 @@ Algorithm (chunk by chunk)
   logits in place (pass 2); then dh_C = dlogits @ W and dW += dlogits^T @ h_C (fp32 accumulator across
   chunks when there is more than one). Peak extra memory: one C x V chunk, dh (T, D), dW (V, D) — instead of
   several T x V tensors (logits, the softcapped copy, its fp32 upcast, log-softmax, their gradients).
-  "sum" / "mean": the gradient is computed during the forward (3 matmuls per chunk in all) and the backward
-  scales the saved dh / dW by the incoming scalar, in place. "none": the forward computes the losses only
+  "sum" / "mean" / "sum+none": the gradient is computed during the forward (3 matmuls per chunk in all) and the
+  backward scales the saved dh / dW by the incoming scalar, in place. "none": the forward computes the losses only
   (1 matmul) and the backward recomputes the chunks with the incoming per-token gradient as row weights
   (3 more): exact for any per-token gradient. Neither backward looks at a value, so neither reads anything
   back from the device (DESIGN.md 13; the former shortcut compared the incoming gradient with the saved
@@ -329,6 +331,9 @@ linear_cross_entropy_fwd.register_autograd(_backward_formula, setup_context=_set
 # ---- public API ----------------------------------------------------------------------------------------------
 
 
+REDUCTIONS = ("mean", "sum", "none", "sum+none")
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, softcap: float = 30.0,
                          ignore_index: int = -100, z_loss: float = 0.0, reduction: str = "mean",
                          chunk_size: int | None = None, check_labels: bool = True) -> torch.Tensor:
@@ -347,14 +352,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
       ignore_index: label value that contributes no loss and no gradient.
       z_loss: weight of the lse^2 auxiliary term (>= 0; 0 = off).
       reduction: "mean" (sum / number of non-ignored labels; NaN when every label is ignored, as
-        torch's cross_entropy), "sum", or "none".
+        torch's cross_entropy), "sum", "none", or "sum+none" (the sum and the per-token losses).
       chunk_size: tokens per logits chunk; None = about 2 GiB of logits per chunk on the GPU, 128 MiB on the
         CPU (default_chunk_size).
       check_labels: raise a ValueError for labels outside [0, V) that are not ignore_index. It reads a value
         back from the device: pass False for labels checked on the host (the training loop does).
 
     Returns:
-      "mean" / "sum": a 0-dim fp32 tensor (fp64 for fp64 input); "none": labels' shape, the per-token losses.
+      "mean" / "sum": a 0-dim fp32 tensor (fp64 for fp64 input); "none": labels' shape, the per-token losses;
+      "sum+none": (the sum, differentiable; the per-token losses, labels' shape, without gradient).
       Differentiable in hidden and weight. "mean" / "sum": the gradients are computed during the forward (only dh
       and dW are kept) and scaled by the incoming gradient in the backward. "none": the backward recomputes the
       chunks with the incoming per-token gradient (one more logits matmul than "sum", in exchange for no saved
@@ -368,8 +374,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          f"{tuple(hidden.shape[:-1])}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"linear_cross_entropy: labels must be int32/int64, got {labels.dtype}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"linear_cross_entropy: reduction must be mean, sum or none, got {reduction!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     if softcap < 0 or z_loss < 0:
         raise ValueError(f"linear_cross_entropy: softcap ({softcap}) and z_loss ({z_loss}) must be >= 0")
     dev = hidden.device.type
@@ -403,6 +409,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         return losses.view(lead)
     if reduction == "sum":
         return total
+    if reduction == "sum+none":
+        return total, losses.detach().view(lead)
     # NaN when every label is ignored, as torch's cross_entropy (without a host sync)
     return torch.where(valid.any(), total, torch.nan)
 

@@ -130,9 +130,11 @@ def check_attention_inputs(q, k, v, *, causal, window, key_padding_mask, cu_seql
                              f"got {tuple(key_padding_mask.shape)}")
 
 
-def attention_block(q_BHLD, k_BHSD, v_BHSD, *, scale, softcap, visible_BLS, dropout_p=0.0, return_lse=False):
+def attention_block(q_BHLD, k_BHSD, v_BHSD, *, scale, softcap, visible_BLS, dropout_p=0.0, return_lse=False,
+                    dropout=None):
     """The attention math on one padded block; `visible_BLS` broadcastable to (B, H, L, S) or None (all visible).
-    Returns out (B, H, L, D), and with `return_lse` also lse (B, H, L) in the math dtype."""
+    Returns out (B, H, L, D), and with `return_lse` also lse (B, H, L) in the math dtype. `dropout(probs, p)`
+    drops attention probabilities when dropout_p > 0 (default: torch's F.dropout)."""
     groups = q_BHLD.shape[1] // k_BHSD.shape[1]
     if groups > 1:  # GQA: query head h uses kv head h // groups (repeat_interleave keeps that order)
         k_BHSD = k_BHSD.repeat_interleave(groups, dim=1)
@@ -148,7 +150,7 @@ def attention_block(q_BHLD, k_BHSD, v_BHSD, *, scale, softcap, visible_BLS, drop
         probs = probs.masked_fill(~visible_BLS.any(-1, keepdim=True), 0.0)
     probs = probs.to(q_BHLD.dtype)
     if dropout_p:
-        probs = F.dropout(probs, p=dropout_p)
+        probs = (dropout or F.dropout)(probs, dropout_p)
     out = torch.matmul(probs, v_BHSD)
     if not return_lse:
         return out
@@ -269,8 +271,9 @@ def linear_cross_entropy_reference(hidden, weight, labels, *, softcap: float = 3
                                    z_loss: float = 0.0, reduction: str = "mean", **_ignored) -> torch.Tensor:
     """Cross-entropy of softcap(hidden @ weight^T) against labels, unfused (materialises the logits), in the math
     dtype after the softcap: hidden (..., D), weight (V, D), labels (...). reduction "none" -> (...) per-token losses
-    (0 where labels == ignore_index), "sum", or "mean" over the non-ignored tokens (NaN if there are none).
-    z_loss > 0 adds z_loss * logsumexp^2 per token."""
+    (0 where labels == ignore_index), "sum", or "mean" over the non-ignored tokens (NaN if there are none);
+    "sum+none" -> (the sum, the per-token losses without gradient). z_loss > 0 adds z_loss * logsumexp^2 per
+    token."""
     z = F.linear(hidden, weight)
     if softcap:
         z = torch.tanh(z / softcap) * softcap
@@ -283,6 +286,8 @@ def linear_cross_entropy_reference(hidden, weight, labels, *, softcap: float = 3
         return loss
     if reduction == "sum":
         return loss.sum()
+    if reduction == "sum+none":
+        return loss.sum(), loss.detach()
     return loss.sum() / valid.sum()
 
 

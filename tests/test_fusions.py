@@ -100,6 +100,29 @@ def test_linear_ce_cpu_torch_rows_path(monkeypatch, reduction):
              lambda h, w: lce.linear_cross_entropy_reference(h, w, labels, **kw), [h, w], [g], "torch rows")
 
 
+@pytest.mark.parametrize("rows", ["triton", "torch"])
+def test_linear_ce_sum_and_token_losses(monkeypatch, rows):
+    """"sum+none": the sum (gradients from the forward, 3 matmuls) and the per-token losses without gradient, as
+    the training loop uses them; the same values and gradients as the reference's, with no read back."""
+    from tests.helpers.sync_guard import no_device_host_reads
+
+    if rows == "torch":  # a CPU without the interpreter: torch ops for the per-row part
+        monkeypatch.setattr(lce, "_use_triton", lambda t: False)
+    h, w, labels = _ce_case(T=19, V=70)
+    h, w = h.requires_grad_(), w.requires_grad_()
+    with no_device_host_reads():
+        total, tok = lce.linear_cross_entropy(h, w, labels, reduction="sum+none", chunk_size=4, check_labels=False)
+        dh, dw = torch.autograd.grad(total * 0.25, (h, w))
+    assert not tok.requires_grad and tok.shape == labels.shape
+    ref_total, ref_tok = lce.linear_cross_entropy_reference(h, w, labels, reduction="sum+none")
+    assert not ref_tok.requires_grad
+    rdh, rdw = torch.autograd.grad(ref_total * 0.25, (h, w))
+    torch.testing.assert_close((total, tok, dh, dw), (ref_total, ref_tok, rdh, rdw), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tok.sum(), total, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="sum\\+none, got 'total'"):
+        lce.linear_cross_entropy(h, w, labels, reduction="total")
+
+
 @pytest.mark.slow
 def test_linear_ce_all_labels_ignored():
     h, w, labels = _ce_case()
@@ -358,8 +381,9 @@ def _tiny_model_and_batch(packed: bool):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("packed", [False, True])
-def test_tiny_model_triton_backend_equals_reference(packed):
+@pytest.mark.parametrize("packed,sum_loss", [(False, False), (True, False), (True, True)])
+def test_tiny_model_triton_backend_equals_reference(packed, sum_loss):
+    # sum_loss: the training loop's call (the gradient through the sum; token losses without it)
     model, args, kw = _tiny_model_and_batch(packed)
 
     def run(m, backend, dtype):
@@ -368,8 +392,8 @@ def test_tiny_model_triton_backend_equals_reference(packed):
         ops.set_backend(backend)
         try:
             a = [t.to(dtype) if t.is_floating_point() else t for t in args]
-            out = m(*a, **kw, return_logits=False)
-            assert out.logits is None
+            out = m(*a, **kw, return_logits=False, sum_loss=sum_loss)
+            assert out.logits is None and out.token_losses.requires_grad != sum_loss
             out.loss.backward()
         finally:
             ops.set_backend(prev)

@@ -718,3 +718,66 @@ def test_backend_chains(backend_state):
     assert ops.get_backend() == "sdpa+refuse"
     with pytest.raises(ValueError, match="unknown attention backend 'sdpa\\+nope'"):
         ops.set_backend("sdpa+nope")
+
+
+# ---- the dense dropout and the per-forward memo -------------------------------------------------------------
+
+
+def test_dense_dropout_drops_p_and_scales_the_rest_exactly():
+    p, n = 0.1, 1_000_001  # odd: the last 64-bit draw is used by half
+    drop = round(p * 2**32)
+    x = torch.ones(n, requires_grad=True)
+    torch.manual_seed(0)
+    out = ops.dropout(x, p, backend="dense")
+    kept = out != 0
+    scale = torch.tensor(2**32 / (2**32 - drop), dtype=torch.float32)
+    assert (out[kept] == scale).all()  # every kept element scaled by exactly 1 / (1 - P(drop))
+    sd = (p * (1 - p) / (n / 2)) ** 0.5
+    for word in (0, 1):  # both 32-bit halves of each draw drop with probability p (5 standard deviations)
+        frac = 1 - kept[word::2].double().mean().item()
+        assert abs(frac - drop / 2**32) < 5 * sd, (word, frac)
+    out.backward(torch.full_like(out, 3.0))
+    torch.testing.assert_close(x.grad, 3.0 * out.detach(), rtol=0, atol=0)  # the same mask in the backward
+    torch.manual_seed(0)
+    torch.testing.assert_close(ops.dropout(x.detach(), p, backend="dense"), out.detach(), rtol=0, atol=0)  # seeded
+
+
+def test_dropout_off_and_out_of_range():
+    x = torch.randn(5, 7)
+    assert ops.dropout(x, 0.1, training=False, backend="dense") is x
+    assert ops.dropout(x, 0.0, backend="dense") is x
+    assert (ops.dropout(x, 1.0, backend="dense") == 0).all()  # p = 1: the dense dropout passes on to F.dropout
+    with pytest.raises(ops.Unsupported, match="0 < p < 1"):
+        ops_dense._dropout_dense(x, 1.0)
+    with pytest.raises(ops.Unsupported):
+        ops_dense._dropout_dense(x.long(), 0.5)
+
+
+@pytest.mark.parametrize("backend", ["dense", "sdpa"])
+def test_attention_dropout_is_unbiased_and_shared_by_dense_and_sdpa(backend, one_intra_op_thread):
+    q, k, v, kw = _fast_case(_FAST_CASES[5], dtype=torch.float32)  # packed cross-attention, no softcap
+    clean = ops.attention(q, k, v, backend="torch", **kw)
+    torch.manual_seed(3)
+    one = ops.attention(q, k, v, backend=backend, dropout_p=0.3, **kw)
+    torch.manual_seed(3)
+    other = ops.attention(q, k, v, backend="dense" if backend == "sdpa" else "sdpa", dropout_p=0.3, **kw)
+    torch.testing.assert_close(one, other, rtol=1e-6, atol=1e-6)  # the same math and the same mask draws
+    assert (one - clean).abs().max() > 0.05  # it dropped something
+    mean = torch.stack([ops.attention(q, k, v, backend=backend, dropout_p=0.3, **kw) for _ in range(400)]).mean(0)
+    # 400 draws: the mean's error is ~0.03 of |v|; a missing 1 / (1 - p) would be off by 30 %
+    assert (mean - clean).abs().max() < 0.15 * clean.abs().max()
+
+
+def test_dense_plan_is_built_once_per_layout_and_follows_in_place_changes(monkeypatch):
+    built = []
+    real = ops_dense._plan
+    monkeypatch.setattr(ops_dense, "_plan", lambda *a: built.append(a[2:]) or real(*a))
+    q, k, v, kw = _fast_case(_FAST_CASES[4])  # packed self-attention
+    cu = kw["cu_seqlens_k"] = kw["cu_seqlens_q"]  # one tensor for both, as the model passes it
+    first = ops.attention(q, k, v, backend="dense", **kw)
+    torch.testing.assert_close(ops.attention(q, k, v, backend="dense", **kw), first, rtol=0, atol=0)
+    assert len(built) == 1  # the second layer's call reused the first one's indices and masks
+    cu.copy_(ops.cu_seqlens_from_lengths([5, 3, 0, 5]))  # same total, other segments, in place
+    torch.testing.assert_close(ops.attention(q, k, v, backend="dense", **kw),
+                               ops.attention(q, k, v, backend="torch", **kw), rtol=1e-12, atol=1e-12)
+    assert len(built) == 2

@@ -291,8 +291,9 @@ def _one_step(model: Florenz, batch: Batch) -> torch.Tensor:
     scale = 1.0 / torch.tensor(float(batch.num_target_tokens))
     inputs = batch.model_inputs(host_layout=True)
     with no_device_host_reads():
-        sums, _ = batch.per_sample_sums(forward_loss(inputs))
-        loss = sums.sum() * scale
+        total, token_losses = forward_loss(inputs)
+        batch.per_sample_sums(token_losses)  # what the loop logs
+        loss = total * scale
         loss.backward()
     return loss.detach()
 

@@ -55,6 +55,8 @@ The same switch selects the decoder fusions (one backend name for the whole engi
                                                                     lm_head + final softcap + cross-entropy
     image_tokens(x, pos, weight, ln_weight, ln_bias, eps)           x + pos, mean token first, projection,
                                                                     LayerNorm (the vision tower's last step)
+    dropout(x, p, training=True)                                    F.dropout (`torch`); `dense`: a cheaper CPU
+                                                                    mask from 32-bit random words (ops.dense)
 
 Each has a `torch` implementation (florenz_kernels.reference: the definition, what the model computed before the
 fusions; math in promote_types(dtype, float32), so float64 stays float64) and a `triton` one from florenz_kernels
@@ -92,7 +94,7 @@ from florenz_kernels.reference import cu_seqlens_from_lengths, positions_from_cu
 from .registry import OPS, Unsupported, available_backends, get_backend, register_backend, set_backend
 from .attention import attention  # registers `torch`
 from . import dense as dense, flex as flex  # register `dense`, `sdpa`, `flex` (imported for that)
-from .fusions import add_rms_norm, geglu, image_tokens, linear_cross_entropy, rms_norm, rope
+from .fusions import add_rms_norm, dropout, geglu, image_tokens, linear_cross_entropy, rms_norm, rope
 from .decode import (cached_attention, cross_decode_attention, cross_decode_attention_reference,
                      decode_attention, decode_attention_reference, extension_available, extension_status,
                      rope_kv_append, rope_kv_append_reference)
@@ -103,7 +105,7 @@ AttentionFn = Callable[..., torch.Tensor]
 
 __all__ = [
     "attention", "Unsupported", "register_backend", "set_backend", "get_backend", "available_backends", "OPS",
-    "rms_norm", "add_rms_norm", "geglu", "rope", "linear_cross_entropy", "image_tokens",
+    "rms_norm", "add_rms_norm", "dropout", "geglu", "rope", "linear_cross_entropy", "image_tokens",
     "decode_attention", "cross_decode_attention", "rope_kv_append", "cached_attention",
     "decode_attention_reference", "cross_decode_attention_reference", "rope_kv_append_reference",
     "extension_status", "extension_available", "softcap", "cu_seqlens_from_lengths", "positions_from_cu_seqlens",

@@ -9,53 +9,127 @@ passes max_seqlen_q / max_seqlen_k (the padded widths).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from florenz_kernels.reference import attention_block, segments_from_cu_seqlens, visibility_mask
 
+from .memo import memo
 from .registry import Unsupported, register_backend
 
 
-def _pad_index(cu: torch.Tensor, width: int, total: int) -> torch.Tensor:
-    """(N, width) row of each padded slot in the packed tensor of `total` rows; padding slots point at row `total`
-    (a zero row). `total` comes from the tensor's shape (= cu[-1]): no read of cu."""
+class _Plan(NamedTuple):
+    """How one packed (q, k) layout maps to the padded batch: made once per forward (ops.memo), shared by layers."""
+
+    slot_q: torch.Tensor  # (N, Lmax) packed q row of each padded slot; padding slots point at row T (a zero row)
+    slot_k: torch.Tensor  # (N, Smax) the same for k / v (row Tk)
+    row_q: torch.Tensor  # (T,) slot (flattened n * Lmax + i) of each packed q row: the inverse of slot_q
+    row_k: torch.Tensor  # (Tk,)
+    visible: torch.Tensor  # (N, 1, Lmax, Smax) bool: real keys, under the causal / window rule
+    sees_nothing: torch.Tensor  # (N, 1, Lmax, 1) bool: query slots that see no key (zeros out, never NaN)
+
+
+def _slots(cu: torch.Tensor, width: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, width) packed row of each padded slot (padding: row `total`) and (total,) slot of each packed row.
+    `total` comes from the tensor's shape (= cu[-1]): no read of cu."""
     lengths = (cu[1:] - cu[:-1]).long()
     slots = torch.arange(width, device=cu.device)
-    idx = cu[:-1, None].long() + slots[None]
-    return torch.where(slots[None] < lengths[:, None], idx, total)
+    slot_rows = torch.where(slots[None] < lengths[:, None], cu[:-1, None].long() + slots[None], total)
+    seg, pos = segments_from_cu_seqlens(cu, total)  # packed row t sits in slot (seg, pos): static index math
+    return slot_rows, seg * width + pos
 
 
-def _gather_padded(x_THD: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(T, heads, D) -> (N, heads, width, D) by one gather (zeros in the padding)."""
-    ext = torch.cat([x_THD, x_THD.new_zeros(1, *x_THD.shape[1:])])
-    return ext[idx].transpose(1, 2)
-
-
-def _packed_as_padded(fn, q, k, v, *, causal, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      **kw):
-    """Run fn(q, k, v, visible_NLS) on the packed batch gathered into padded form; scatter the rows back.
-
-    The padded widths are the caller's max_seqlen_q / max_seqlen_k (Python ints: the model passes the loader's);
-    only a caller without them has the lengths read back here (a device sync)."""
-    lq, lk = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long(), (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    Lmax = int(max_seqlen_q) if max_seqlen_q else int(lq.max()) if lq.numel() else 0
-    Smax = int(max_seqlen_k) if max_seqlen_k else int(lk.max()) if lk.numel() else 0
-    T = q.shape[0]
-    if T == 0 or Lmax == 0:
-        return torch.zeros_like(q)
-    iq, ik = _pad_index(cu_seqlens_q, Lmax, T), _pad_index(cu_seqlens_k, max(Smax, 1), k.shape[0])
-    pos_q = torch.arange(Lmax, device=q.device)[None, :, None]
-    pos_k = torch.arange(max(Smax, 1), device=q.device)[None, None, :]
+def _plan(cu_q, cu_k, Lmax: int, Smax: int, T: int, Tk: int, causal: bool, window) -> _Plan:
+    slot_q, row_q = _slots(cu_q, Lmax, T)
+    slot_k, row_k = _slots(cu_k, Smax, Tk)
+    lq, lk = (cu_q[1:] - cu_q[:-1]).long(), (cu_k[1:] - cu_k[:-1]).long()
+    pos_q = torch.arange(Lmax, device=cu_q.device)[None, :, None]
+    pos_k = torch.arange(Smax, device=cu_q.device)[None, None, :]
     visible = pos_k < lk[:, None, None]  # (N, L, S): real keys ...
     if causal:  # ... bottom-right aligned per segment: query i sits at key position i + S_n - L_n
         p = pos_q + (lk - lq)[:, None, None]
         visible = visible & (pos_k <= p)
         if window:
             visible = visible & (p - pos_k < window)
-    out_N = fn(_gather_padded(q, iq), _gather_padded(k, ik), _gather_padded(v, ik), visible[:, None], **kw)
-    seg, pos = segments_from_cu_seqlens(cu_seqlens_q, T)  # packed row t sits in slot (seg, pos): static index math
-    return out_N.transpose(1, 2).flatten(0, 1).index_select(0, seg * Lmax + pos)
+    visible = visible[:, None]
+    return _Plan(slot_q, slot_k, row_q, row_k, visible, ~visible.any(-1, keepdim=True))
+
+
+class _ToPadded(torch.autograd.Function):
+    """(T, H, D) packed -> (N, H, width, D) padded (zeros in the padding). Every packed row fills exactly one slot,
+    so the backward is the inverse gather, not a scatter-add (index_put with accumulate was ~7 ms of a `small`
+    CPU step)."""
+
+    @staticmethod
+    def forward(ctx, x_THD, slot_rows, row_slots):
+        ctx.save_for_backward(row_slots)
+        ext = torch.cat([x_THD, x_THD.new_zeros(1, *x_THD.shape[1:])])
+        return ext[slot_rows].transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_NHWD):
+        (row_slots,) = ctx.saved_tensors
+        return grad_NHWD.transpose(1, 2).flatten(0, 1).index_select(0, row_slots), None, None
+
+
+class _FromPadded(torch.autograd.Function):
+    """(N, H, width, D) padded -> (T, H, D) packed: _ToPadded's transpose (its backward is _ToPadded's forward)."""
+
+    @staticmethod
+    def forward(ctx, out_NHWD, slot_rows, row_slots):
+        ctx.save_for_backward(slot_rows)
+        return out_NHWD.transpose(1, 2).flatten(0, 1).index_select(0, row_slots)
+
+    @staticmethod
+    def backward(ctx, grad_THD):
+        (slot_rows,) = ctx.saved_tensors
+        ext = torch.cat([grad_THD, grad_THD.new_zeros(1, *grad_THD.shape[1:])])
+        return ext[slot_rows].transpose(1, 2), None, None
+
+
+def _packed_as_padded(fn, q, k, v, *, causal, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      **kw):
+    """Run fn(q, k, v, plan) on the packed batch gathered into padded form; scatter the rows back.
+
+    The padded widths are the caller's max_seqlen_q / max_seqlen_k (Python ints: the model passes the loader's);
+    only a caller without them has the lengths read back here (a device sync). The plan (indices and masks) is
+    built once per forward and layout (ops.memo)."""
+    lq, lk = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]), (cu_seqlens_k[1:] - cu_seqlens_k[:-1])
+    Lmax = int(max_seqlen_q) if max_seqlen_q else int(lq.max()) if lq.numel() else 0
+    Smax = max(int(max_seqlen_k) if max_seqlen_k else int(lk.max()) if lk.numel() else 0, 1)
+    T, Tk = q.shape[0], k.shape[0]
+    if T == 0 or Lmax == 0:
+        return torch.zeros_like(q)
+    key = ("dense", id(cu_seqlens_q), id(cu_seqlens_k), Lmax, Smax, T, Tk, bool(causal), int(window or 0),
+           q.device)
+    plan = memo(key, (cu_seqlens_q, cu_seqlens_k),
+                lambda: _plan(cu_seqlens_q, cu_seqlens_k, Lmax, Smax, T, Tk, causal, window))
+    out_N = fn(_ToPadded.apply(q, plan.slot_q, plan.row_q), _ToPadded.apply(k, plan.slot_k, plan.row_k),
+               _ToPadded.apply(v, plan.slot_k, plan.row_k), plan, **kw)
+    return _FromPadded.apply(out_N, plan.slot_q, plan.row_q)
+
+
+def _dropout_dense(x: torch.Tensor, p: float) -> torch.Tensor:
+    """ops.dropout on the CPU with a cheaper mask than F.dropout's bernoulli_: one 64-bit draw gives two 32-bit words,
+    and an element is dropped iff its word falls in the lowest round(p * 2**32) of the 2**32 values, so
+    P(drop) = round(p * 2**32) / 2**32 (within 1.2e-10 of p) and the kept elements are scaled by the exact
+    1 / (1 - P(drop)). `small` (2 threads): the mask of (8, 4, 92, 92) in 0.9 ms against bernoulli_'s 3.2 ms.
+    Unsupported elsewhere (CUDA: torch's fused dropout; torch.compile: its own RNG)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or not x.is_floating_point() or not 0 < p < 1:
+        raise Unsupported("the dense dropout draws CPU masks in eager mode, 0 < p < 1")
+    n, drop = x.numel(), round(p * 2**32)
+    words = torch.randint(-2**63, 2**63 - 1, ((n + 1) // 2,), dtype=torch.int64, device=x.device)
+    keep = words.view(torch.int32)[:n].view(x.shape) >= drop - 2**31
+    return x * keep.to(x.dtype).mul_(2**32 / (2**32 - drop))
+
+
+def _attention_dropout(q: torch.Tensor, p: float):
+    """attention_block's dropout for this call: the dense one on the CPU in eager mode, else F.dropout."""
+    if q.device.type == "cpu" and not torch.compiler.is_compiling() and 0 < p < 1:
+        return _dropout_dense
+    return None
 
 
 def _dense_visible(q, k, causal, window, key_padding_mask):
@@ -68,11 +142,14 @@ def _dense_visible(q, k, causal, window, key_padding_mask):
 
 def _attention_dense_backend(q, k, v, *, scale, softcap, causal, window, key_padding_mask, cu_seqlens_q,
                              cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p):
-    def dense(q4, k4, v4, visible):
-        return attention_block(q4, k4, v4, scale=scale, softcap=softcap, visible_BLS=visible, dropout_p=dropout_p)
+    def dense(q4, k4, v4, plan):
+        return attention_block(q4, k4, v4, scale=scale, softcap=softcap, visible_BLS=plan.visible,
+                               dropout_p=dropout_p, dropout=_attention_dropout(q, dropout_p))
 
     if cu_seqlens_q is None:
-        return dense(q, k, v, _dense_visible(q, k, causal, window, key_padding_mask))
+        return attention_block(q, k, v, scale=scale, softcap=softcap, dropout_p=dropout_p,
+                               visible_BLS=_dense_visible(q, k, causal, window, key_padding_mask),
+                               dropout=_attention_dropout(q, dropout_p))
     return _packed_as_padded(dense, q, k, v, causal=causal, window=window, cu_seqlens_q=cu_seqlens_q,
                              cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
 
@@ -82,19 +159,27 @@ def _attention_sdpa(q, k, v, *, scale, softcap, causal, window, key_padding_mask
     if softcap or window:
         raise Unsupported("SDPA has no softcap and no sliding window")
 
-    def sdpa(q4, k4, v4, visible):
+    def sdpa(q4, k4, v4, visible, sees_nothing=None):
+        if _attention_dropout(q4, dropout_p) is not None:
+            # SDPA's CPU kernels have no dropout (it falls back to its math path with bernoulli_): the same math
+            # with the dense dropout's cheaper mask
+            return attention_block(q4, k4, v4, scale=scale, softcap=0.0, visible_BLS=visible, dropout_p=dropout_p,
+                                   dropout=_attention_dropout(q4, dropout_p))
         if visible is None:
             return F.scaled_dot_product_attention(q4, k4, v4, dropout_p=dropout_p, scale=scale,
                                                   enable_gqa=q4.shape[1] != k4.shape[1])
         out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=visible, dropout_p=dropout_p, scale=scale,
                                              enable_gqa=q4.shape[1] != k4.shape[1])
-        return out.masked_fill(~visible.any(-1, keepdim=True), 0.0)  # rows that see nothing: zeros, not NaN
+        sees_nothing = ~visible.any(-1, keepdim=True) if sees_nothing is None else sees_nothing
+        return out.masked_fill(sees_nothing, 0.0)  # rows that see nothing: zeros, not NaN
 
     if cu_seqlens_q is None:
         return sdpa(q, k, v, _dense_visible(q, k, causal, window, key_padding_mask))
-    return _packed_as_padded(sdpa, q, k, v, causal=causal, window=window, cu_seqlens_q=cu_seqlens_q,
+    return _packed_as_padded(lambda q4, k4, v4, plan: sdpa(q4, k4, v4, plan.visible, plan.sees_nothing), q, k, v,
+                             causal=causal, window=window, cu_seqlens_q=cu_seqlens_q,
                              cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
 
 
 register_backend("dense", _attention_dense_backend)
 register_backend("sdpa", _attention_sdpa)
+register_backend("dense", _dropout_dense, op="dropout")

@@ -6,13 +6,12 @@ Unsupported (the chain's next backend takes it)."""
 from __future__ import annotations
 
 import warnings
-import weakref
 
 import torch
 
+from .memo import memo
 from .registry import Unsupported, register_backend
 
-_FLEX_MASKS: dict[tuple, tuple] = {}  # key -> (weakrefs of the tensors it was built from, their versions, mask)
 _flex_compiled = None
 
 
@@ -29,18 +28,12 @@ def _flex_fn(device_type: str):
 
 
 def _flex_block_mask(mask_mod, B, Q, K, device, key, tensors):
-    """create_block_mask, cached per call site so the layers of one forward share one mask. `key` says what the
+    """create_block_mask, memoised (ops.memo) so the layers of one forward share one mask. `key` says what the
     mask depends on besides `tensors`, which are compared by identity and version (an in-place change rebuilds)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    hit = _FLEX_MASKS.get(key)
-    if hit is not None and all(r() is t and r()._version == ver for r, t, ver in zip(hit[0], tensors, hit[1])):
-        return hit[2]
-    mask = create_block_mask(mask_mod, B=B, H=None, Q_LEN=Q, KV_LEN=K, device=device)
-    if len(_FLEX_MASKS) >= 16:
-        _FLEX_MASKS.clear()
-    _FLEX_MASKS[key] = ([weakref.ref(t) for t in tensors], [t._version for t in tensors], mask)
-    return mask
+    return memo(("flex", *key), tensors,
+                lambda: create_block_mask(mask_mod, B=B, H=None, Q_LEN=Q, KV_LEN=K, device=device))
 
 
 def _attention_flex(q, k, v, *, scale, softcap, causal, window, key_padding_mask, cu_seqlens_q, cu_seqlens_k,

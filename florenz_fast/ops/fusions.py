@@ -1,10 +1,11 @@
-"""The fused ops' APIs (rms_norm, add_rms_norm, geglu, rope, linear_cross_entropy, image_tokens) and their `torch`
-backend: florenz_kernels.reference, the definitions (what the model computed before the fusions). Math in
+"""The fused ops' APIs (rms_norm, add_rms_norm, geglu, rope, linear_cross_entropy, image_tokens, dropout) and their
+`torch` backend: florenz_kernels.reference, the definitions (what the model computed before the fusions). Math in
 promote_types(input dtype, float32): fp32 for 16-bit and fp32 inputs, float64 for float64 ones."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from florenz_kernels import reference as ref
 
@@ -44,7 +45,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     for float64).
 
     hidden (..., D), weight (V, D), labels (...). reduction "none" -> (...) per-token losses (0 where ignored),
-    "sum", or "mean" over the non-ignored tokens. z_loss > 0 adds z_loss * logsumexp^2 per token.
+    "sum", "mean" over the non-ignored tokens, or "sum+none" -> (sum, per-token losses without gradient): the
+    fused kernel then keeps the gradients its forward computed (3 logits matmuls, not 4). z_loss > 0 adds
+    z_loss * logsumexp^2 per token.
     check_labels=False: the labels were checked on the host (packing.check_limits), so the fused kernel skips its
     range check, a device->host read (DESIGN.md 13); the torch reference never reads."""
     return dispatch("linear_cross_entropy", backend, hidden, weight, labels, softcap=softcap,
@@ -58,7 +61,16 @@ def image_tokens(x_BNC: torch.Tensor, pos_NC: torch.Tensor, weight_dC: torch.Ten
     return dispatch("image_tokens", backend, x_BNC, pos_NC, weight_dC, ln_weight, ln_bias, eps)
 
 
-for _op, _fn in (("rms_norm", ref.rms_norm_reference), ("add_rms_norm", ref.add_rms_norm_reference),
+def dropout(x: torch.Tensor, p: float, training: bool = True, *, backend: str | None = None) -> torch.Tensor:
+    """Dropout: each element zeroed with probability p, the rest scaled by 1 / (1 - p); x itself when not training
+    or p == 0. `torch` is F.dropout; `dense` draws its CPU mask from 32-bit random words (ops.dense)."""
+    if not training or not p:
+        return x
+    return dispatch("dropout", backend, x, p)
+
+
+for _op, _fn in (("dropout", lambda x, p: F.dropout(x, p, True)),
+                 ("rms_norm", ref.rms_norm_reference), ("add_rms_norm", ref.add_rms_norm_reference),
                  ("geglu", ref.geglu_reference), ("rope", ref.rope_full_reference),
                  ("linear_cross_entropy", ref.linear_cross_entropy_reference),
                  ("image_tokens", ref.image_tokens_reference)):

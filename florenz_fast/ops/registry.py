@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-OPS = ("attention", "rms_norm", "add_rms_norm", "geglu", "rope", "linear_cross_entropy", "image_tokens",
+OPS = ("attention", "rms_norm", "add_rms_norm", "geglu", "rope", "linear_cross_entropy", "image_tokens", "dropout",
        "decode_attention", "cross_decode_attention", "rope_kv_append", "cached_attention")
 _REGISTRY: dict[str, dict[str, Callable]] = {op: {} for op in OPS}
 _BACKENDS: dict[str, Callable] = _REGISTRY["attention"]  # attention's table (tests register probes here)
