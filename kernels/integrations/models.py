@@ -255,7 +255,8 @@ def apply_to(model: torch.nn.Module, attention: bool = True, rms_norm: bool = Tr
 
     gemma_layers = _named(model, Gemma2DecoderLayer)
     florence = _named(model, Florence2Model)
-    if not gemma_layers and not florence:
+    heads = (Gemma2ForCausalLM, Florence2ForConditionalGeneration)
+    if not gemma_layers and not florence and not isinstance(model, heads):
         raise TypeError(f"apply_to: {cls} is not a supported architecture: it holds no Gemma-2 decoder layer and is "
                         "no Florence-2 model (supported: Gemma2ForCausalLM, models holding Gemma2DecoderLayer "
                         "modules, Florence2ForConditionalGeneration)")
@@ -292,7 +293,7 @@ def apply_to(model: torch.nn.Module, attention: bool = True, rms_norm: bool = Tr
             if not _named(model, Gemma2MLP):
                 record.skipped["mlp"] = f"{cls} has no Gemma-2 MLP (BART's is fc1 / gelu / fc2, no gate)"
         if loss:
-            if isinstance(model, (Gemma2ForCausalLM, Florence2ForConditionalGeneration)):
+            if isinstance(model, heads):
                 if model.lm_head.bias is not None:
                     record.skipped["loss"] = f"{cls}.lm_head has a bias, which the fused loss does not add"
                 else:
