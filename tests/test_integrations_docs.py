@@ -30,7 +30,9 @@ def test_the_section_has_one_example_per_op():
     assert all(len(b.strip().splitlines()) <= 12 for b in blocks)  # "ten lines each": short enough to copy
 
 
-@pytest.mark.parametrize("index", range(EXPECTED))
+# the transformers example builds and trains a model under the interpreter: ~7 s here, over the `slow` line
+@pytest.mark.parametrize("index", [pytest.param(i, marks=pytest.mark.slow) if i == EXPECTED - 1 else i
+                                   for i in range(EXPECTED)])
 def test_example_runs(index):
     code = examples()[index]
     torch.manual_seed(index)
