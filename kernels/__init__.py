@@ -18,9 +18,17 @@ Kernels:
   rope               rotate-half RoPE in place on q and k (padded and packed).
   image_tokens       the image-token projection (DaViT features -> encoder tokens): GEMMs + one fused LayerNorm.
 
+Standalone: importing the package and running any op needs torch and triton only (numpy too for Triton's CPU
+interpreter); nothing here imports florenz_fast, transformers or the CUDA extension (tests/test_kernels_standalone.py
+runs every op in a virtual environment that holds nothing else).
+
 Integrations (other libraries; each imports its library only when called):
+  integrations.apply_to(model, attention=True, rms_norm=True, mlp=True, loss=True) / remove_from(model)
+                     explicit, per-instance drop-in into transformers' Gemma2ForCausalLM, models holding Gemma-2
+                     decoder layers, and Florence2ForConditionalGeneration; returns a record of every change and is
+                     undone exactly (integrations.models).
   integrations.transformers  `register_transformers_attention(name)`: softcap_attention as a transformers
-                     AttentionInterface function (`attn_implementation=name`).
+                     AttentionInterface function (`attn_implementation=name`; padded and packed batches).
 
 Importing the package itself stays free of torch and triton: submodules load on first attribute access
 (`florenz_kernels.softcap_attention` is the submodule). Triton decides interpreted vs compiled when a kernel
