@@ -45,19 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-
-def _status_mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # Linux: VmHWM := current RSS
-        f.write("5")
-
+from loss_memory import reset_peak_rss, status_mib  # bench/: the process's RSS and its peak, reset per part
 
 # ---- train: N steps eager vs patched (CPU, interpreter) --------------------------------------------------------
 
@@ -138,13 +126,13 @@ def memory_child(mode: str, T: int, D: int, V: int, threads: int) -> dict:
     ids = torch.randint(0, V, (1, T), generator=g)
     labels = ids.clone()
     labels[:, ::8] = -100
-    _reset_peak()
-    base = _status_mib("VmRSS")
+    reset_peak_rss()
+    base = status_mib("VmRSS")
     t0 = time.perf_counter()
     out = model(input_ids=ids, labels=labels)
     out.loss.backward()
     seconds = time.perf_counter() - t0
-    peak = _status_mib("VmHWM")
+    peak = status_mib("VmHWM")
     w = model.lm_head.weight
     return {"mode": mode, "loss": out.loss.item(), "logits_built": out.logits is not None,
             "grad_w_norm": w.grad.norm().item(), "rss_at_reset_mib": base, "peak_rss_mib": peak,

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _status_mib(key: str) -> float:
+def status_mib(key: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
@@ -31,7 +31,7 @@ def _status_mib(key: str) -> float:
     return float("nan")
 
 
-def _reset_peak() -> None:
+def reset_peak_rss() -> None:
     # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS, so that the transients of
     # building the inputs do not count
     with open("/proc/self/clear_refs", "w") as f:
@@ -55,13 +55,13 @@ def child(mode: str, T: int, D: int, V: int, threads: int) -> dict:
 
         def fn(h, w, labels, **kw):
             return ops.linear_cross_entropy(h, w, labels, backend="torch", **kw)
-    _reset_peak()
-    base = _status_mib("VmRSS")
+    reset_peak_rss()
+    base = status_mib("VmRSS")
     t0 = time.perf_counter()
     loss = fn(h, w, labels, softcap=30.0)
     loss.backward()
     seconds = time.perf_counter() - t0
-    peak = _status_mib("VmHWM")
+    peak = status_mib("VmHWM")
     grads_mib = (h.grad.numel() + w.grad.numel()) * 4 / 2**20  # what both paths must produce
     return {"mode": mode, "loss": loss.item(), "grads_mib": grads_mib, "beyond_grads_mib": peak - base - grads_mib,
             "grad_h_norm": h.grad.norm().item(), "grad_w_norm": w.grad.norm().item(),
