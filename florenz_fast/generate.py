@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from . import cli
 from .modules import Layout
+from .ops.decode import reorder_rows_
 from .text import CAPTION_PREFIXES, IGNORE_INDEX, LANGUAGES, TASKS, encode_prompt, pad_batch, prompt_for, shift_right
 
 NEG = -1.0e9  # transformers' "impossible" score for empty beams and finished candidates
@@ -351,8 +352,7 @@ def decode_search_step(model, caches, cross, enc_layout: Layout, st: SearchState
     logits = model.decode_step(st.last_ids(), st.cur - 1, caches, cross, enc_layout, st.K)
     index_N = search_step(log_probs(logits), st, cfg)
     if index_N is not None:
-        for cache in caches:
-            cache.reorder_(index_N)
+        reorder_rows_([t for cache in caches for t in (cache.k, cache.v)], index_N)
 
 
 _COMPILED: dict[str, object] = {}
