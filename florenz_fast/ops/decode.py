@@ -135,8 +135,26 @@ def rope_kv_append_reference(q, k, v, k_cache, v_cache, cache_lens, inv_freq) ->
     return q_rot
 
 
+def _grouped_decode_attention(q, k_cache, v_cache, pos, *, scale, softcap):
+    """cached_attention's math without ops.attention's GQA copies: the G = H / Hk query heads of a KV head are G
+    query rows against that head's cache ((N, Hk, G, D) @ (N, Hk, D, C)), so the (N, H, C, D) repeat of both caches
+    (2 copies per layer per step) is never built. Slot s is visible iff s <= pos (every row sees slot 0)."""
+    N, H, _, D = q.shape
+    Hk, C = k_cache.shape[1], k_cache.shape[2]
+    q_NKGD = q.reshape(N, Hk, H // Hk, D)
+    scores = torch.matmul(q_NKGD, k_cache.transpose(-1, -2)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(torch.arange(C, device=pos.device) > pos, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
+    return torch.matmul(probs, v_cache).view(N, H, 1, D)
+
+
 def _cached_attention_torch(q, k_cache, v_cache, pos, *, scale, softcap, dropout_p, backend):
     N, C = q.shape[0], k_cache.shape[2]
+    # a chain whose attention is the reference (torch, or ext, which has no ops.attention): the copy-free math
+    if not dropout_p and set((backend or get_backend()).split("+")) <= {"torch", "ext"}:
+        return _grouped_decode_attention(q, k_cache, v_cache, pos, scale=scale, softcap=softcap)
     valid = (torch.arange(C, device=pos.device) <= pos).expand(N, C)
     return attention(q, k_cache, v_cache, key_padding_mask=valid, causal=False, scale=scale, softcap=softcap,
                      dropout_p=dropout_p, backend=backend)
