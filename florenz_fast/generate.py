@@ -13,12 +13,17 @@ What is cached (cache=True):
     k/v (B, Hk, S, D)), so it is never copied per beam;
   - the self-attention K/V: preallocated (N = B x beams rows), RoPE applied before storing; sliding-window
     layers hold only their window as a ring buffer (modules.KVCache). Beam reordering is an in-place index
-    gather of those buffers, which keep their addresses;
-  - on CUDA, `cuda_graph=True` captures the decode step (all layers, lm_head) in one CUDA graph and replays it:
-    positions and token ids live in device tensors, so a step has no host sync.
+    gather of those buffers, which keep their addresses (one op, florenz::reorder_rows_);
+  - the search itself lives on the device (SearchState): a cached step, decode_search_step, is one function of
+    device tensors (decoder step, log-softmax, n-gram ban, min length, forced bos / eos, top-2K over all beams,
+    finished-hypothesis bookkeeping, cache reorder) that reads nothing back; the host reads "is it over?" once
+    every `sync_every` steps (default 8), and steps after the end change nothing;
+  - `compile=True` runs that step under torch.compile (static shapes: the static caches, a fixed batch; one
+    graph, built once per shape and model): the CPU fast path. On CUDA `cuda_graph=True` captures the same step
+    (decoder + search) in one CUDA graph and replays it every step.
 cache=False is the path of the published code: the decoder recomputes every position of every beam at each
 step (with the encoder states repeated per beam and the cross K/V projected again each step). Both paths share
-the search code below, so they differ only in how the next-token logits are computed.
+the search step below, so they differ only in how the next-token logits are computed.
 
 The search follows transformers' beam search (4.5x/5.x semantics): beam 0 starts at score 0 and the others at
 -1e9; each step takes the top 2K continuations of all beams; an eos continuation among the top K finishes a
