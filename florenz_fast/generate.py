@@ -899,7 +899,7 @@ class GenerateConfig:
     no_repeat_ngram_size: int = 3
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: str | None = None  # float32 | bfloat16 | float16 (default: the checkpoint's)
-    cuda_graph: bool = False  # capture the decode step (decoder + search) in one CUDA graph
+    cuda_graph: bool = False  # capture the decode step in a CUDA graph (decoder and search: one graph)
     compile: bool = False  # torch.compile the decode step (decoder + search): the CPU fast path (~1 min to build)
 
     def validate(self) -> "GenerateConfig":
