@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="")
+    ap.add_argument("--compile", action="store_true", help="also profile generation with compile=True (decoder + "
+                    "search in one torch.compile'd graph; the compile itself is in the warm-up call)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -135,6 +137,16 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
     export_trace(prof, out / "decode_trace.json.gz")
     decode_rows = top_ops(prof, device)
+    compiled_rows = None
+    if args.compile:
+        with torch.no_grad(), autocast:
+            generate(model, pixels, ids, config=gen, compile=True)  # warm-up: dynamo + inductor
+            with profile(activities=activities) as prof:
+                generate(model, pixels, ids, config=gen, compile=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+        export_trace(prof, out / "decode_compiled_trace.json.gz")
+        compiled_rows = top_ops(prof, device)
 
     md = [f"# Profile: {args.preset} on {device} ({args.precision}, training attention `{args.backend}`)", "",
           f"Training: {args.steps} packed steps of up to {args.batch} samples (forward + backward + AdamW). "
@@ -142,6 +154,8 @@ def main(argv=None) -> int:
           "Traces: train_trace.json.gz, decode_trace.json.gz.", ""]
     md += table("Training: top ops by self time", train_rows, args.steps)
     md += table("Generation (one generate call): top ops by self time", decode_rows, 1)
+    if compiled_rows is not None:
+        md += table("Generation, compile=True (one generate call): top ops by self time", compiled_rows, 1)
     (out / "profile.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     print(f"wrote {out}/profile.md, train_trace.json.gz, decode_trace.json.gz")

@@ -13,12 +13,17 @@ What is cached (cache=True):
     k/v (B, Hk, S, D)), so it is never copied per beam;
   - the self-attention K/V: preallocated (N = B x beams rows), RoPE applied before storing; sliding-window
     layers hold only their window as a ring buffer (modules.KVCache). Beam reordering is an in-place index
-    gather of those buffers, which keep their addresses;
-  - on CUDA, `cuda_graph=True` captures the decode step (all layers, lm_head) in one CUDA graph and replays it:
-    positions and token ids live in device tensors, so a step has no host sync.
+    gather of those buffers, which keep their addresses (one op, florenz::reorder_rows_);
+  - the search itself lives on the device (SearchState): a cached step, decode_search_step, is one function of
+    device tensors (decoder step, log-softmax, n-gram ban, min length, forced bos / eos, top-2K over all beams,
+    finished-hypothesis bookkeeping, cache reorder) that reads nothing back; the host reads "is it over?" once
+    every `sync_every` steps (default 8), and steps after the end change nothing;
+  - `compile=True` runs that step under torch.compile (static shapes: the static caches, a fixed batch; one
+    graph, built once per shape and model): the CPU fast path. On CUDA `cuda_graph=True` captures the same step
+    (decoder + search) in one CUDA graph and replays it every step.
 cache=False is the path of the published code: the decoder recomputes every position of every beam at each
 step (with the encoder states repeated per beam and the cross K/V projected again each step). Both paths share
-the search code below, so they differ only in how the next-token logits are computed.
+the search step below, so they differ only in how the next-token logits are computed.
 
 The search follows transformers' beam search (4.5x/5.x semantics): beam 0 starts at score 0 and the others at
 -1e9; each step takes the top 2K continuations of all beams; an eos continuation among the top K finishes a
@@ -45,6 +50,7 @@ import torch.nn.functional as F
 
 from . import cli
 from .modules import Layout
+from .ops.decode import reorder_rows_
 from .text import CAPTION_PREFIXES, IGNORE_INDEX, LANGUAGES, TASKS, encode_prompt, pad_batch, prompt_for, shift_right
 
 NEG = -1.0e9  # transformers' "impossible" score for empty beams and finished candidates
@@ -64,6 +70,9 @@ class GenerationConfig:
     bos_id: int = 2
     eos_id: int = 1
     pad_id: int = 0
+    # the host reads "is the search over?" once every sync_every steps (the steps in between read nothing from
+    # the device, and the ones after the end change nothing): at most sync_every - 1 wasted steps per call
+    sync_every: int = 8
 
     @staticmethod
     def for_model(cfg, **overrides) -> "GenerationConfig":
@@ -76,6 +85,8 @@ class GenerationConfig:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {self.sync_every}")
         if self.no_repeat_ngram_size < 0 or self.min_new_tokens < 0:
             raise ValueError(f"no_repeat_ngram_size {self.no_repeat_ngram_size} and min_new_tokens "
                              f"{self.min_new_tokens} must be >= 0")
@@ -93,60 +104,26 @@ class GenerationOutput:
 
 
 class CachedDecoder:
-    """Next-token logits from the static caches; feeds only the tokens it has not seen yet (the prompt first)."""
+    """Next-token logits from the static caches: one token per row at a device position, no host read."""
 
-    def __init__(self, model, enc_BSd: torch.Tensor, enc_layout: Layout, beams: int, max_len: int,
-                 cuda_graph: bool = False, compile: bool = False):
+    def __init__(self, model, enc_BSd: torch.Tensor, enc_layout: Layout, beams: int, max_len: int):
         cfg = model.cfg.decoder
         if cfg.kind == "bart" and max_len > cfg.max_positions:
             raise ValueError(f"decoder prompt + max_new_tokens = {max_len} positions exceeds the BART decoder's "
                              f"{cfg.max_positions} learned positions")
         self.model, self.beams, self.enc_layout = model, beams, enc_layout
-        B = enc_BSd.shape[0]
-        self.n = B * beams
-        dtype, device = enc_BSd.dtype, enc_BSd.device
+        self.n = enc_BSd.shape[0] * beams
         self.cross = model.decoder.cross_kv(enc_BSd)  # once per image; views of one (B, S, layers*2*Hk*D) tensor
-        self.caches = model.decoder.allocate_cache(self.n, max_len, dtype, device)
-        self.ids_N = torch.zeros(self.n, dtype=torch.long, device=device)
-        self.pos = torch.zeros((), dtype=torch.long, device=device)
-        self.length = 0  # positions already in the cache
-        self.use_graph = cuda_graph and device.type == "cuda"
-        self.graph = None
-        self.step_fn = model.decode_step
-        if compile:
-            self.step_fn = torch.compile(model.decode_step, dynamic=False, fullgraph=True)
+        self.caches = model.decoder.allocate_cache(self.n, max_len, enc_BSd.dtype, enc_BSd.device)
 
-    def _step(self) -> torch.Tensor:
-        return self.step_fn(self.ids_N, self.pos, self.caches, self.cross, self.enc_layout, self.beams)
+    def step(self, ids_N: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (N, V) of the token after `ids_N` at position `pos` (0-dim int64); fills that cache slot."""
+        return self.model.decode_step(ids_N, pos, self.caches, self.cross, self.enc_layout, self.beams)
 
-    def _run(self) -> torch.Tensor:
-        if not self.use_graph:
-            return self._step()
-        if self.graph is None:
-            # warm up on a side stream (cuBLAS workspaces, compiled kernels), then capture. A step only writes
-            # this position's cache slot, so running it again at the same position is idempotent.
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._step()
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self._step()
-        self.graph.replay()
-        return self.out
-
-    def logits(self, seqs_Nt: torch.Tensor) -> torch.Tensor:
-        t = seqs_Nt.shape[1]
-        if t <= self.length:
-            raise RuntimeError(f"cached decoder asked for position {t - 1} after {self.length} positions")
-        while self.length < t:
-            self.ids_N.copy_(seqs_Nt[:, self.length])
-            self.pos.fill_(self.length)
-            out = self._run()
-            self.length += 1
-        return out
+    def prefill(self, prompt_NP: torch.Tensor) -> None:
+        """Positions 0 .. P-2 of the decoder prompt into the caches (the search step feeds position P-1)."""
+        for p in range(prompt_NP.shape[1] - 1):
+            self.step(prompt_NP[:, p].contiguous(), torch.tensor(p, device=prompt_NP.device))
 
     def reorder(self, index_N: torch.Tensor) -> None:
         for cache in self.caches:
@@ -166,120 +143,296 @@ class FullDecoder:
         hidden = self.model.decode(seqs_Nt, self.enc, self.layout)
         return self.model.logits(hidden[:, -1])
 
-    def reorder(self, index_N: torch.Tensor) -> None:  # the sequences are the state
-        pass
+
+# ---- logits processing ----------------------------------------------------------------------------------
 
 
-# ---- logits processing and the searches ---------------------------------------------------------------
+def log_probs(logits_NV: torch.Tensor) -> torch.Tensor:
+    """log_softmax in float32 (float64 for a float64 model)."""
+    return F.log_softmax(logits_NV.to(torch.promote_types(logits_NV.dtype, torch.float32)), dim=-1)
+
+
+def process_log_probs_at(logp_NV: torch.Tensor, seqs_NT: torch.Tensor, cur: torch.Tensor, prompt_len: int,
+                         max_len: int, cfg: GenerationConfig) -> torch.Tensor:
+    """no_repeat_ngram, min_new_tokens, forced bos / eos for the token at position `cur` (0-dim int64 tensor) of
+    sequences `seqs_NT` whose positions < cur are written (any length T >= cur: a static buffer; positions >= cur
+    are ignored). Static shapes and no host read, so one graph serves every step. Returns the processed log-probs
+    (logp_NV is modified in place by the n-gram ban)."""
+    N, T = seqs_NT.shape
+    n = cfg.no_repeat_ngram_size
+    if n and T >= n:
+        # every n-gram of the buffer; window j (positions j .. j+n-1) counts once it is complete: j + n <= cur
+        # (transformers bans from cur + 1 >= n, but with cur = n - 1 there is no n-gram yet)
+        windows = seqs_NT.unfold(1, n, 1)  # (N, T - n + 1, n)
+        valid = torch.arange(T - n + 1, device=seqs_NT.device) + n <= cur
+        prefix = seqs_NT.index_select(1, (cur - n + 1 + torch.arange(n - 1, device=seqs_NT.device)).clamp(min=0))
+        match = (windows[..., :-1] == prefix[:, None]).all(-1) & valid  # same n-1 prefix as now
+        inf = torch.full_like(match, float("inf"), dtype=logp_NV.dtype)
+        # amin with self: -inf where any earlier n-gram with the same prefix continued with that token
+        logp_NV.scatter_reduce_(1, windows[..., -1], torch.where(match, -inf, inf), reduce="amin")
+    if cfg.min_new_tokens:
+        logp_NV[:, cfg.eos_id].masked_fill_(cur - prompt_len < cfg.min_new_tokens, float("-inf"))
+    for flag, tok, at in ((cfg.forced_eos, cfg.eos_id, max_len - 1), (cfg.forced_bos, cfg.bos_id, 1)):
+        if flag:  # bos last, so it wins where both apply (max_len 2), as it always has
+            forced = torch.full_like(logp_NV[0], float("-inf"))
+            forced[tok] = 0.0
+            logp_NV = torch.where(cur == at, forced, logp_NV)
+    return logp_NV
 
 
 def process_log_probs(logp_NV: torch.Tensor, seqs_Nt: torch.Tensor, prompt_len: int, max_len: int,
                       cfg: GenerationConfig) -> torch.Tensor:
-    """no_repeat_ngram, min_new_tokens, forced bos / eos (in place on logp_NV, also returned)."""
-    cur = seqs_Nt.shape[1]
-    n = cfg.no_repeat_ngram_size
-    if n and cur >= n:  # (transformers bans from cur + 1 >= n, but with cur = n - 1 there is no n-gram yet)
-        windows = seqs_Nt.unfold(1, n, 1)  # (N, cur - n + 1, n): every n-gram so far
-        match = (windows[..., :-1] == seqs_Nt[:, cur - n + 1:][:, None]).all(-1)  # same n-1 prefix as now
-        inf = torch.full_like(match, float("inf"), dtype=logp_NV.dtype)
-        # amin with self: -inf where any earlier n-gram with the same prefix continued with that token
-        logp_NV.scatter_reduce_(1, windows[..., -1], torch.where(match, -inf, inf), reduce="amin")
-    if cur - prompt_len < cfg.min_new_tokens:
-        logp_NV[:, cfg.eos_id] = float("-inf")
-    forced = (cfg.bos_id if cfg.forced_bos and cur == 1 else
-              cfg.eos_id if cfg.forced_eos and cur == max_len - 1 else None)
-    if forced is not None:
-        logp_NV.fill_(float("-inf"))
-        logp_NV[:, forced] = 0.0
-    return logp_NV
+    """process_log_probs_at for sequences of exactly the current length t (the token at position t next)."""
+    cur = torch.tensor(seqs_Nt.shape[1], device=seqs_Nt.device)
+    return process_log_probs_at(logp_NV, seqs_Nt, cur, prompt_len, max_len, cfg)
 
 
-def _log_probs(dec, seqs_Nt, prompt_len, max_len, cfg):
-    logits = dec.logits(seqs_Nt)
-    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    return process_log_probs(logp, seqs_Nt, prompt_len, max_len, cfg)
+# ---- the search state and its step: device tensors only -------------------------------------------------
 
 
-def greedy_search(dec, prompt_BP: torch.Tensor, cfg: GenerationConfig) -> GenerationOutput:
-    B, P = prompt_BP.shape
-    T = P + cfg.max_new_tokens
-    seqs = torch.full((B, T), cfg.pad_id, dtype=torch.long, device=prompt_BP.device)
-    seqs[:, :P] = prompt_BP
-    done = torch.zeros(B, dtype=torch.bool, device=seqs.device)
-    lengths = torch.zeros(B, dtype=torch.long, device=seqs.device)
-    score = None
-    steps = 0
-    for cur in range(P, T):
-        logp = _log_probs(dec, seqs[:, :cur], P, T, cfg)
-        steps += 1
-        tok = logp.argmax(-1)
-        gained = logp.gather(1, tok[:, None])[:, 0]
-        score = torch.zeros_like(gained) if score is None else score
-        score = score + torch.where(done, torch.zeros_like(gained), gained)
-        seqs[:, cur] = torch.where(done, torch.full_like(tok, cfg.pad_id), tok)
-        lengths += (~done).long()
-        done |= tok == cfg.eos_id
-        if bool(done.all()):
+@dataclass
+class SearchState:
+    """Everything the search carries between steps, as device tensors updated in place (static addresses for a
+    CUDA graph, static shapes for torch.compile). Greedy is K = 1 with `scores` the running sum of log-probs.
+
+    seqs (B, K, T) long: the running beams (prompt, generated ids, pad after); cur () long: the position the next
+    step writes; stopped () bool: the search is over (every later step changes nothing); steps () long: steps
+    that did work. Greedy: done (B,) bool, lengths (B,) long. Beam: the finished hypotheses fin_seqs (B, K, T),
+    fin_scores (B, K), fin_len (B, K), fin_done (B, K), and improvable (B, 1) (transformers' early-stop test).
+    Constants: denoms (max_new + 1,) = float(i) ** length_penalty (computed on the host in double, as the host
+    loop once did, so scores are bit-identical), top_k_mask (2K,), row_offset (B, 1)."""
+
+    K: int
+    prompt_len: int
+    seqs: torch.Tensor
+    cur: torch.Tensor
+    stopped: torch.Tensor
+    steps: torch.Tensor
+    scores: torch.Tensor
+    denoms: torch.Tensor
+    done: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+    fin_seqs: torch.Tensor | None = None
+    fin_scores: torch.Tensor | None = None
+    fin_len: torch.Tensor | None = None
+    fin_done: torch.Tensor | None = None
+    improvable: torch.Tensor | None = None
+    top_k_mask: torch.Tensor | None = None
+    row_offset: torch.Tensor | None = None
+
+    @staticmethod
+    def start(prompt_BP: torch.Tensor, cfg: GenerationConfig, dtype: torch.dtype) -> "SearchState":
+        """The state before the first step; `dtype` is the log-probs' (float32, float64 for a float64 model)."""
+        (B, P), K, dev = prompt_BP.shape, cfg.num_beams, prompt_BP.device
+        T = P + cfg.max_new_tokens
+        seqs = torch.full((B, K, T), cfg.pad_id, dtype=torch.long, device=dev)
+        seqs[:, :, :P] = prompt_BP[:, None]
+        denoms = torch.tensor([float(i) ** cfg.length_penalty for i in range(cfg.max_new_tokens + 1)],
+                              dtype=torch.float64).to(dev, dtype)
+        st = SearchState(K=K, prompt_len=P, seqs=seqs, cur=torch.tensor(P, device=dev),
+                         stopped=torch.zeros((), dtype=torch.bool, device=dev),
+                         steps=torch.zeros((), dtype=torch.long, device=dev),
+                         scores=torch.zeros(B, K, dtype=dtype, device=dev), denoms=denoms)
+        if K == 1:
+            st.done = torch.zeros(B, dtype=torch.bool, device=dev)
+            st.lengths = torch.zeros(B, dtype=torch.long, device=dev)
+            return st
+        st.scores[:, 1:] = NEG  # transformers: only beam 0 is live at the start
+        st.fin_seqs = seqs.clone()
+        st.fin_scores = torch.full((B, K), NEG, dtype=dtype, device=dev)
+        st.fin_len = torch.zeros(B, K, dtype=torch.long, device=dev)
+        st.fin_done = torch.zeros(B, K, dtype=torch.bool, device=dev)
+        st.improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
+        st.top_k_mask = torch.arange(2 * K, device=dev) < K
+        st.row_offset = torch.arange(B, device=dev)[:, None] * K
+        return st
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+    def clone(self) -> "SearchState":
+        return replace(self, **{k: v.clone() for k, v in self.tensors().items()})
+
+    def last_ids(self) -> torch.Tensor:
+        """(N,) the ids at position cur - 1: what the decoder reads next."""
+        B, K, T = self.seqs.shape
+        return self.seqs.view(B * K, T).index_select(1, (self.cur - 1).view(1))[:, 0]
+
+    def output(self) -> GenerationOutput:
+        """The result (the one host read of a search, after its last step)."""
+        P = self.prompt_len
+        if self.K == 1:
+            seqs, lengths, scores = self.seqs[:, 0], self.lengths, self.scores[:, 0]
+        else:
+            seqs, lengths, scores = self.fin_seqs[:, 0], self.fin_len[:, 0], self.fin_scores[:, 0]
+        rows, lengths = seqs[:, P:].tolist(), lengths.tolist()
+        return GenerationOutput(tokens=[r[:n] for r, n in zip(rows, lengths)], scores=scores,
+                                steps=int(self.steps))
+
+
+def _masked_copy_(live: torch.Tensor, dst: torch.Tensor, new: torch.Tensor) -> None:
+    dst.copy_(torch.where(live, new, dst))
+
+
+def greedy_step(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig) -> None:
+    """One greedy step on the state, in place: the argmax token per row (pad once a row has emitted eos)."""
+    live = ~st.stopped
+    B, _, T = st.seqs.shape
+    tok = logp_NV.argmax(-1)
+    gained = logp_NV.gather(1, tok[:, None])[:, 0]
+    done = st.done
+    score = st.scores.view(B)
+    _masked_copy_(live, score, score + torch.where(done, torch.zeros_like(gained), gained))
+    seqs, at = st.seqs.view(B, T), st.cur.view(1, 1).expand(B, 1)
+    col = torch.where(done, torch.full_like(tok, cfg.pad_id), tok)
+    seqs.scatter_(1, at, torch.where(live, col, seqs.gather(1, at)[:, 0])[:, None])
+    st.lengths.add_((~done & live).long())
+    done.logical_or_((tok == cfg.eos_id) & live)
+    st.steps.add_(live.long())
+    st.stopped.logical_or_(done.all() | (st.cur + 1 == T))
+    st.cur.add_(1)
+
+
+def beam_step(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig) -> torch.Tensor:
+    """One beam step on the state, in place (the semantics are the module doc's). Returns the (N,) row each
+    running beam continues, to reorder the decoder's caches by (the identity once the search has stopped)."""
+    live = ~st.stopped
+    B, K, T = st.seqs.shape
+    V = logp_NV.shape[-1]
+    cur, P = st.cur, st.prompt_len
+    cand = (logp_NV.view(B, K, V) + st.scores[..., None]).view(B, K * V)
+    top_scores, top_idx = cand.topk(2 * K, dim=1)
+    src_beam, tok = top_idx // V, top_idx % V
+    last = cur + 1 == T
+    hits = (tok == cfg.eos_id) | last
+    cand_seqs = st.seqs.gather(1, src_beam[..., None].expand(B, 2 * K, T))
+    cand_seqs.scatter_(2, cur.view(1, 1, 1).expand(B, 2 * K, 1), tok[..., None])
+    # finished hypotheses: eos among the top K, while the item is open and can still improve
+    finished = hits & st.top_k_mask
+    full = st.fin_done.all(1, keepdim=True) & bool(cfg.early_stopping is True)
+    denom = st.denoms.index_select(0, (cur + 1 - P).view(1))  # (1,) = (generated length) ** length_penalty
+    fin_cand = top_scores / denom
+    fin_cand = fin_cand + (full | ~st.improvable | ~finished).to(fin_cand.dtype) * NEG
+    merged = torch.cat([st.fin_scores, fin_cand], dim=1)
+    keep = merged.topk(K, dim=1).indices
+    fin_scores = merged.gather(1, keep)
+    fin_seqs = torch.cat([st.fin_seqs, cand_seqs], 1).gather(1, keep[..., None].expand(B, K, T))
+    fin_len = torch.cat([st.fin_len, (cur + 1 - P).expand(B, 2 * K)], 1).gather(1, keep)
+    fin_done = torch.cat([st.fin_done, finished], 1).gather(1, keep)
+    # running beams: the best K continuations that did not finish
+    running = top_scores + hits.to(top_scores.dtype) * NEG
+    sel = running.topk(K, dim=1).indices
+    run_scores = running.gather(1, sel)
+    seqs = cand_seqs.gather(1, sel[..., None].expand(B, K, T))
+    worst = torch.where(fin_done, fin_scores.min(1, keepdim=True).values, torch.full_like(fin_scores, NEG))
+    improvable = st.improvable & (run_scores[:, :1] / denom > worst).any(1, keepdim=True)
+    stop = last | ~improvable.any()
+    if cfg.early_stopping is True:
+        stop = stop | fin_done.all()
+    for dst, new in ((st.fin_scores, fin_scores), (st.fin_seqs, fin_seqs), (st.fin_len, fin_len),
+                     (st.fin_done, fin_done), (st.scores, run_scores), (st.seqs, seqs), (st.improvable, improvable)):
+        _masked_copy_(live, dst, new)
+    index_N = (src_beam.gather(1, sel) + st.row_offset).view(-1)
+    index_N = torch.where(live, index_N, torch.arange(B * K, device=cur.device))
+    st.steps.add_(live.long())
+    st.stopped.logical_or_(stop)
+    st.cur.add_(1)
+    return index_N
+
+
+def search_step(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig) -> torch.Tensor | None:
+    """Logits processing and one greedy / beam step (in place); the beam reorder index, None for greedy."""
+    T = st.seqs.shape[-1]
+    logp_NV = process_log_probs_at(logp_NV, st.seqs.view(-1, T), st.cur, st.prompt_len, T, cfg)
+    if st.K == 1:
+        greedy_step(logp_NV, st, cfg)
+        return None
+    return beam_step(logp_NV, st, cfg)
+
+
+def decode_search_step(model, caches, cross, enc_layout: Layout, st: SearchState, cfg: GenerationConfig) -> None:
+    """The whole cached step as one function of device tensors: the decoder on the token at cur - 1 (filling its
+    cache slot), log-softmax and the logits processing, the search step, and the beam reorder of the caches by
+    in-place gathers. No host read: torch.compile builds one graph of it, a CUDA graph replays it."""
+    logits = model.decode_step(st.last_ids(), st.cur - 1, caches, cross, enc_layout, st.K)
+    index_N = search_step(log_probs(logits), st, cfg)
+    if index_N is not None:
+        reorder_rows_([t for cache in caches for t in (cache.k, cache.v)], index_N)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_step(backend: str = "inductor"):
+    """decode_search_step under torch.compile (static shapes, one graph), built once per backend and shared by
+    every generate call (torch.compile recompiles only for new shapes or a new model)."""
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(decode_search_step, backend=backend, dynamic=False, fullgraph=True)
+    return _COMPILED[backend]
+
+
+class StepRunner:
+    """Runs decode_search_step: eager, compiled, or (CUDA) captured once in a CUDA graph and replayed."""
+
+    def __init__(self, dec: CachedDecoder, st: SearchState, cfg: GenerationConfig, *, compile: bool | str = False,
+                 cuda_graph: bool = False):
+        self.dec, self.st, self.cfg = dec, st, cfg
+        self.fn = decode_search_step
+        if compile:
+            self.fn = compiled_step("inductor" if compile is True else compile)
+        self.graph = None
+        if cuda_graph and st.seqs.device.type == "cuda":
+            self.graph = self._capture()
+
+    def _call(self, st: SearchState, caches) -> None:
+        self.fn(self.dec.model, caches, self.dec.cross, self.dec.enc_layout, st, self.cfg)
+
+    def _capture(self):
+        # warm up (cuBLAS workspaces, compiled kernels) on copies of the state and caches, so the real search is
+        # untouched; then capture on the real tensors (capture records the kernels without running them)
+        from .modules import KVCache
+
+        spare_st = self.st.clone()
+        spare = [KVCache(c.k.clone(), c.v.clone()) for c in self.dec.caches]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._call(spare_st, spare)
+        torch.cuda.current_stream().wait_stream(stream)
+        del spare_st, spare
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._call(self.st, self.dec.caches)
+        return graph
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._call(self.st, self.dec.caches)
+
+
+def run_search(dec, prompt_BP: torch.Tensor, cfg: GenerationConfig, dtype: torch.dtype, *,
+               compile: bool | str = False, cuda_graph: bool = False) -> GenerationOutput:
+    """Greedy (num_beams 1) or beam search. The host learns whether the search is over every cfg.sync_every
+    steps (one read of `stopped`); the steps in between read nothing, and those after the end change nothing."""
+    st = SearchState.start(prompt_BP, cfg, dtype)
+    B, K, T = st.seqs.shape
+    P = st.prompt_len
+    if isinstance(dec, FullDecoder):  # the published path: host-driven shapes, so it looks after every step
+        for cur in range(P, T):
+            search_step(log_probs(dec.logits(st.seqs.view(B * K, T)[:, :cur])), st, cfg)
+            if bool(st.stopped):
+                break
+        return st.output()
+    dec.prefill(st.seqs.view(B * K, T)[:, :P])
+    step = StepRunner(dec, st, cfg, compile=compile, cuda_graph=cuda_graph)
+    for i in range(1, cfg.max_new_tokens + 1):
+        step()
+        if i % cfg.sync_every == 0 and i < cfg.max_new_tokens and bool(st.stopped):
             break
-    tokens = [seqs[b, P:P + int(lengths[b])].tolist() for b in range(B)]
-    return GenerationOutput(tokens=tokens, scores=score, steps=steps)
-
-
-def beam_search(dec, prompt_BP: torch.Tensor, cfg: GenerationConfig) -> GenerationOutput:
-    B, P = prompt_BP.shape
-    K, dev = cfg.num_beams, prompt_BP.device
-    T = P + cfg.max_new_tokens
-    seqs = torch.full((B, K, T), cfg.pad_id, dtype=torch.long, device=dev)
-    seqs[:, :, :P] = prompt_BP[:, None]
-    fin_seqs = seqs.clone()
-    fin_len = torch.zeros(B, K, dtype=torch.long, device=dev)
-    fin_done = torch.zeros(B, K, dtype=torch.bool, device=dev)
-    run_scores = fin_scores = None
-    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)  # transformers' early-stop heuristic
-    top_k_mask = torch.arange(2 * K, device=dev) < K
-    row_offset = torch.arange(B, device=dev)[:, None] * K
-    steps = 0
-    for cur in range(P, T):
-        logp = _log_probs(dec, seqs.view(B * K, T)[:, :cur], P, T, cfg)
-        steps += 1
-        V = logp.shape[-1]
-        if run_scores is None:
-            run_scores = torch.zeros(B, K, dtype=logp.dtype, device=dev)
-            run_scores[:, 1:] = NEG
-            fin_scores = torch.full((B, K), NEG, dtype=logp.dtype, device=dev)
-        cand = (logp.view(B, K, V) + run_scores[..., None]).view(B, K * V)
-        top_scores, top_idx = cand.topk(2 * K, dim=1)
-        src_beam, tok = top_idx // V, top_idx % V
-        last = cur + 1 == T
-        hits = (tok == cfg.eos_id) | last
-        cand_seqs = seqs.gather(1, src_beam[..., None].expand(B, 2 * K, T)).clone()
-        cand_seqs[:, :, cur] = tok
-        # finished hypotheses: eos among the top K, while the item is open and can still improve
-        finished = hits & top_k_mask
-        full = fin_done.all(1, keepdim=True) & bool(cfg.early_stopping is True)
-        fin_cand = top_scores / float(cur + 1 - P) ** cfg.length_penalty
-        fin_cand = fin_cand + (full | ~improvable | ~finished).to(fin_cand.dtype) * NEG
-        merged = torch.cat([fin_scores, fin_cand], dim=1)
-        keep = merged.topk(K, dim=1).indices
-        fin_scores = merged.gather(1, keep)
-        fin_seqs = torch.cat([fin_seqs, cand_seqs], 1).gather(1, keep[..., None].expand(B, K, T))
-        fin_len = torch.cat([fin_len, torch.full_like(tok, cur + 1 - P)], 1).gather(1, keep)
-        fin_done = torch.cat([fin_done, finished], 1).gather(1, keep)
-        # running beams: the best K continuations that did not finish
-        running = top_scores + hits.to(top_scores.dtype) * NEG
-        sel = running.topk(K, dim=1).indices
-        run_scores = running.gather(1, sel)
-        seqs = cand_seqs.gather(1, sel[..., None].expand(B, K, T))
-        if last:
-            break
-        dec.reorder((src_beam.gather(1, sel) + row_offset).view(-1))
-        hyp_len = float(cur + 1 - P)
-        worst = torch.where(fin_done, fin_scores.min(1, keepdim=True).values, torch.full_like(fin_scores, NEG))
-        improvable = improvable & (run_scores[:, :1] / hyp_len ** cfg.length_penalty > worst).any(1, keepdim=True)
-        if not bool(improvable.any()) or (cfg.early_stopping is True and bool(fin_done.all())):
-            break
-    tokens = [fin_seqs[b, 0, P:P + int(fin_len[b, 0])].tolist() for b in range(B)]
-    return GenerationOutput(tokens=tokens, scores=fin_scores[:, 0], steps=steps)
+    return st.output()
 
 
 # ---- the entry points ------------------------------------------------------------------------------------
@@ -295,11 +448,14 @@ def _decoder_prompt(prompt, B: int, cfg: GenerationConfig, device) -> torch.Tens
 @torch.no_grad()
 def generate(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask=None, *,
              decoder_prompt: Sequence[int] | None = None, config: GenerationConfig | None = None,
-             cache: bool = True, cuda_graph: bool = False, compile: bool = False) -> GenerationOutput:
+             cache: bool = True, cuda_graph: bool = False, compile: bool | str = False) -> GenerationOutput:
     """Beam search (num_beams > 1) or greedy search for a padded batch of images + encoder prompts.
 
     `decoder_prompt`: ids shared by the batch, default [start] = [1]; for a caption prefix
     [1, 2, *prefix ids] (what generated text then continues). `cache=False` runs the full-recompute path.
+    `compile`: torch.compile the whole cached step (decoder + search, decode_search_step) with inductor, or with
+    the torch.compile backend named (e.g. "aot_eager"); `cuda_graph` (CUDA): capture that step in one CUDA graph
+    and replay it. Both only apply with cache=True; the tokens are the eager step's.
     """
     cfg = (config or GenerationConfig.for_model(model.cfg)).validate()
     if pixel_values.shape[0] == 0 or input_ids.shape[0] == 0:
@@ -312,12 +468,11 @@ def generate(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attenti
     max_len = prompt.shape[1] + cfg.max_new_tokens
     K = cfg.num_beams
     if cache:
-        dec = CachedDecoder(model, enc, enc_layout, K, max_len, cuda_graph=cuda_graph, compile=compile)
+        dec = CachedDecoder(model, enc, enc_layout, K, max_len)
     else:
         dec = FullDecoder(model, enc, enc_layout, K)
-    if K == 1:
-        return greedy_search(dec, prompt, cfg)
-    return beam_search(dec, prompt, cfg)
+    dtype = torch.promote_types(model.decoder.embed_tokens.weight.dtype, torch.float32)  # the log-probs' dtype
+    return run_search(dec, prompt, cfg, dtype, compile=compile if cache else False, cuda_graph=cuda_graph and cache)
 
 
 @dataclass
@@ -383,8 +538,9 @@ class Pipeline:
     """A loaded model with its tokenizers: text in, text out."""
 
     def __init__(self, model, enc_tok, dec_tok, *, device=None, config: GenerationConfig | None = None,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, compile: bool = False):
         self.model, self.enc_tok, self.dec_tok = model, enc_tok, dec_tok
+        self.compile = compile
         self.device = device or next(model.parameters()).device
         self.config = config or GenerationConfig.for_model(model.cfg)
         self.cuda_graph = cuda_graph
@@ -416,7 +572,7 @@ class Pipeline:
             rs = [requests[i] for i in idx]
             pixels, ids, mask = self._inputs([r.image for r in rs], [prompt_for(r.task, r.lang, r.src) for r in rs])
             out = generate(self.model, pixels, ids, mask, decoder_prompt=dprompt, config=self.config,
-                           cuda_graph=self.cuda_graph)
+                           cuda_graph=self.cuda_graph, compile=self.compile)
             for j, i in enumerate(idx):
                 r = requests[i]
                 text = self.dec_tok.decode(list(dprompt[1:]) + out.tokens[j])
@@ -452,7 +608,7 @@ class Pipeline:
 
 
 def load_pipeline(ckpt, *, tokenizers=None, preset: str | None = None, device="cpu", dtype=None,
-                  config: GenerationConfig | None = None, cuda_graph: bool = False) -> Pipeline:
+                  config: GenerationConfig | None = None, cuda_graph: bool = False, compile: bool = False) -> Pipeline:
     """A checkpoint directory (config.json + safetensors: this engine's layout or a released checkpoint's, see
     convert.load_pretrained) and its tokenizers (DIR with encoder/ and decoder/; default: CKPT/tokenizers, then
     CKPT/../tokenizers). `preset`, if given, must be the checkpoint's (a guard against pointing at the wrong
@@ -487,7 +643,8 @@ def load_pipeline(ckpt, *, tokenizers=None, preset: str | None = None, device="c
     dec_tok = load_decoder_tokenizer(tokenizers / "decoder")
     if model is None:
         model = load_pretrained(ckpt, dtype=dtype, device=device, config=cfg)
-    return Pipeline(model, enc_tok, dec_tok, device=torch.device(device), config=config, cuda_graph=cuda_graph)
+    return Pipeline(model, enc_tok, dec_tok, device=torch.device(device), config=config, cuda_graph=cuda_graph,
+                    compile=compile)
 
 
 # ---- command line: requests in, result rows out -----------------------------------------------------------
@@ -742,7 +899,8 @@ class GenerateConfig:
     no_repeat_ngram_size: int = 3
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: str | None = None  # float32 | bfloat16 | float16 (default: the checkpoint's)
-    cuda_graph: bool = False  # capture the decode step in a CUDA graph
+    cuda_graph: bool = False  # capture the decode step in a CUDA graph (decoder and search: one graph)
+    compile: bool = False  # torch.compile the decode step (decoder + search): the CPU fast path (~1 min to build)
 
     def validate(self) -> "GenerateConfig":
         if (self.image is None) == (self.batch is None):
@@ -775,7 +933,7 @@ def run_cli(cfg: GenerateConfig) -> int:
         dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = load_pipeline(cfg.ckpt, tokenizers=cfg.tokenizers, preset=cfg.preset, device=device,
-                             dtype=dtype, cuda_graph=cfg.cuda_graph)
+                             dtype=dtype, cuda_graph=cfg.cuda_graph, compile=cfg.compile)
         pipe.config = replace(pipe.config, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
                               no_repeat_ngram_size=cfg.no_repeat_ngram_size).validate()
     except (ValueError, KeyError) as exc:

@@ -22,6 +22,12 @@ N = images x beams sequences, S encoder tokens.
     the fused decode-step prologue: RoPE (rotate-half, angle = fp32(position) * inv_freq, the model's Rotary
     buffer) on the new q and k at positions p_i = len - Lq + i, and rotated k / plain v written into slot p_i % C
     of the caches (in place).
+  reorder_rows_(tensors [(N, ...)], index (N,) int64) -> None
+    every tensor's row n becomes its row index[n], in place (the beam reorder of the KV caches: the buffers keep
+    their addresses, as a CUDA graph needs). One opaque op (florenz::reorder_rows_) rather than
+    `t.copy_(t.index_select(0, index))` in the traced step: inductor (torch 2.14, CPU) fused that gather-and-write-
+    back with the decode step's cache append into a kernel that read rows it had already overwritten, and beam
+    search under torch.compile chose other tokens (tests/test_search_device.py::test_inductor_step_equals_eager).
   cached_attention(q (N, H, 1, D), k_cache, v_cache (N, Hk, C, D), pos 0-dim int64, scale, softcap, dropout_p)
     -> (N, H, 1, D): one generation step of self-attention over a static KV cache (florenz_fast.modules.KVCache)
     whose slots 0..min(pos, C - 1) are written (a ring buffer of C = W slots is a window of W): non-causal over
@@ -129,8 +135,26 @@ def rope_kv_append_reference(q, k, v, k_cache, v_cache, cache_lens, inv_freq) ->
     return q_rot
 
 
+def _grouped_decode_attention(q, k_cache, v_cache, pos, *, scale, softcap):
+    """cached_attention's math without ops.attention's GQA copies: the G = H / Hk query heads of a KV head are G
+    query rows against that head's cache ((N, Hk, G, D) @ (N, Hk, D, C)), so the (N, H, C, D) repeat of both caches
+    (2 copies per layer per step) is never built. Slot s is visible iff s <= pos (every row sees slot 0)."""
+    N, H, _, D = q.shape
+    Hk, C = k_cache.shape[1], k_cache.shape[2]
+    q_NKGD = q.reshape(N, Hk, H // Hk, D)
+    scores = torch.matmul(q_NKGD, k_cache.transpose(-1, -2)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(torch.arange(C, device=pos.device) > pos, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
+    return torch.matmul(probs, v_cache).view(N, H, 1, D)
+
+
 def _cached_attention_torch(q, k_cache, v_cache, pos, *, scale, softcap, dropout_p, backend):
     N, C = q.shape[0], k_cache.shape[2]
+    # a chain whose attention is the reference (torch, or ext, which has no ops.attention): the copy-free math
+    if not dropout_p and set((backend or get_backend()).split("+")) <= {"torch", "ext"}:
+        return _grouped_decode_attention(q, k_cache, v_cache, pos, scale=scale, softcap=softcap)
     valid = (torch.arange(C, device=pos.device) <= pos).expand(N, C)
     return attention(q, k_cache, v_cache, key_padding_mask=valid, causal=False, scale=scale, softcap=softcap,
                      dropout_p=dropout_p, backend=backend)
@@ -172,6 +196,21 @@ register_backend("ext", _decode_attention_ext, op="decode_attention")
 register_backend("ext", _cross_decode_attention_ext, op="cross_decode_attention")
 register_backend("ext", _rope_kv_append_ext, op="rope_kv_append")
 register_backend("ext", _cached_attention_ext, op="cached_attention")
+
+
+# ---- the beam reorder ------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("florenz::reorder_rows_", mutates_args=("tensors",))
+def reorder_rows_(tensors: list[torch.Tensor], index: torch.Tensor) -> None:
+    """Row n of every tensor takes its row index[n], in place (see the module doc)."""
+    for t in tensors:
+        t.copy_(t.index_select(0, index))
+
+
+@reorder_rows_.register_fake
+def _(tensors, index):
+    return None
 
 
 # ---- the API -------------------------------------------------------------------------------------------------
