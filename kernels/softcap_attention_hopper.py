@@ -464,6 +464,23 @@ _CPU = {"fwd": HopperConfig(32, 16, 4, 1), "bwd": HopperConfig(16, 32, 4, 1)}
 # dots (FMA) every tile tried spilled 1.8-5 KiB (16 x 16 included): fp32 on the GPU stays on the default kernels.
 CONFIGS: dict[str, dict[int, dict[int, list[HopperConfig]]]] = {
     "fwd": {
+        64: {2: [
+            # 2 CTAs / SM (4 warps each): acc 128 x 64 fp32 / 128 threads = 64 regs, S 128 x 64 = 64, P 32, ~30:
+            # <= 224 (measured 187; 2 x 128 x 224 = 57344 <= 65536). Shared: Q 128 x 64 x 2 = 16 KiB + 3 stages x
+            # (K + V 64 x 64 x 2 x 2 = 16 KiB) = 64 KiB = 65536 B (measured 66560; 2 CTAs: 130 KiB <= 228 KiB).
+            HopperConfig(128, 64, 4, 3, ctas_per_sm=2, registers=224, shared=65536 + 2048),
+            # acc 128 x 64 / 256 = 32, S 128 x 128 = 64, P 32, ~30: <= 192 (measured 160). Shared: Q 16 KiB +
+            # 2 x (K + V 128 x 64 x 2 x 2 = 32 KiB) = 80 KiB = 81920 B (measured 82944).
+            HopperConfig(128, 128, 8, 2, registers=192, shared=81920 + 2048),
+        ]},
+        128: {2: [
+            # acc 128 x 128 / 256 = 64, S 128 x 64 = 32, P 16, ~40: <= 176 (measured 154). Shared: Q 128 x 128 x 2
+            # = 32 KiB + 2 x (K + V 64 x 128 x 2 x 2 = 32 KiB) = 96 KiB = 98304 B (measured 98336).
+            HopperConfig(128, 64, 8, 2, registers=176, shared=98304 + 2048),
+            # acc 64 + S 128 x 128 = 64 + P 32, ~30: <= 208 (measured 188). Shared: Q 32 KiB + 2 x (K + V
+            # 128 x 128 x 2 x 2 = 64 KiB) = 160 KiB = 163840 B (measured 164864).
+            HopperConfig(128, 128, 8, 2, registers=208, shared=163840 + 2048),
+        ]},
         256: {2: [
             # acc 128 x 256 fp32 / 256 threads = 128 regs, S 128 x 64 fp32 = 32, P 16-bit = 16, row stats and
             # addresses ~30: <= 255 (measured 235). Shared: Q 128 x 256 x 2 = 64 KiB + 2 stages x (K + V
@@ -475,6 +492,24 @@ CONFIGS: dict[str, dict[int, dict[int, list[HopperConfig]]]] = {
         ]},
     },
     "bwd": {
+        # (BLOCK_M query rows per step, BLOCK_N keys per program, warps, stages)
+        64: {2: [
+            # dK + dV 128 x 64 x 2 fp32 / 256 threads = 64 regs, dQ^T part 64 x 32 = 8, score tiles 128 x 32 fp32
+            # (S^T, dP^T, P^T, dS^T) 4 x 16 = 64, addresses / masks ~60: <= 224 (measured 201). Shared: K, V
+            # 2 stages x (128 x 64 x 2 x 2 = 32 KiB) = 64 KiB, Q, dO 2 x (32 x 64 x 2 x 2 = 8 KiB) = 16 KiB, dQ tile
+            # 32 x 64 x 4 = 8 KiB, dS^T 128 x 32 x 2 = 8 KiB: 96 KiB = 98304 B (measured 98576).
+            HopperConfig(32, 128, 8, 2, registers=224, shared=98304 + 2048),
+            # dK + dV 64, dQ^T 64 x 64 = 16, score tiles 128 x 64: 4 x 32 = 128, ~50: <= 255 (measured 250).
+            # Shared: K, V 64 KiB, Q, dO 2 x 16 KiB = 32 KiB, dQ tile 16 KiB, dS^T 16 KiB: 128 KiB = 131072 B.
+            HopperConfig(64, 128, 8, 2, registers=255, shared=131072 + 2048),
+        ]},
+        128: {2: [
+            # dK + dV 64 x 128 x 2 fp32 / 256 = 64 regs, dQ^T 128 x 32 = 16, score tiles 64 x 32: 4 x 8 = 32,
+            # A operands ~8, ~60: <= 224 (measured 210). Shared: K, V 2 x (64 x 128 x 2 x 2 = 32 KiB) = 64 KiB, Q, dO
+            # 2 x (32 x 128 x 2 x 2 = 16 KiB) = 32 KiB, dQ tile 32 x 128 x 4 = 16 KiB, dS^T 4 KiB: 116 KiB = 118784 B
+            # (measured 119056). (64, 64, 8, 2) and (32, 128, 8, 2) spill 8 B.
+            HopperConfig(32, 64, 8, 2, registers=224, shared=118784 + 2048),
+        ]},
         256: {2: [
             # dK + dV 64 x 256 x 2 fp32 / 256 threads = 128 regs, dQ^T part 256 x 16 fp32 = 16, score tiles
             # 64 x 16 fp32 (S^T, dP^T, P^T, dS^T) 4 x 4 = 16, the 16-bit A operands ~8, addresses / masks ~60:
