@@ -119,16 +119,20 @@ def _hscores(qk, s_scale, tanh_in, s_cap, SOFTCAP: tl.constexpr, TANH: tl.conste
 
 @triton.jit
 def _desc2(base, rows, stride_row, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # one (segment, head) slab: rows past `rows` and columns past HEAD_DIM read as zeros, stores there are dropped
-    return tl.make_tensor_descriptor(base, shape=[rows, HEAD_DIM], strides=[stride_row, 1],
+    # one (segment, head) slab: rows past `rows` and columns past HEAD_DIM read as zeros, stores there are dropped.
+    # An empty segment (rows = 0: zero-length padding segments, a query segment whose key segment is empty) gets
+    # one row, as a tensor map has no zero-size dims: its loop ranges are empty, so nothing is read or written.
+    return tl.make_tensor_descriptor(base, shape=[tl.maximum(rows, 1), HEAD_DIM], strides=[stride_row, 1],
                                      block_shape=[BLOCK_R, BLOCK_D])
 
 
 @triton.jit
 def _desc3(base, heads, rows, stride_head, stride_row, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
            BLOCK_D: tl.constexpr):
-    # the G query heads of one kv head (backward): one descriptor instead of one per head and loop step
-    return tl.make_tensor_descriptor(base, shape=[heads, rows, HEAD_DIM], strides=[stride_head, stride_row, 1],
+    # the G query heads of one kv head (backward): one descriptor instead of one per head and loop step (rows >= 1
+    # as in _desc2)
+    return tl.make_tensor_descriptor(base, shape=[heads, tl.maximum(rows, 1), HEAD_DIM],
+                                     strides=[stride_head, stride_row, 1],
                                      block_shape=[1, BLOCK_R, BLOCK_D])
 
 
@@ -264,13 +268,13 @@ def _hopper_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KPM,
 
 
 @triton.jit
-def _bwd_loop(dk, dv, k_src, v_src, start_n, q_src, do_src, dq_src, lse_base, delta_base, kpm_base, stride_qh,
-              stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm, stride_lh, lo, hi, GROUPS, offs_n, offs_m0, L,
-              off, window, s_scale, tanh_in, s_cap, dq_scale,
+def _bwd_loop(dk, dv, k_src, v_src, stride_kn, stride_vn, start_n, q_src, do_src, dq_src, lse_base, delta_base,
+              kpm_base, stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm, stride_lh, lo, hi, GROUPS,
+              offs_n, offs_m0, L, off, window, s_scale, tanh_in, s_cap, dq_scale,
               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
               SOFTCAP: tl.constexpr, TANH: tl.constexpr, USE_TMA: tl.constexpr, COMPUTE_DQ: tl.constexpr,
               DQ_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     kp = None
     if MASKED and HAS_KPM:
         kp = tl.load(kpm_base + offs_n, mask=offs_n < L + off, other=0)
@@ -295,12 +299,8 @@ def _bwd_loop(dk, dv, k_src, v_src, start_n, q_src, do_src, dq_src, lse_base, de
         # per step (L2-resident), so they are always an smem operand: loaded once before the loop, Triton kept
         # them in registers as the A operand, replicated across the two warpgroups that split N (255 registers and
         # 400-1100 B of spills at every D = 256 tile tried; static report).
-        if USE_TMA:
-            k = k_src.load([start_n, 0])
-            v = v_src.load([start_n, 0])
-        else:
-            k = k_src
-            v = v_src
+        k = _tile(k_src, start_n, L + off, stride_kn, USE_TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
+        v = _tile(v_src, start_n, L + off, stride_vn, USE_TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
         sT, tT = _hscores(qkT, s_scale, tanh_in, s_cap, SOFTCAP, TANH)
         pT = _exp(sT - lse2[None, :], DOT_PREC == "ieee")
@@ -368,8 +368,8 @@ def _hopper_bwd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, CU_Q, CU_K, KPM,
         q_src = _desc3(q_base, GROUPS, L, stride_qh, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D)
         do_src = _desc3(do_base, GROUPS, L, stride_doh, stride_dom, HEAD_DIM, BLOCK_M, BLOCK_D)
     else:
-        k_src = _tile(k_base, start_n, S, stride_kn, False, HEAD_DIM, BLOCK_N, BLOCK_D)  # the tiles themselves
-        v_src = _tile(v_base, start_n, S, stride_vn, False, HEAD_DIM, BLOCK_N, BLOCK_D)
+        k_src = k_base
+        v_src = v_base
         q_src = q_base
         do_src = do_base
     if DQ_TMA:
@@ -402,22 +402,22 @@ def _hopper_bwd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, CU_Q, CU_K, KPM,
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if IS_CAUSAL:  # the masked diagonal
-        dk, dv = _bwd_loop(dk, dv, k_src, v_src, start_n, q_src, do_src, dq_src, lse_base, delta_base,
-                           kpm_base, stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm, stride_lh,
-                           lo, full_lo, GROUPS, offs_n, offs_m0, L, off, window, s_scale, tanh_in, s_cap, scale,
-                           True, IS_CAUSAL, HAS_WINDOW, HAS_KPM, SOFTCAP, TANH, USE_TMA, COMPUTE_DQ, DQ_TMA,
-                           HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+        dk, dv = _bwd_loop(dk, dv, k_src, v_src, stride_kn, stride_vn, start_n, q_src, do_src, dq_src, lse_base,
+                           delta_base, kpm_base, stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
+                           stride_lh, lo, full_lo, GROUPS, offs_n, offs_m0, L, off, window, s_scale, tanh_in, s_cap,
+                           scale, True, IS_CAUSAL, HAS_WINDOW, HAS_KPM, SOFTCAP, TANH, USE_TMA, COMPUTE_DQ, DQ_TMA,
+                           HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PREC)
     # the unmasked interior, then the masked window edge / tail
-    dk, dv = _bwd_loop(dk, dv, k_src, v_src, start_n, q_src, do_src, dq_src, lse_base, delta_base,
-                       kpm_base, stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm, stride_lh,
-                       full_lo, full_hi, GROUPS, offs_n, offs_m0, L, off, window, s_scale, tanh_in, s_cap, scale,
-                       False, IS_CAUSAL, HAS_WINDOW, HAS_KPM, SOFTCAP, TANH, USE_TMA, COMPUTE_DQ, DQ_TMA,
-                       HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
-    dk, dv = _bwd_loop(dk, dv, k_src, v_src, start_n, q_src, do_src, dq_src, lse_base, delta_base,
-                       kpm_base, stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm, stride_lh,
-                       full_hi, hi, GROUPS, offs_n, offs_m0, L, off, window, s_scale, tanh_in, s_cap, scale,
-                       True, IS_CAUSAL, HAS_WINDOW, HAS_KPM, SOFTCAP, TANH, USE_TMA, COMPUTE_DQ, DQ_TMA,
-                       HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+    dk, dv = _bwd_loop(dk, dv, k_src, v_src, stride_kn, stride_vn, start_n, q_src, do_src, dq_src, lse_base,
+                       delta_base, kpm_base, stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
+                       stride_lh, full_lo, full_hi, GROUPS, offs_n, offs_m0, L, off, window, s_scale, tanh_in, s_cap,
+                       scale, False, IS_CAUSAL, HAS_WINDOW, HAS_KPM, SOFTCAP, TANH, USE_TMA, COMPUTE_DQ, DQ_TMA,
+                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PREC)
+    dk, dv = _bwd_loop(dk, dv, k_src, v_src, stride_kn, stride_vn, start_n, q_src, do_src, dq_src, lse_base,
+                       delta_base, kpm_base, stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
+                       stride_lh, full_hi, hi, GROUPS, offs_n, offs_m0, L, off, window, s_scale, tanh_in, s_cap,
+                       scale, True, IS_CAUSAL, HAS_WINDOW, HAS_KPM, SOFTCAP, TANH, USE_TMA, COMPUTE_DQ, DQ_TMA,
+                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PREC)
     dk = (dk * scale).to(DK.dtype.element_ty)
     dv = dv.to(DV.dtype.element_ty)
     if USE_TMA:
@@ -436,16 +436,16 @@ def _hopper_bwd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, CU_Q, CU_K, KPM,
 @dataclass(frozen=True)
 class HopperConfig:
     """One autotune candidate and the occupancy it claims. The static tests (tests/test_softcap_attention_hopper.py)
-    compile it for sm_90 and hold the cubin to: HGMMA present (16-bit), no spills, registers <= `registers` and
-    registers x threads x ctas_per_sm <= 65536 (the SM's register file), shared <= `shared` and
-    shared x ctas_per_sm <= 233472 (228 KiB per SM; 227 KiB per block)."""
+    compile it for sm_90 and hold the cubin to: HGMMA present, no spills, registers <= `registers` and
+    registers x threads x ctas_per_sm <= 65536 (the SM's register file), shared <= `shared` (the budget in the
+    comment next to the config) and shared x ctas_per_sm <= 233472 (228 KiB per SM; 227 KiB per block)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     ctas_per_sm: int = 1
-    registers: int = 255  # expected registers / thread (the budget, not the measurement)
+    registers: int = 255  # registers / thread the occupancy allows (255 = the per-thread maximum, see CONFIGS)
     shared: int = 232448  # expected shared bytes / block
 
     def triton(self) -> triton.Config:
@@ -458,70 +458,72 @@ _CPU = {"fwd": HopperConfig(32, 16, 4, 1), "bwd": HopperConfig(16, 32, 4, 1)}
 
 # kind -> D class (block_d 64 / 128 / 256) -> element bytes (2 = fp16/bf16) -> candidates, best guess first.
 # Budget arithmetic per config: registers from the fp32 accumulators and score tiles spread over the threads
-# (32 x num_warps), shared from the TMA tiles times the pipeline stages (2 B per 16-bit element, 4 per fp32).
-# 1 CTA / SM claims registers <= 255 (256 threads x 255 = 65280 <= 65536) and shared <= 227 KiB; 2 CTAs / SM
-# claim registers x threads <= 32768 and shared <= 114 KiB each. fp32 has no Hopper configs: with exact fp32
-# dots (FMA) every tile tried spilled 1.8-5 KiB (16 x 16 included): fp32 on the GPU stays on the default kernels.
+# (32 x num_warps), shared memory from the TMA tiles times the pipeline stages (2 B per 16-bit element, 4 per fp32).
+# Occupancy claims: 1 CTA / SM of 256 threads needs <= 255 registers (256 x 255 = 65280 <= 65536) and <= 227 KiB
+# of shared memory; 2 CTAs / SM of 128 threads need <= 255 registers (2 x 128 x 256 = 65536) and <= 114 KiB each.
+# "measured": the sm_90 cubins of the static test, bf16 causal + window / the range over its variants (varlen,
+# key padding, packed cross, fp16's exp2 tanh, the backward's deterministic and pointer-atomic dQ, the pointer
+# loads at D <= 128). fp32 has no Hopper configs: with exact fp32 dots (FMA) every tile tried spilled 1.8-9 KiB
+# (16 x 16 included), so fp32 on the GPU stays on the default kernels.
 CONFIGS: dict[str, dict[int, dict[int, list[HopperConfig]]]] = {
-    "fwd": {
+    "fwd": {  # (BLOCK_M queries per program, BLOCK_N keys per step, warps, stages)
         64: {2: [
-            # 2 CTAs / SM (4 warps each): acc 128 x 64 fp32 / 128 threads = 64 regs, S 128 x 64 = 64, P 32, ~30:
-            # <= 224 (measured 187; 2 x 128 x 224 = 57344 <= 65536). Shared: Q 128 x 64 x 2 = 16 KiB + 3 stages x
-            # (K + V 64 x 64 x 2 x 2 = 16 KiB) = 64 KiB = 65536 B (measured 66560; 2 CTAs: 130 KiB <= 228 KiB).
-            HopperConfig(128, 64, 4, 3, ctas_per_sm=2, registers=224, shared=65536 + 2048),
-            # acc 128 x 64 / 256 = 32, S 128 x 128 = 64, P 32, ~30: <= 192 (measured 160). Shared: Q 16 KiB +
-            # 2 x (K + V 128 x 64 x 2 x 2 = 32 KiB) = 80 KiB = 81920 B (measured 82944).
-            HopperConfig(128, 128, 8, 2, registers=192, shared=81920 + 2048),
+            # 2 CTAs / SM (4 warps each): acc 128 x 64 fp32 / 128 threads = 64 regs, S 128 x 64 = 64, P 32, row stats
+            # and addresses ~30: ~190 (measured 187 / 187-255). Shared: Q 128 x 64 x 2 = 16 KiB + 3 stages x (K + V
+            # 64 x 64 x 2 x 2 = 16 KiB) = 64 KiB = 65536 B (measured 66560; 2 CTAs: 130 KiB <= 228 KiB).
+            HopperConfig(128, 64, 4, 3, ctas_per_sm=2, shared=65536 + 2048),
+            # acc 128 x 64 / 256 = 32, S 128 x 128 = 64, P 32, ~30: ~160 (measured 160 / 159-218). Shared: Q 16 KiB
+            # + 2 x (K + V 128 x 64 x 2 x 2 = 32 KiB) = 80 KiB = 81920 B (measured 82944).
+            HopperConfig(128, 128, 8, 2, shared=81920 + 2048),
         ]},
         128: {2: [
-            # acc 128 x 128 / 256 = 64, S 128 x 64 = 32, P 16, ~40: <= 176 (measured 154). Shared: Q 128 x 128 x 2
-            # = 32 KiB + 2 x (K + V 64 x 128 x 2 x 2 = 32 KiB) = 96 KiB = 98304 B (measured 98336).
-            HopperConfig(128, 64, 8, 2, registers=176, shared=98304 + 2048),
-            # acc 64 + S 128 x 128 = 64 + P 32, ~30: <= 208 (measured 188). Shared: Q 32 KiB + 2 x (K + V
+            # acc 128 x 128 / 256 = 64, S 128 x 64 = 32, P 16, ~40: ~150 (measured 154 / 153-252). Shared: Q
+            # 128 x 128 x 2 = 32 KiB + 2 x (K + V 64 x 128 x 2 x 2 = 32 KiB) = 96 KiB = 98304 B (measured 98336).
+            HopperConfig(128, 64, 8, 2, shared=98304 + 2048),
+            # acc 64 + S 128 x 128 = 64 + P 32, ~30: ~190 (measured 188 / 188-255). Shared: Q 32 KiB + 2 x (K + V
             # 128 x 128 x 2 x 2 = 64 KiB) = 160 KiB = 163840 B (measured 164864).
-            HopperConfig(128, 128, 8, 2, registers=208, shared=163840 + 2048),
+            HopperConfig(128, 128, 8, 2, shared=163840 + 2048),
         ]},
         256: {2: [
-            # acc 128 x 256 fp32 / 256 threads = 128 regs, S 128 x 64 fp32 = 32, P 16-bit = 16, row stats and
-            # addresses ~30: <= 255 (measured 235). Shared: Q 128 x 256 x 2 = 64 KiB + 2 stages x (K + V
-            # 64 x 256 x 2 x 2 = 64 KiB) = 192 KiB = 196608 B + barriers (measured 196640).
-            HopperConfig(128, 64, 8, 2, registers=255, shared=196608 + 1024),
-            # acc 128 + S 128 x 32 = 16 + P 8 + ~30: <= 200 (measured 211 -> budget 224). Shared: Q 64 KiB +
-            # 3 stages x (K + V 32 x 256 x 2 x 2 = 32 KiB) = 160 KiB = 163840 B (measured 163896).
-            HopperConfig(128, 32, 8, 3, registers=224, shared=163840 + 1024),
+            # acc 128 x 256 fp32 / 256 threads = 128 regs, S 128 x 64 fp32 = 32, P 16-bit = 16, ~40: ~215 (measured
+            # 235 / 231-251). Shared: Q 128 x 256 x 2 = 64 KiB + 2 stages x (K + V 64 x 256 x 2 x 2 = 64 KiB)
+            # = 192 KiB = 196608 B (measured 196640). 3 stages: 263168 B, over 227 KiB.
+            HopperConfig(128, 64, 8, 2, shared=196608 + 1024),
+            # acc 128 + S 128 x 32 = 16 + P 8, ~40: ~190 (measured 211 / 202-222). Shared: Q 64 KiB + 3 stages x
+            # (K + V 32 x 256 x 2 x 2 = 32 KiB) = 160 KiB = 163840 B (measured 163896).
+            HopperConfig(128, 32, 8, 3, shared=163840 + 1024),
         ]},
     },
-    "bwd": {
-        # (BLOCK_M query rows per step, BLOCK_N keys per program, warps, stages)
+    "bwd": {  # (BLOCK_M queries per step, BLOCK_N keys per program, warps, stages)
         64: {2: [
             # dK + dV 128 x 64 x 2 fp32 / 256 threads = 64 regs, dQ^T part 64 x 32 = 8, score tiles 128 x 32 fp32
-            # (S^T, dP^T, P^T, dS^T) 4 x 16 = 64, addresses / masks ~60: <= 224 (measured 201). Shared: K, V
-            # 2 stages x (128 x 64 x 2 x 2 = 32 KiB) = 64 KiB, Q, dO 2 x (32 x 64 x 2 x 2 = 8 KiB) = 16 KiB, dQ tile
-            # 32 x 64 x 4 = 8 KiB, dS^T 128 x 32 x 2 = 8 KiB: 96 KiB = 98304 B (measured 98576).
-            HopperConfig(32, 128, 8, 2, registers=224, shared=98304 + 2048),
-            # dK + dV 64, dQ^T 64 x 64 = 16, score tiles 128 x 64: 4 x 32 = 128, ~50: <= 255 (measured 250).
+            # (S^T, dP^T, P^T, dS^T) 4 x 16 = 64, addresses / masks ~60: ~200 (measured 201 / 169-230). Shared: K, V
+            # 2 stages x (128 x 64 x 2 x 2 = 32 KiB) = 64 KiB, Q, dO 2 x (32 x 64 x 2 x 2 = 8 KiB) = 16 KiB, the dQ
+            # tile for the TMA reduce 32 x 64 x 4 = 8 KiB, dS^T 128 x 32 x 2 = 8 KiB: 96 KiB = 98304 B (measured 98576).
+            HopperConfig(32, 128, 8, 2, shared=98304 + 2048),
+            # dK + dV 64, dQ^T 64 x 64 = 16, score tiles 128 x 64: 4 x 32 = 128, ~50: ~255 (measured 250 / 239-255).
             # Shared: K, V 64 KiB, Q, dO 2 x 16 KiB = 32 KiB, dQ tile 16 KiB, dS^T 16 KiB: 128 KiB = 131072 B.
-            HopperConfig(64, 128, 8, 2, registers=255, shared=131072 + 2048),
+            HopperConfig(64, 128, 8, 2, shared=131072 + 2048),
         ]},
         128: {2: [
-            # dK + dV 64 x 128 x 2 fp32 / 256 = 64 regs, dQ^T 128 x 32 = 16, score tiles 64 x 32: 4 x 8 = 32,
-            # A operands ~8, ~60: <= 224 (measured 210). Shared: K, V 2 x (64 x 128 x 2 x 2 = 32 KiB) = 64 KiB, Q, dO
-            # 2 x (32 x 128 x 2 x 2 = 16 KiB) = 32 KiB, dQ tile 32 x 128 x 4 = 16 KiB, dS^T 4 KiB: 116 KiB = 118784 B
-            # (measured 119056). (64, 64, 8, 2) and (32, 128, 8, 2) spill 8 B.
-            HopperConfig(32, 64, 8, 2, registers=224, shared=118784 + 2048),
+            # dK + dV 64 x 128 x 2 fp32 / 256 = 64 regs, dQ^T 128 x 32 = 16, score tiles 64 x 32: 4 x 8 = 32, A
+            # operands ~8, ~60: ~180 (measured 210 / 179-252). Shared: K, V 2 x (64 x 128 x 2 x 2 = 32 KiB) = 64 KiB,
+            # Q, dO 2 x (32 x 128 x 2 x 2 = 16 KiB) = 32 KiB, dQ tile 32 x 128 x 4 = 16 KiB, dS^T 4 KiB: 116 KiB =
+            # 118784 B (measured 119056). (64, 64, 8, 2) and (32, 128, 8, 2) spill 8 B.
+            HopperConfig(32, 64, 8, 2, shared=118784 + 2048),
         ]},
         256: {2: [
             # dK + dV 64 x 256 x 2 fp32 / 256 threads = 128 regs, dQ^T part 256 x 16 fp32 = 16, score tiles
             # 64 x 16 fp32 (S^T, dP^T, P^T, dS^T) 4 x 4 = 16, the 16-bit A operands ~8, addresses / masks ~60:
-            # <= 255 (measured 248). Shared: K and V re-read per step, 2 stages x (64 x 256 x 2 x 2 = 64 KiB)
-            # = 128 KiB, Q and dO 2 stages x (16 x 256 x 2 x 2 = 16 KiB) = 32 KiB, the dQ tile for the TMA
+            # ~230 (measured 248 / 221-255). Shared: K and V re-read per step, 2 stages x (64 x 256 x 2 x 2 =
+            # 64 KiB) = 128 KiB, Q and dO 2 stages x (16 x 256 x 2 x 2 = 16 KiB) = 32 KiB, the dQ tile for the TMA
             # reduce 16 x 256 x 4 = 16 KiB, dS^T for the swapped dQ 64 x 16 x 2 = 2 KiB: 178 KiB = 182272 B
-            # (measured 182416). BLOCK_M = 32 needs 233744 B (over 227 KiB); BLOCK_M 32/64 with one stage spill.
-            HopperConfig(16, 64, 8, 2, registers=255, shared=182272 + 1024),
+            # (measured 182416). BLOCK_M = 32 needs 233744 B (over 227 KiB); BLOCK_M 16 / 32 / 64 with one stage
+            # spill 600-1000 B, BLOCK_N = 64 at 16 warps (128 registers) spills 0.6-2.4 KiB.
+            HopperConfig(16, 64, 8, 2, shared=182272 + 1024),
         ]},
     },
 }
-
 
 def _tanh_mode(dtype: torch.dtype, gpu: bool) -> int:
     """2 = tanh.approx.f32 (bf16 on the GPU), 1 = the exp2 form (fp16; bf16 in the interpreter), 0 = accurate
@@ -631,14 +633,38 @@ def _flags(g, causal, window, kpm, softcap, dtype, use_tma):
                 DOT_PREC=_dot_prec(dtype), USE_TMA=use_tma)
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, or a dense copy when only its base address or its strides break TMA's rule and the copy meets it."""
+    if tma_ok(t):
+        return t
+    c = t.clone() if t.is_contiguous() else t.contiguous()
+    return c if tma_ok(c) else t
+
+
+def _plan_tma(use_tma: bool, head_dim: int, inputs: tuple, make_outputs):
+    """(inputs, outputs, use TMA): TMA wherever its 16-byte rule can hold, with dense copies of the inputs that
+    break it only through their base or strides (the outputs are allocated after, like the inputs). On the GPU the
+    head-dim-256 class runs TMA only: its pointer-load variant spills (96 B at (16, 64, 8, 2), static report), so
+    a call that cannot take TMA there (use_tma=False, or head dims that are not a multiple of 16 bytes) is refused
+    with a ValueError; the smaller classes' pointer variants are spill-free and run."""
+    if use_tma:
+        inputs = tuple(_aligned(t) for t in inputs)
+    outputs = make_outputs(*inputs)
+    tma = bool(use_tma) and tma_ok(*inputs, *outputs)
+    if not tma and not INTERPRET and _d_class(head_dim) == 256:
+        raise ValueError(f"softcap_attention_hopper: head dim {head_dim} needs the TMA loads on the GPU (rows of "
+                         f"16-byte multiples, use_tma=True); its pointer-load variant spills registers: use "
+                         f"florenz_kernels.softcap_attention for this call")
+    return inputs, outputs, tma
+
+
 def _forward(q, k, v, cu_q, cu_k, kpm, max_q, max_k, scale, softcap, causal, window, use_tma):
     q, k, v = _prep(q), _prep(k), _prep(v)
     g = _Geometry(q, k, cu_q, max_q, max_k)
-    out = torch.empty_like(q)
     lse, (slb, slh) = g.lse_empty(q)
-    if out.numel() == 0:
-        return out, lse.fill_(float("-inf"))
-    tma = bool(use_tma) and tma_ok(q, k, v, out)
+    if q.numel() == 0:
+        return torch.empty_like(q), lse.fill_(float("-inf"))
+    (q, k, v), (out,), tma = _plan_tma(use_tma, g.D, (q, k, v), lambda q, k, v: (torch.empty_like(q),))
     if not INTERPRET:
         _ensure_allocator()
     kpm_t, s_kpm = _kpm_arg(kpm, q)
@@ -657,9 +683,8 @@ def _backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, kpm, max_q, max_k, scale,
               deterministic):
     q, k, v, out, do = _prep(q), _prep(k), _prep(v), _prep(out), _prep(do)
     g = _Geometry(q, k, cu_q, max_q, max_k)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
-        return torch.zeros_like(q), dk.zero_(), dv.zero_()
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     lse = lse.contiguous()
     slb, slh = g.lse_strides(lse)
     delta = torch.empty_like(lse)
@@ -670,7 +695,8 @@ def _backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, kpm, max_q, max_k, scale,
         IS_VARLEN=g.varlen, HEAD_DIM=g.D, BLOCK_D=g.block_d)
     if dlse is not None:  # d lse_i / d s_ij = P_ij folds into delta, as in the default path
         delta = delta - dlse.to(torch.float32)
-    tma = bool(use_tma) and tma_ok(q, k, v, do, dk, dv)
+    (q, k, v, do), (dk, dv), tma = _plan_tma(use_tma, g.D, (q, k, v, do),
+                                             lambda q, k, v, do: (torch.empty_like(k), torch.empty_like(v)))
     if not INTERPRET:
         _ensure_allocator()
     kpm_t, s_kpm = _kpm_arg(kpm, q)
@@ -773,8 +799,10 @@ def softcap_attention_hopper(q, k, v, *, softcap: float = 0.0, scale: float | No
       deterministic: False (default): dQ is summed by fp32 atomics from the one dK/dV kernel (the order of the sums,
         so dQ's last bits, may differ between runs). True: dQ comes from a separate dQ pass (the default path's
         kernel): bitwise reproducible, one more Q.K^T recompute.
-      use_tma: True (default): TMA tensor-descriptor loads wherever the tensors meet TMA's 16-byte alignment (else,
-        silently, the masked pointer loads); False: always the pointer loads.
+      use_tma: True (default): TMA tensor-descriptor loads; inputs whose base address or strides break TMA's
+        16-byte rule are copied dense first, and head dims whose rows are not 16-byte multiples (fp16/bf16 D % 8)
+        take the masked pointer loads. False: always the pointer loads. On the GPU the head-dim class 256 (D > 128)
+        has no spill-free pointer variant: there a call that cannot take TMA raises a ValueError.
 
     Opt-in: the model and florenz_fast.ops keep florenz_kernels.softcap_attention until a GPU measurement shows this
     path faster (bench/bench_attention.py --hopper). Ops: `florenz::softcap_attention_hopper_fwd` / `_bwd`.
