@@ -497,7 +497,7 @@ CONFIGS: dict[str, dict[int, dict[int, list[HopperConfig]]]] = {
     "bwd": {  # (BLOCK_M queries per step, BLOCK_N keys per program, warps, stages)
         64: {2: [
             # dK + dV 128 x 64 x 2 fp32 / 256 threads = 64 regs, dQ^T part 64 x 32 = 8, score tiles 128 x 32 fp32
-            # (S^T, dP^T, P^T, dS^T) 4 x 16 = 64, addresses / masks ~60: ~200 (measured 201 / 169-230). Shared: K, V
+            # (S^T, dP^T, P^T, dS^T) 4 x 16 = 64, addresses / masks ~60: ~200 (measured 202 / 170-230). Shared: K, V
             # 2 stages x (128 x 64 x 2 x 2 = 32 KiB) = 64 KiB, Q, dO 2 x (32 x 64 x 2 x 2 = 8 KiB) = 16 KiB, the dQ
             # tile for the TMA reduce 32 x 64 x 4 = 8 KiB, dS^T 128 x 32 x 2 = 8 KiB: 96 KiB = 98304 B (measured 98576).
             HopperConfig(32, 128, 8, 2, shared=98304 + 2048),
@@ -507,7 +507,7 @@ CONFIGS: dict[str, dict[int, dict[int, list[HopperConfig]]]] = {
         ]},
         128: {2: [
             # dK + dV 64 x 128 x 2 fp32 / 256 = 64 regs, dQ^T 128 x 32 = 16, score tiles 64 x 32: 4 x 8 = 32, A
-            # operands ~8, ~60: ~180 (measured 210 / 179-252). Shared: K, V 2 x (64 x 128 x 2 x 2 = 32 KiB) = 64 KiB,
+            # operands ~8, ~60: ~180 (measured 210 / 180-252). Shared: K, V 2 x (64 x 128 x 2 x 2 = 32 KiB) = 64 KiB,
             # Q, dO 2 x (32 x 128 x 2 x 2 = 16 KiB) = 32 KiB, dQ tile 32 x 128 x 4 = 16 KiB, dS^T 4 KiB: 116 KiB =
             # 118784 B (measured 119056). (64, 64, 8, 2) and (32, 128, 8, 2) spill 8 B.
             HopperConfig(32, 64, 8, 2, shared=118784 + 2048),
@@ -515,7 +515,7 @@ CONFIGS: dict[str, dict[int, dict[int, list[HopperConfig]]]] = {
         256: {2: [
             # dK + dV 64 x 256 x 2 fp32 / 256 threads = 128 regs, dQ^T part 256 x 16 fp32 = 16, score tiles
             # 64 x 16 fp32 (S^T, dP^T, P^T, dS^T) 4 x 4 = 16, the 16-bit A operands ~8, addresses / masks ~60:
-            # ~230 (measured 248 / 221-255). Shared: K and V re-read per step, 2 stages x (64 x 256 x 2 x 2 =
+            # ~230 (measured 249 / 222-255). Shared: K and V re-read per step, 2 stages x (64 x 256 x 2 x 2 =
             # 64 KiB) = 128 KiB, Q and dO 2 stages x (16 x 256 x 2 x 2 = 16 KiB) = 32 KiB, the dQ tile for the TMA
             # reduce 16 x 256 x 4 = 16 KiB, dS^T for the swapped dQ 64 x 16 x 2 = 2 KiB: 178 KiB = 182272 B
             # (measured 182416). BLOCK_M = 32 needs 233744 B (over 227 KiB); BLOCK_M 16 / 32 / 64 with one stage
