@@ -345,5 +345,114 @@ def main():
                       if r["provider"] == "ours" and "fwd_tflops" in r and r["L"] == 4096))
 
 
+# ---- the Hopper path (issue 20): softcap_attention_hopper beside the default kernels ---------------------------
+#   python bench/bench_attention.py --hopper [--quick] [--out DIR] [--seqlens ...] [--models 2b,9b] [--tokens N]
+# Variants, each validated against the float64 reference (2x rule) before it is timed:
+#   default         florenz_kernels.softcap_attention (the sm_80-style kernels, two-pass dK/dV at D = 256)
+#   hopper          softcap_attention_hopper: TMA loads, one dK/dV kernel, dQ by fp32 TMA reduce-add
+#   hopper_det      softcap_attention_hopper(deterministic=True): dQ by the default path's separate dQ pass
+# Records fwd / bwd TFLOP/s and their roofline fraction (TFLOP/s over the measured bf16 matmul peak), and the packed
+# (varlen, cu_seqlens) cost per token next to the padded layout's (the issue's target: within 10 %). Writes
+# attention_hopper_bench.json. GPU only (sm_90+): on a CPU it says so and exits 1 without measuring anything.
+
+
+def _hopper_variants():
+    from florenz_kernels.softcap_attention import softcap_attention
+    from florenz_kernels.softcap_attention_hopper import softcap_attention_hopper
+
+    def mk(fn, **kw):
+        return lambda q, k, v, **extra: fn(q, k, v, softcap=SOFTCAP, scale=SCALE, causal=True, **kw, **extra)[0]
+
+    return {"default": mk(softcap_attention), "hopper": mk(softcap_attention_hopper),
+            "hopper_det": mk(softcap_attention_hopper, deterministic=True)}
+
+
+def _time_packed(fn, B, H, Hk, L):
+    """fwd / bwd ms of the packed layout: B segments of L tokens, (B * L, H, D) with cu_seqlens."""
+    from florenz_fast import ops
+
+    q, k, v, do = (t.transpose(1, 2).reshape(B * L, t.shape[1], D).contiguous() for t in make_inputs(B, H, Hk, L))
+    cu = ops.cu_seqlens_from_lengths([L] * B, device="cuda")
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=L, max_seqlen_k=L)
+    args = [t.requires_grad_() for t in (q, k, v)]
+    with torch.no_grad():
+        fwd_ms = _bench(lambda: fn(*args, **kw))
+    out = fn(*args, **kw)
+    bwd_ms = _bench(lambda: torch.autograd.grad(out, args, do, retain_graph=True))
+    return fwd_ms, bwd_ms
+
+
+def main_hopper():
+    ap = argparse.ArgumentParser(description="the Hopper path beside the default kernels (see the block comment)")
+    ap.add_argument("--hopper", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results/local"))
+    ap.add_argument("--seqlens", default="1024,4096,8192")
+    ap.add_argument("--models", default="2b,9b")
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--quick", action="store_true", help="validation + L = 4096 only")
+    args = ap.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        where = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+        sys.exit(f"bench_attention --hopper: needs an sm_90+ GPU (H100/H200), found {where}; nothing was measured")
+    assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "unset TRITON_INTERPRET"
+    import triton
+
+    os.makedirs(args.out, exist_ok=True)
+    seqlens = [4096] if args.quick else [int(x) for x in args.seqlens.split(",")]
+    peak = matmul_peak_tflops()
+    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               matmul_peak_tflops=peak, tokens_per_point=args.tokens, head_dim=D, softcap=SOFTCAP, dtype="bf16",
+               no_autotune=os.environ.get("FLORENZ_NO_AUTOTUNE", "0"))
+    print(json.dumps(env), flush=True)
+    variants, validation = {}, {}
+    for name, fn in _hopper_variants().items():
+        try:
+            validation[name] = validate("ours", fn, **MODELS["2b"])  # "ours": the equivalent (softcapped) check
+            if validation[name]["ok"]:
+                variants[name] = fn
+        except Exception as e:
+            validation[name] = dict(error=f"{type(e).__name__}: {e}"[:500])
+            traceback.print_exc()
+        print(f"validate {name}: {json.dumps(validation[name])}", flush=True)
+    records = []
+    for model in args.models.split(","):
+        H, Hk = MODELS[model]["H"], MODELS[model]["Hk"]
+        for L in seqlens:
+            B = max(1, args.tokens // L)
+            f = flops_fwd(B, H, L)
+            for name, fn in variants.items():
+                rec = dict(model=model, variant=name, B=B, H=H, Hk=Hk, L=L, D=D)
+                try:
+                    fwd_ms, bwd_ms = time_provider("ours", fn, B, H, Hk, L)
+                    rec.update(fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwd_tflops=f / fwd_ms / 1e9,
+                               bwd_tflops=2.5 * f / bwd_ms / 1e9)
+                    rec.update(fwd_roofline=rec["fwd_tflops"] / peak, bwd_roofline=rec["bwd_tflops"] / peak)
+                    pf, pb = _time_packed(fn, B, H, Hk, L)
+                    rec.update(packed_fwd_ms=pf, packed_bwd_ms=pb, packed_over_padded_fwd=pf / fwd_ms,
+                               packed_over_padded_bwd=pb / bwd_ms)
+                except Exception as e:
+                    rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    traceback.print_exc()
+                torch.cuda.empty_cache()
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
+    from florenz_kernels import softcap_attention_hopper as sh
+
+    chosen = {n: {str(k): str(v) for k, v in getattr(getattr(sh, n), "cache", {}).items()} for n in ("_fwd", "_bwd")}
+    with open(os.path.join(args.out, "attention_hopper_bench.json"), "w") as fh:
+        json.dump(dict(env=env, validation=validation, records=records, chosen_configs=chosen), fh, indent=1)
+    print(f"\n{'model':5} {'L':>6} {'variant':>10} | fwd TFLOP/s (roofline) | bwd TFLOP/s (roofline) | packed/padded")
+    for r in records:
+        if "fwd_tflops" in r:
+            print(f"{r['model']:5} {r['L']:6d} {r['variant']:>10} | {r['fwd_tflops']:7.0f} ({r['fwd_roofline']:.2f})"
+                  f"         | {r['bwd_tflops']:7.0f} ({r['bwd_roofline']:.2f})         | "
+                  f"{r['packed_over_padded_fwd']:.2f} / {r['packed_over_padded_bwd']:.2f}")
+
+
+if __name__ == "__main__" and "--hopper" in sys.argv[1:]:
+    main_hopper()
+    sys.exit(0)
+
+
 if __name__ == "__main__":
     main()

@@ -68,6 +68,7 @@ log "gpu_suite: $DEVICE_NAME -> $RESULTS (budget ${BUDGET}s)"
 step build_ext 150 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PY setup.py build_ext --inplace
 step pytest_gpu 150 $PY -m pytest -q -m gpu -x -p no:cacheprovider tests
 step bench_attention 70 $PY bench/bench_attention.py --quick --out "$RESULTS"
+step bench_attention_hopper 90 $PY bench/bench_attention.py --hopper --quick --out "$RESULTS"
 step bench_decode 40 $PY bench/bench_decode.py --out "$RESULTS"
 # eager configurations only: a compile of 0.4b / 3.5b would not fit these budgets (syncs / step come with each row)
 step train_0.4b 80 $PY bench/throughput.py --preset=florenz-0.4b --mode=train --samples=64 --batch=32 --repeats=2 \

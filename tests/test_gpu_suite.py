@@ -11,7 +11,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "bench" / "gpu_suite.sh"
-STEPS = ["build_ext", "pytest_gpu", "bench_attention", "bench_decode", "train_0.4b", "train_3.5b", "generate_3.5b"]
+STEPS = ["build_ext", "pytest_gpu", "bench_attention", "bench_attention_hopper", "bench_decode", "train_0.4b",
+         "train_3.5b", "generate_3.5b"]
 
 
 def _run(tmp_path, **env):
