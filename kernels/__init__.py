@@ -12,6 +12,8 @@ Kernels:
   softcap_attention  Gemma-2 softcapped attention, forward + backward: causal, sliding window, GQA, packed
                      (cu_seqlens) and padded layouts; ops `florenz::softcap_attention_fwd` / `_bwd`.
                      `from florenz_kernels.softcap_attention import softcap_attention`.
+  softcap_attention_hopper  the same contract on sm_90 (opt-in, unmeasured): TMA loads, pipelined K/V loop, a
+                     one-kernel backward; ops `florenz::softcap_attention_hopper_fwd` / `_bwd`.
   linear_cross_entropy  lm_head + final logit softcap + cross-entropy, chunked, never the (T, V) logits.
   rms_norm           Gemma RMSNorm, alone or fused with the residual add, a gate scale and the next norm.
   geglu              gelu_tanh(gate) * up, forward + backward.
@@ -37,8 +39,8 @@ module is imported, so set TRITON_INTERPRET=1 before touching a kernel module on
 
 import importlib
 
-__all__: list[str] = ["softcap_attention", "linear_cross_entropy", "rms_norm", "geglu", "rope", "image_tokens",
-                       "integrations", "reference"]
+__all__: list[str] = ["softcap_attention", "softcap_attention_hopper", "linear_cross_entropy", "rms_norm", "geglu",
+                       "rope", "image_tokens", "integrations", "reference"]
 
 
 def __getattr__(name: str):
