@@ -17,6 +17,23 @@ Layouts
   Any strides with a contiguous last dim (e.g. the (B, L, H, D) -> (B, H, L, D) transpose views that
   transformers hands over); `out` has q's strides, dq/dk/dv those of q/k/v.
 
+Head dims: any D in 1..256, internally padded to BLOCK_D = max(16, next power of two of D) (tl.arange needs a
+  power of two, tl.dot a K of at least 16). Every load and store of q, k, v, out, dO, dq, dk, dv is masked on
+  d < D: padded lanes read 0 (they add 0 to q.k and to dO.v) and are never written, so nothing is read or written
+  outside the tensors' D columns and no padded copy is made. The cost is compute, not memory traffic: the tiles
+  and every matmul over d are BLOCK_D wide, so 1 - D / BLOCK_D of those lanes are wasted; registers and shared
+  memory are sized by BLOCK_D, so a config is chosen by BLOCK_D's class (64 / 128 / 256). Wasted lanes:
+      D       8    24    40    72    80    96   112   160   192
+      BLOCK  16    32    64   128   128   128   128   256   256
+      waste 50%   25%   38%   44%   38%   25%   12%   38%   25%    (64, 128, 256: none; head_dim_padding(D))
+  Every matmul is padded (Q.K^T and dO.V^T reduce over BLOCK_D; P.V, dS.K, dS^T.Q and P^T.dO produce BLOCK_D
+  columns); the elementwise L x S score work (tanh, exp2, masks) is not, so a matmul-bound D = 72 does at most
+  72 / 128 = 56 % useful tensor-core work. D with BLOCK_D = 256 (129..256) also takes the two-pass dK / dV
+  backward (see Kernels below).
+  D % 16 != 0 (8, 24, 40, 72): the token strides are not multiples of 16 elements, so Triton cannot prove the
+  rows 16-element aligned and vectorises the loads less (static_resource_report(aligned_strides=...)).
+  D > 256 or D < 1: ValueError (florenz_fast.ops.attention runs D > 256 on its torch reference).
+
 Semantics (identical to florenz_fast.ops' `torch` backend, which defines them)
   s = scale * q.k (scale defaults to D^-0.5); softcap c > 0: s = c * tanh(s / c), applied before masking;
   softmax in fp32; out = P @ v in the input dtype, accumulated in fp32. GQA: query head h reads kv head
@@ -69,7 +86,9 @@ from .reference import check_attention_inputs, softcap_attention_reference
 __all__ = [
     "softcap_attention",
     "softcap_attention_reference",
+    "head_dim_padding",
     "INTERPRET",
+    "MAX_HEAD_DIM",
 ]
 
 # Triton decides interpreted vs compiled when a function is decorated (triton 3.6 and 3.8 alike).
@@ -620,7 +639,24 @@ SHARED_LIMIT = {(9, 0): 232448, (8, 0): 166912, (8, 6): 101376, (8, 9): 101376, 
 
 
 def _block_d(head_dim: int) -> int:
+    # tl.arange needs a power of two and tl.dot a reduction dim of at least 16 (the mma / wgmma K step)
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def check_head_dim(head_dim: int, what: str = "q") -> None:
+    """ValueError naming the dim unless 1 <= head_dim <= MAX_HEAD_DIM (the kernel's contract)."""
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"softcap_attention: head dim D = {head_dim} ({what}) is outside the kernel's range "
+                         f"1..{MAX_HEAD_DIM}: D must be >= 1 and <= {MAX_HEAD_DIM} (a {MAX_HEAD_DIM}-wide fp32 tile is "
+                         f"the largest the configs keep in registers); softcap_attention_reference takes any D")
+
+
+def head_dim_padding(head_dim: int) -> tuple[int, float]:
+    """(BLOCK_D, wasted fraction) for a head dim: the kernels compute on BLOCK_D = max(16, next power of two of D)
+    lanes with masked loads, so 1 - D / BLOCK_D of every d-wide matmul is padding (72 -> 128: 0.4375)."""
+    check_head_dim(head_dim, "head_dim")
+    block_d = _block_d(head_dim)
+    return block_d, 1.0 - head_dim / block_d
 
 
 def _d_class(block_d: int) -> int:
@@ -902,8 +938,9 @@ def softcap_attention(q, k, v, *, softcap: float = 0.0, scale: float | None = No
 
     Args:
       q: queries, fp16 / bf16 / fp32. Padded layout (B, H, L, D); packed layout (T, H, D) (all segments'
-        tokens concatenated). D <= 256. Any strides with a contiguous last dim (e.g. the (B, L, H, D) ->
-        (B, H, L, D) transpose view of a projection output: no copy).
+        tokens concatenated). Any 1 <= D <= 256 (padded inside to a power of two, masked: see the module
+        docstring's "Head dims"; head_dim_padding(D) gives the wasted fraction). Any strides with a contiguous
+        last dim (e.g. the (B, L, H, D) -> (B, H, L, D) transpose view of a projection output: no copy).
       k, v: keys and values, q's dtype and head dim, equal shapes: padded (B, Hk, S, D), packed (Tk, Hk, D).
         H must be a multiple of Hk (GQA: query head h reads kv head h // (H // Hk); K/V are never expanded).
       softcap: logit softcap c; c > 0: s = c * tanh(s / c), applied to the scaled scores before masking; 0 = none.
@@ -938,8 +975,7 @@ def softcap_attention(q, k, v, *, softcap: float = 0.0, scale: float | None = No
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"softcap_attention: q, k, v must share one of fp16/bf16/fp32, got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"softcap_attention: head dim {q.shape[-1]} must be <= {MAX_HEAD_DIM}")
+    check_head_dim(q.shape[-1], f"q shape {tuple(q.shape)}")
     if window is not None and window < 0:
         raise ValueError(f"softcap_attention: window must be >= 0, got {window}")
     if packed:
@@ -969,10 +1005,18 @@ _PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA", "CU_Q", "CU
 
 def static_resource_report(kind: str, head_dim: int, dtype: torch.dtype, capability: tuple[int, int], config: tuple,
                            *, varlen=False, causal=True, window=True, kpm=False, softcap=True,
-                           split=None) -> dict:
+                           split=None, aligned_strides: bool | None = None) -> dict:
     """Compile one kernel config for `capability` on this (GPU-less) machine and read the cubin's resource usage
-    (florenz_kernels._static.compile_report). Needs TRITON_INTERPRET unset when this module was imported."""
+    (florenz_kernels._static.compile_report). Needs TRITON_INTERPRET unset when this module was imported.
+
+    aligned_strides: compile as if every batch/head/token stride were a multiple of 16 elements (Triton
+    specialises an integer argument divisible by 16 at launch). None = what a contiguous or transposed tensor of
+    this head dim gives for sure: D % 16 == 0 makes every stride a multiple of 16; an odd D (72: token stride 72)
+    does not, so its rows start at addresses Triton cannot prove 16-element aligned."""
     from ._static import compile_report
+
+    if aligned_strides is None:
+        aligned_strides = head_dim % 16 == 0
 
     fn = globals()[_KERNELS[kind]]
     ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
@@ -989,9 +1033,9 @@ def static_resource_report(kind: str, head_dim: int, dtype: torch.dtype, capabil
         return "fp32" if name in _FLOAT_ARGS else "i32"
 
     def aligned(name):
-        return name in _PTRS or (name.startswith("stride_") and not name.startswith("stride_l")
+        return name in _PTRS or (aligned_strides and name.startswith("stride_") and not name.startswith("stride_l")
                                  and name != "stride_kpmb")
 
     report = compile_report(fn, const, arg_type, aligned, capability, num_warps=config[2], num_stages=config[3])
-    report.update(kind=kind, head_dim=head_dim, dtype=ty, config=tuple(config))
+    report.update(kind=kind, head_dim=head_dim, dtype=ty, config=tuple(config), aligned_strides=aligned_strides)
     return report
