@@ -647,8 +647,8 @@ def check_head_dim(head_dim: int, what: str = "q") -> None:
     """ValueError naming the dim unless 1 <= head_dim <= MAX_HEAD_DIM (the kernel's contract)."""
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"softcap_attention: head dim D = {head_dim} ({what}) is outside the kernel's range "
-                         f"1..{MAX_HEAD_DIM}: D must be >= 1 and <= {MAX_HEAD_DIM} (a {MAX_HEAD_DIM}-wide fp32 tile is "
-                         f"the largest the configs keep in registers); softcap_attention_reference takes any D")
+                         f"1..{MAX_HEAD_DIM}: D must be >= 1 and <= {MAX_HEAD_DIM} (the tile configs stop at "
+                         f"{MAX_HEAD_DIM} lanes); softcap_attention_reference takes any D")
 
 
 def head_dim_padding(head_dim: int) -> tuple[int, float]:

@@ -18,6 +18,8 @@ Shape legend: B batch, H query heads, Hk kv heads, L queries, S keys, D head dim
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -200,6 +202,30 @@ def test_head_dim_outside_1_to_256_raises_naming_it(D):
         cu = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
         sa.softcap_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), k[0].transpose(0, 1), cu_seqlens_q=cu,
                              cu_seqlens_k=cu, max_seqlen_q=5, max_seqlen_k=5)
+
+
+def test_bench_head_dim_option_reports_padded_lanes_and_needs_a_gpu():
+    # bench/bench_attention.py --head-dims on a machine without CUDA (forced here): the padded-lanes table, a clear
+    # message and exit status 1, nothing timed; a dim outside 1..256 is an argument error naming it
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(root))
+
+    def bench(*argv):
+        return subprocess.run([sys.executable, "bench/bench_attention.py", *argv], capture_output=True, text=True,
+                              cwd=root, env=env, timeout=300)
+
+    r = bench("--head-dims", "8,72,192,256", "--out", "/nonexistent/never-written")
+    assert r.returncode == 1, r.stderr[-2000:]
+    rows = {int(line.split()[0]): line.split()[1:] for line in r.stdout.splitlines()[2:]}
+    assert rows == {8: ["16", "50.0%"], 72: ["128", "43.8%"], 192: ["256", "25.0%"], 256: ["256", "0.0%"]}, r.stdout
+    assert "no CUDA GPU on this machine" in r.stderr and "Nothing was timed" in r.stderr
+    r = bench("--head-dims", "72,300")
+    assert r.returncode == 2 and "--head-dims: softcap_attention: head dim D = 300" in r.stderr, r.stderr[-2000:]
 
 
 def test_reference_is_the_naive_one():
