@@ -117,6 +117,15 @@ def _exp(x, NATURAL: tl.constexpr):
 
 
 @triton.jit
+def _units(a, b, c, A: tl.constexpr):
+    """Three strides passed in units of A elements (see _stride_align), back in elements. The product with the
+    constexpr A tells the compiler they are multiples of A: Triton itself only proves divisibility by 16 at launch,
+    so a D = 72 row (stride 72) would otherwise count as 1-aligned, lose its vector loads and spill (static report:
+    sm_90 forward 8-448 B, dK/dV 200 B; none with the 8-element hint)."""
+    return a * A, b * A, c * A
+
+
+@triton.jit
 def _segment(CU, b, seqlen, IS_VARLEN: tl.constexpr):
     """(length, first token) of segment b: read from the cumulative lengths CU when packed; padded, every batch
     row has `seqlen` and starts at token 0 (the batch stride does the rest)."""
@@ -248,7 +257,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KPM,
                 seqlen_q, seqlen_k, H, GROUPS, window, s_scale, scale_over_cap, s_cap, SEQ_BUCKET,
                 IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
                 SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                DOT_PREC: tl.constexpr, STRIDE_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -259,6 +268,10 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KPM,
     start_m = pid_m * BLOCK_M
     if start_m >= L:
         return
+    stride_qb, stride_qh, stride_qm = _units(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
+    stride_kb, stride_kh, stride_kn = _units(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+    stride_vb, stride_vh, stride_vn = _units(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+    stride_ob, stride_oh, stride_om = _units(stride_ob, stride_oh, stride_om, STRIDE_ALIGN)
     b64 = b.to(tl.int64)
     q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_tok * stride_qm
     k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh + k_tok * stride_kn
@@ -311,7 +324,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KPM,
 @triton.jit
 def _bwd_preprocess(O, DO, DELTA, CU_Q, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
                     stride_lb, stride_lh, seqlen_q, H,
-                    IS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                    IS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    STRIDE_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -320,6 +334,8 @@ def _bwd_preprocess(O, DO, DELTA, CU_Q, stride_ob, stride_oh, stride_om, stride_
     start_m = pid_m * BLOCK_M
     if start_m >= L:
         return
+    stride_ob, stride_oh, stride_om = _units(stride_ob, stride_oh, stride_om, STRIDE_ALIGN)
+    stride_dob, stride_doh, stride_dom = _units(stride_dob, stride_doh, stride_dom, STRIDE_ALIGN)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -400,7 +416,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, KPM,
                      IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                      HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, COMPUTE_DK: tl.constexpr,
-                     COMPUTE_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     COMPUTE_DV: tl.constexpr, STRIDE_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hk
@@ -410,6 +427,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, KPM,
     start_n = pid_n * BLOCK_N
     if start_n >= S:
         return
+    stride_qb, stride_qh, stride_qm = _units(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
+    stride_kb, stride_kh, stride_kn = _units(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+    stride_vb, stride_vh, stride_vn = _units(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+    stride_dob, stride_doh, stride_dom = _units(stride_dob, stride_doh, stride_dom, STRIDE_ALIGN)
+    stride_dkb, stride_dkh, stride_dkn = _units(stride_dkb, stride_dkh, stride_dkn, STRIDE_ALIGN)
+    stride_dvb, stride_dvh, stride_dvn = _units(stride_dvb, stride_dvh, stride_dvn, STRIDE_ALIGN)
     b64 = b.to(tl.int64)
     kvh64 = kvh.to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -521,7 +544,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, KPM,
                    SEQ_BUCKET,
                    IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
                    SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   DOT_PREC: tl.constexpr, STRIDE_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -532,6 +556,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, KPM,
     start_m = pid_m * BLOCK_M
     if start_m >= L:
         return
+    stride_qb, stride_qh, stride_qm = _units(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
+    stride_kb, stride_kh, stride_kn = _units(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+    stride_vb, stride_vh, stride_vn = _units(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+    stride_dob, stride_doh, stride_dom = _units(stride_dob, stride_doh, stride_dom, STRIDE_ALIGN)
+    stride_dqb, stride_dqh, stride_dqm = _units(stride_dqb, stride_dqh, stride_dqm, STRIDE_ALIGN)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -629,9 +658,14 @@ _GPU_CONFIGS = {
                 for e, bm in ((2, 128 * 64 // d), (4, 64 * 64 // d))} for d in (64, 128, 256)},
 }
 
-# Configs that spill only in the packed non-causal variant (packed cross-attention): skipped there.
+# Configs that spill only in the packed non-causal variant (packed cross-attention): skipped there, unless that
+# leaves none (D = 160 / 192 fwd on sm_90 keeps (128, 32, 8, 3): spill-free packed cross there, static report).
 _SPILL_PACKED_CROSS = {("fwd", 256, "sm90"): {(128, 32, 8, 3)},  # 16 B
                        ("dv", 256, "sm80"): {(64, 64, 8, 2)}}  # 32 B
+# Configs that spill only when D < BLOCK_D (the masked d lanes cost registers): skipped for those dims.
+# fwd sm_90 (128, 32, 8, 2): 8 B at D = 160 and 192, none at 256; (64, 32, 4, 2) spills 8-64 B and (64, 64, 8, 2)
+# 16 B packed at D = 192, so (128, 32, 8, 3) is the one left (spill-free in every variant at 192).
+_SPILL_PADDED_D = {("fwd", 256, "sm90"): {(128, 32, 8, 2)}}
 
 # per-block shared memory of the device (opt-in maximum): H100 228 KB (227 usable), A100 164 KB (163 usable),
 # consumer Ampere/Ada 100 KB (99 usable)
@@ -685,8 +719,10 @@ def config_tuples(kind: str, head_dim: int, dtype: torch.dtype, capability=(9, 0
     elem = torch.empty((), dtype=dtype).element_size()
     arch = "sm90" if capability[0] >= 9 else "sm80"
     cands = _GPU_CONFIGS[kind][_d_class(block_d)][2 if elem <= 2 else 4][arch]
+    if head_dim != block_d:
+        cands = [c for c in cands if c not in _SPILL_PADDED_D.get((kind, _d_class(block_d), arch), ())]
     if packed_cross:
-        cands = [c for c in cands if c not in _SPILL_PACKED_CROSS.get((kind, _d_class(block_d), arch), ())]
+        cands = [c for c in cands if c not in _SPILL_PACKED_CROSS.get((kind, _d_class(block_d), arch), ())] or cands
     if tuple(capability) in ((8, 0), (9, 0)):  # checked exactly by the static tests
         return cands[:1] if _NO_AUTOTUNE else list(cands)
     limit = SHARED_LIMIT.get(tuple(capability), 101376)
@@ -746,6 +782,25 @@ def _dot_prec(dtype):
 
 def _fast_tanh(dtype):
     return dtype == torch.bfloat16 and not INTERPRET
+
+
+def _stride_align(strides) -> int:
+    """The largest power of two <= 16 dividing every stride (elements) the kernels take: they are passed divided by
+    it and multiplied back by the constexpr inside (_units). 1 when any stride reaches 2^31 / 16: a unit stride
+    could then be an i32 whose product with the alignment overflows (the element stride itself would be an i64)."""
+    vals = [abs(int(x)) for x in strides]
+    if any(x >= 2 ** 31 // 16 for x in vals):
+        return 1
+    a = 16
+    while a > 1 and any(x % a for x in vals):
+        a //= 2
+    return a
+
+
+def _in_units(strides):
+    """(strides // a, a) with a = _stride_align(strides)."""
+    a = _stride_align(strides)
+    return [int(x) // a for x in strides], a
 
 
 def _bucket(n: int) -> int:
@@ -816,11 +871,12 @@ def _forward(q, k, v, cu_q, cu_k, kpm, max_q, max_k, scale, softcap, causal, win
     ck = cu_k if cu_k is not None else q
     sl2, soc, cl2 = _scalars(scale, softcap, q.dtype)
     grid = lambda meta: (triton.cdiv(g.L, meta["BLOCK_M"]), g.B * g.H)
-    _fwd[grid](q, k, v, out, lse, cq, ck, kpm_t, *g.strides(q), *g.strides(k), *g.strides(v), *g.strides(out),
+    st, align = _in_units([*g.strides(q), *g.strides(k), *g.strides(v), *g.strides(out)])
+    _fwd[grid](q, k, v, out, lse, cq, ck, kpm_t, *st,
                slb, slh, s_kpm, g.L, g.S, g.H, g.groups, int(window or 0), sl2, soc, cl2, _bucket(g.L),
                IS_VARLEN=g.varlen, IS_CAUSAL=bool(causal), HAS_WINDOW=bool(window), HAS_KPM=kpm is not None,
                SOFTCAP=bool(softcap), FAST_TANH=_fast_tanh(q.dtype), HEAD_DIM=g.D, BLOCK_D=g.block_d,
-               DOT_PREC=_dot_prec(q.dtype))
+               DOT_PREC=_dot_prec(q.dtype), STRIDE_ALIGN=align)
     return out, lse
 
 
@@ -835,29 +891,34 @@ def _backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, kpm, max_q, max_k, scale,
     delta = torch.empty_like(lse)
     cq = cu_q if cu_q is not None else q
     ck = cu_k if cu_k is not None else q
+    # one alignment for every launch of this backward: the strides of q, k, v, out, dO and of dq, dk, dv
+    st_q, st_k, st_v, st_o, st_do, st_dq, st_dk, st_dv = (g.strides(t) for t in (q, k, v, out, do, dq, dk, dv))
+    align = _stride_align([*st_q, *st_k, *st_v, *st_o, *st_do, *st_dq, *st_dk, *st_dv])
+    st_q, st_k, st_v, st_o, st_do, st_dq, st_dk, st_dv = ([x // align for x in t] for t in
+                                                          (st_q, st_k, st_v, st_o, st_do, st_dq, st_dk, st_dv))
     _pre[lambda meta: (triton.cdiv(g.L, meta["BLOCK_M"]), g.B * g.H)](
-        out, do, delta, cq, *g.strides(out), *g.strides(do), slb, slh, g.L, g.H,
-        IS_VARLEN=g.varlen, HEAD_DIM=g.D, BLOCK_D=g.block_d)
+        out, do, delta, cq, *st_o, *st_do, slb, slh, g.L, g.H,
+        IS_VARLEN=g.varlen, HEAD_DIM=g.D, BLOCK_D=g.block_d, STRIDE_ALIGN=align)
     if dlse is not None:  # d lse_i / d s_ij = P_ij: folds into delta (ds = P * (dP - delta + dlse))
         delta = delta - dlse.to(torch.float32)
     kpm_t, s_kpm = _kpm_arg(kpm, q)
     sl2, soc, cl2 = _scalars(scale, softcap, q.dtype)
     flags = dict(IS_VARLEN=g.varlen, IS_CAUSAL=bool(causal), HAS_WINDOW=bool(window), HAS_KPM=kpm is not None,
                  SOFTCAP=bool(softcap), FAST_TANH=_fast_tanh(q.dtype), HEAD_DIM=g.D, BLOCK_D=g.block_d,
-                 DOT_PREC=_dot_prec(q.dtype))
+                 DOT_PREC=_dot_prec(q.dtype), STRIDE_ALIGN=align)
     # D > 128: dK and dV in two passes of the same kernel (one fp32 accumulator each). Fused, the two
     # 64 x 256 fp32 accumulators spill on sm_90 at every block shape tried (static report); the split costs one
     # extra Q.K^T recompute (8 instead of 7 matmul passes over the scores in the whole backward).
     passes = [(True, True)] if g.block_d <= 128 else [(True, False), (False, True)]
     for compute_dk, compute_dv in passes:
         _dkdv[lambda meta: (triton.cdiv(g.S, meta["BLOCK_N"]), g.B * g.Hk)](
-            q, k, v, do, lse, delta, dk, dv, cq, ck, kpm_t, *g.strides(q), *g.strides(k), *g.strides(v),
-            *g.strides(do), *g.strides(dk), *g.strides(dv), slb, slh, s_kpm, g.L, g.S, g.Hk, g.groups,
+            q, k, v, do, lse, delta, dk, dv, cq, ck, kpm_t, *st_q, *st_k, *st_v, *st_do, *st_dk, *st_dv, slb, slh,
+            s_kpm, g.L, g.S, g.Hk, g.groups,
             int(window or 0), scale, sl2, soc, cl2, _bucket(g.S), COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv,
             **flags)
     _dq[lambda meta: (triton.cdiv(g.L, meta["BLOCK_M"]), g.B * g.H)](
-        q, k, v, do, lse, delta, dq, cq, ck, kpm_t, *g.strides(q), *g.strides(k), *g.strides(v),
-        *g.strides(do), *g.strides(dq), slb, slh, s_kpm, g.L, g.S, g.H, g.groups, int(window or 0), scale,
+        q, k, v, do, lse, delta, dq, cq, ck, kpm_t, *st_q, *st_k, *st_v, *st_do, *st_dq, slb, slh, s_kpm,
+        g.L, g.S, g.H, g.groups, int(window or 0), scale,
         sl2, soc, cl2, _bucket(g.L), **flags)
     return dq, dk, dv
 
@@ -1005,24 +1066,25 @@ _PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA", "CU_Q", "CU
 
 def static_resource_report(kind: str, head_dim: int, dtype: torch.dtype, capability: tuple[int, int], config: tuple,
                            *, varlen=False, causal=True, window=True, kpm=False, softcap=True,
-                           split=None, aligned_strides: bool | None = None) -> dict:
+                           split=None, stride_align: int | None = None) -> dict:
     """Compile one kernel config for `capability` on this (GPU-less) machine and read the cubin's resource usage
     (florenz_kernels._static.compile_report). Needs TRITON_INTERPRET unset when this module was imported.
 
-    aligned_strides: compile as if every batch/head/token stride were a multiple of 16 elements (Triton
-    specialises an integer argument divisible by 16 at launch). None = what a contiguous or transposed tensor of
-    this head dim gives for sure: D % 16 == 0 makes every stride a multiple of 16; an odd D (72: token stride 72)
-    does not, so its rows start at addresses Triton cannot prove 16-element aligned."""
+    stride_align: the STRIDE_ALIGN the launch passes (_stride_align: the largest power of two <= 16 dividing
+    every stride); the unit strides themselves count as unaligned. None = what a contiguous or transposed tensor of
+    this head dim guarantees: every stride is a multiple of D, so gcd(D, 16) (72 -> 8, 40 -> 8, 100 -> 4)."""
+    import math
+
     from ._static import compile_report
 
-    if aligned_strides is None:
-        aligned_strides = head_dim % 16 == 0
+    if stride_align is None:
+        stride_align = math.gcd(head_dim, 16)
 
     fn = globals()[_KERNELS[kind]]
     ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     const = dict(IS_VARLEN=varlen, IS_CAUSAL=causal, HAS_WINDOW=window, HAS_KPM=kpm, SOFTCAP=softcap,
                  FAST_TANH=(dtype == torch.bfloat16), HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
-                 DOT_PREC=_dot_prec(dtype), BLOCK_M=config[0], BLOCK_N=config[1])
+                 DOT_PREC=_dot_prec(dtype), STRIDE_ALIGN=stride_align, BLOCK_M=config[0], BLOCK_N=config[1])
     if kind in ("dkdv", "dk", "dv"):  # fused, or dK / dV alone (the D > 128 split)
         const.update(COMPUTE_DK=kind in ("dkdv", "dk"), COMPUTE_DV=kind in ("dkdv", "dv"))
 
@@ -1033,9 +1095,8 @@ def static_resource_report(kind: str, head_dim: int, dtype: torch.dtype, capabil
         return "fp32" if name in _FLOAT_ARGS else "i32"
 
     def aligned(name):
-        return name in _PTRS or (aligned_strides and name.startswith("stride_") and not name.startswith("stride_l")
-                                 and name != "stride_kpmb")
+        return name in _PTRS  # strides: in units of stride_align, of unknown divisibility
 
     report = compile_report(fn, const, arg_type, aligned, capability, num_warps=config[2], num_stages=config[3])
-    report.update(kind=kind, head_dim=head_dim, dtype=ty, config=tuple(config), aligned_strides=aligned_strides)
+    report.update(kind=kind, head_dim=head_dim, dtype=ty, config=tuple(config), stride_align=stride_align)
     return report

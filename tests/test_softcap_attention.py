@@ -204,6 +204,16 @@ def test_head_dim_outside_1_to_256_raises_naming_it(D):
                              cu_seqlens_k=cu, max_seqlen_q=5, max_seqlen_k=5)
 
 
+def test_stride_alignment_hint():
+    # strides travel in units of the largest power of two <= 16 dividing all of them (the kernels multiply back by
+    # the constexpr: the compiler then knows a D = 72 row is 8-element aligned); 1 near 2^31 (i32 overflow)
+    assert sa._stride_align([72, 72 * 37, 72 * 37 * 2, 0]) == 8
+    assert sa._stride_align([40, 80]) == 8 and sa._stride_align([100, 200]) == 4
+    assert sa._stride_align([256, 16, 0]) == 16 and sa._stride_align([3]) == 1 and sa._stride_align([1, 64]) == 1
+    assert sa._stride_align([64, 2 ** 31 // 16]) == 1 and sa._stride_align([64, 2 ** 31 // 16 - 16]) == 16
+    assert sa._in_units([72, 144, 0]) == ([9, 18, 0], 8)
+
+
 def test_bench_head_dim_option_reports_padded_lanes_and_needs_a_gpu():
     # bench/bench_attention.py --head-dims on a machine without CUDA (forced here): the padded-lanes table, a clear
     # message and exit status 1, nothing timed; a dim outside 1..256 is an argument error naming it
@@ -476,6 +486,17 @@ for d in (64, 128, 256):
             for kind in kinds:
                 for cfg in sa.config_tuples(kind, d, getattr(torch, dt), cap):
                     jobs.append((kind, d, dt, cap, cfg, {}))
+# odd head dims (bf16, every config): 72 (BLOCK_D 128; strides only 8-aligned, STRIDE_ALIGN=8) and 192 (BLOCK_D 256,
+# masked d lanes, the two-pass dK / dV)
+for d in ODD_DIMS:
+    kinds = ["fwd", "dq", "pre"] + (["dkdv"] if d <= 128 else ["dk", "dv"])
+    for cap in ((9, 0), (8, 0)):
+        for kind in kinds:
+            for cfg in sa.config_tuples(kind, d, torch.bfloat16, cap):
+                jobs.append((kind, d, "bfloat16", cap, cfg, {}))
+            if d > 128 and kind != "pre":  # packed cross keeps a config the D = 256 rule would drop (fwd sm_90)
+                for cfg in sa.config_tuples(kind, d, torch.bfloat16, cap, packed_cross=True):
+                    jobs.append((kind, d, "bfloat16", cap, cfg, dict(varlen=True, causal=False, window=False)))
 # other mask variants of the Gemma-2 shape: packed (varlen), key padding mask + non-causal, packed non-causal
 for cap in ((9, 0), (8, 0)):
     for kind in ("fwd", "dq", "dk", "dv"):
@@ -487,9 +508,12 @@ for cap in ((9, 0), (8, 0)):
 """
 
 
+_STATIC_ODD_DIMS = (72, 192)
+
+
 @pytest.fixture(scope="module")
 def static_reports():
-    return compile_reports(_STATIC_SCRIPT, pool=True)
+    return compile_reports(f"ODD_DIMS = {_STATIC_ODD_DIMS!r}\n" + _STATIC_SCRIPT, pool=True)
 
 
 @pytest.mark.slow
@@ -500,6 +524,11 @@ def test_static_every_config_compiles_for_sm80_and_sm90(static_reports):
             for dt in ("bf16", "fp32"):
                 want = {"fwd", "dq", "pre"} | ({"dkdv"} if d <= 128 else {"dk", "dv"})
                 assert {k for k, dd, t, s in kinds if dd == d and t == dt and s == sm} == want, (d, sm, dt)
+    for d in _STATIC_ODD_DIMS:  # the odd dims, bf16, with the stride alignment a contiguous tensor guarantees
+        for sm in (80, 90):
+            want = {"fwd", "dq", "pre"} | ({"dkdv"} if d <= 128 else {"dk", "dv"})
+            assert {k for k, dd, t, s in kinds if dd == d and t == "bf16" and s == sm} == want, (d, sm)
+    assert {r["stride_align"] for r in static_reports if r["head_dim"] == 72} == {8}
 
 
 @pytest.mark.slow
