@@ -30,8 +30,9 @@ Head dims: any D in 1..256, internally padded to BLOCK_D = max(16, next power of
   columns); the elementwise L x S score work (tanh, exp2, masks) is not, so a matmul-bound D = 72 does at most
   72 / 128 = 56 % useful tensor-core work. D with BLOCK_D = 256 (129..256) also takes the two-pass dK / dV
   backward (see Kernels below).
-  D % 16 != 0 (8, 24, 40, 72): the token strides are not multiples of 16 elements, so Triton cannot prove the
-  rows 16-element aligned and vectorises the loads less (static_resource_report(aligned_strides=...)).
+  D % 16 != 0 (8, 24, 40, 72): the strides are not multiples of 16 elements, the only divisibility Triton proves at
+  launch; they are passed in units of their largest power-of-two divisor <= 16 (STRIDE_ALIGN, _units) so a D = 72
+  row is still known 8-aligned and keeps its vector loads (without it 7 of 12 bf16 sm_80/sm_90 configs spilled).
   D > 256 or D < 1: ValueError (florenz_fast.ops.attention runs D > 256 on its torch reference).
 
 Semantics (identical to florenz_fast.ops' `torch` backend, which defines them)
