@@ -799,8 +799,12 @@ def _stride_align(strides) -> int:
 
 
 def _in_units(strides):
-    """(strides // a, a) with a = _stride_align(strides)."""
+    """(strides // a, a) with a = _stride_align(strides), or (strides, 1) when a = 16: Triton's own launch-time
+    specialisation then marks them 16-divisible, and the kernels compile exactly as they did before the hint (with
+    unit strides times 16 instead, the sm_90 dV kernel at D = 256 packed spilled 16 B: static report)."""
     a = _stride_align(strides)
+    if a == 16:
+        return [int(x) for x in strides], 1
     return [int(x) // a for x in strides], a
 
 
@@ -894,7 +898,7 @@ def _backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, kpm, max_q, max_k, scale,
     ck = cu_k if cu_k is not None else q
     # one alignment for every launch of this backward: the strides of q, k, v, out, dO and of dq, dk, dv
     st_q, st_k, st_v, st_o, st_do, st_dq, st_dk, st_dv = (g.strides(t) for t in (q, k, v, out, do, dq, dk, dv))
-    align = _stride_align([*st_q, *st_k, *st_v, *st_o, *st_do, *st_dq, *st_dk, *st_dv])
+    _, align = _in_units([*st_q, *st_k, *st_v, *st_o, *st_do, *st_dq, *st_dk, *st_dv])
     st_q, st_k, st_v, st_o, st_do, st_dq, st_dk, st_dv = ([x // align for x in t] for t in
                                                           (st_q, st_k, st_v, st_o, st_do, st_dq, st_dk, st_dv))
     _pre[lambda meta: (triton.cdiv(g.L, meta["BLOCK_M"]), g.B * g.H)](
@@ -1071,9 +1075,10 @@ def static_resource_report(kind: str, head_dim: int, dtype: torch.dtype, capabil
     """Compile one kernel config for `capability` on this (GPU-less) machine and read the cubin's resource usage
     (florenz_kernels._static.compile_report). Needs TRITON_INTERPRET unset when this module was imported.
 
-    stride_align: the STRIDE_ALIGN the launch passes (_stride_align: the largest power of two <= 16 dividing
-    every stride); the unit strides themselves count as unaligned. None = what a contiguous or transposed tensor of
-    this head dim guarantees: every stride is a multiple of D, so gcd(D, 16) (72 -> 8, 40 -> 8, 100 -> 4)."""
+    stride_align: the largest power of two <= 16 dividing every stride (_stride_align). 16: the strides are
+    compiled as 16-divisible arguments with STRIDE_ALIGN = 1 (what the launch does then, see _in_units); below 16:
+    STRIDE_ALIGN = stride_align with unit strides of unknown divisibility. None = what a contiguous or transposed
+    tensor of this head dim guarantees: every stride is a multiple of D, so gcd(D, 16) (72 -> 8, 40 -> 8, 100 -> 4)."""
     import math
 
     from ._static import compile_report
@@ -1085,7 +1090,8 @@ def static_resource_report(kind: str, head_dim: int, dtype: torch.dtype, capabil
     ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     const = dict(IS_VARLEN=varlen, IS_CAUSAL=causal, HAS_WINDOW=window, HAS_KPM=kpm, SOFTCAP=softcap,
                  FAST_TANH=(dtype == torch.bfloat16), HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
-                 DOT_PREC=_dot_prec(dtype), STRIDE_ALIGN=stride_align, BLOCK_M=config[0], BLOCK_N=config[1])
+                 DOT_PREC=_dot_prec(dtype), STRIDE_ALIGN=1 if stride_align == 16 else stride_align,
+                 BLOCK_M=config[0], BLOCK_N=config[1])
     if kind in ("dkdv", "dk", "dv"):  # fused, or dK / dV alone (the D > 128 split)
         const.update(COMPUTE_DK=kind in ("dkdv", "dk"), COMPUTE_DV=kind in ("dkdv", "dv"))
 
@@ -1096,7 +1102,11 @@ def static_resource_report(kind: str, head_dim: int, dtype: torch.dtype, capabil
         return "fp32" if name in _FLOAT_ARGS else "i32"
 
     def aligned(name):
-        return name in _PTRS  # strides: in units of stride_align, of unknown divisibility
+        if name in _PTRS:
+            return True
+        # strides: 16-divisible as passed, or in units of stride_align (< 16) of unknown divisibility
+        return stride_align == 16 and name.startswith("stride_") and not name.startswith("stride_l") \
+            and name != "stride_kpmb"
 
     report = compile_report(fn, const, arg_type, aligned, capability, num_warps=config[2], num_stages=config[3])
     report.update(kind=kind, head_dim=head_dim, dtype=ty, config=tuple(config), stride_align=stride_align)
