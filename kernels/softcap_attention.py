@@ -659,13 +659,12 @@ _GPU_CONFIGS = {
                 for e, bm in ((2, 128 * 64 // d), (4, 64 * 64 // d))} for d in (64, 128, 256)},
 }
 
-# Configs that spill only in the packed non-causal variant (packed cross-attention): skipped there, unless that
-# leaves none (D = 160 / 192 fwd on sm_90 keeps (128, 32, 8, 3): spill-free packed cross there, static report).
+# Configs that spill only in the packed non-causal variant (packed cross-attention): skipped there (every D).
 _SPILL_PACKED_CROSS = {("fwd", 256, "sm90"): {(128, 32, 8, 3)},  # 16 B
                        ("dv", 256, "sm80"): {(64, 64, 8, 2)}}  # 32 B
-# Configs that spill only when D < BLOCK_D (the masked d lanes cost registers): skipped for those dims.
-# fwd sm_90 (128, 32, 8, 2): 8 B at D = 160 and 192, none at 256; (64, 32, 4, 2) spills 8-64 B and (64, 64, 8, 2)
-# 16 B packed at D = 192, so (128, 32, 8, 3) is the one left (spill-free in every variant at 192).
+# Configs that spill only when D < BLOCK_D (the masked d lanes cost registers), outside packed cross-attention:
+# skipped for those dims. fwd sm_90 (128, 32, 8, 2): 8 B at D = 160 and 192, none at 256, so those take the
+# 3-stage tile, which in turn spills 16 B packed cross (as at 256), where the 2-stage one is spill-free again.
 _SPILL_PADDED_D = {("fwd", 256, "sm90"): {(128, 32, 8, 2)}}
 
 # per-block shared memory of the device (opt-in maximum): H100 228 KB (227 usable), A100 164 KB (163 usable),
@@ -720,10 +719,10 @@ def config_tuples(kind: str, head_dim: int, dtype: torch.dtype, capability=(9, 0
     elem = torch.empty((), dtype=dtype).element_size()
     arch = "sm90" if capability[0] >= 9 else "sm80"
     cands = _GPU_CONFIGS[kind][_d_class(block_d)][2 if elem <= 2 else 4][arch]
-    if head_dim != block_d:
+    if head_dim != block_d and not packed_cross:
         cands = [c for c in cands if c not in _SPILL_PADDED_D.get((kind, _d_class(block_d), arch), ())]
     if packed_cross:
-        cands = [c for c in cands if c not in _SPILL_PACKED_CROSS.get((kind, _d_class(block_d), arch), ())] or cands
+        cands = [c for c in cands if c not in _SPILL_PACKED_CROSS.get((kind, _d_class(block_d), arch), ())]
     if tuple(capability) in ((8, 0), (9, 0)):  # checked exactly by the static tests
         return cands[:1] if _NO_AUTOTUNE else list(cands)
     limit = SHARED_LIMIT.get(tuple(capability), 101376)
