@@ -2,6 +2,7 @@
 
     python bench/bench_attention.py [--out DIR] [--seqlens 1024,2048,...] [--models 2b,9b] [--tokens 16384]
                                     [--peers torch,flex,sdpa,flash_attn] [--quick]
+                                    [--head-dims 40,72,80,96,112,160,192] [--head-dim-seqlen 4096] [--head-dims-only]
 
 Shapes: Gemma-2-2B (8 heads / 4 kv heads) and -9B (16 / 8), head dim 256, scale 256^-0.5, softcap 50, causal,
 bf16; batch = tokens // seqlen so every point moves the same number of tokens (16k by default: at L = 4096 the
@@ -17,6 +18,13 @@ Peers, all timed the same way (triton.testing.do_bench median; backward = torch.
               cuDNN/flash kernels skip the softcap work), K/V expanded to H heads outside the timed region
   flash_attn  flash_attn_func(softcap=50) when the package imports (it is not on the lent H100 image)
 Each peer is validated against the float64 reference at a small length before anything is timed.
+
+Head-dim sweep (--head-dims, GPU only): the same shapes at one length (--head-dim-seqlen) for each head dim, every
+provider validated at that dim first. The kernels pad D to BLOCK_D = max(16, next power of two) with masked loads
+(florenz_kernels.softcap_attention, "Head dims"), so each row reports BLOCK_D and the padded-lanes fraction
+1 - D / BLOCK_D (72 -> 128: 44 %) next to TFLOP/s counted at the real D (useful work) and at BLOCK_D (the work the
+tensor cores do). The score scale stays 256^-0.5 at every D (timing does not depend on it). On a machine without
+CUDA the script prints the padded-lanes table and says it needs a GPU (exit status 1).
 Writes attention_bench.json and attention_bench.png (forward and backward panels, roofline = measured bf16
 matmul peak) to --out and prints a table.
 """
@@ -52,12 +60,12 @@ def _bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")  # ms
 
 
-def make_inputs(B, H, Hk, L, seed=0):
+def make_inputs(B, H, Hk, L, seed=0, d=D):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(B, Hk, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(B, Hk, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    do = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = torch.randn(B, H, L, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, Hk, L, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, Hk, L, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    do = torch.randn(B, H, L, d, device="cuda", dtype=torch.bfloat16, generator=g)
     return q, k, v, do
 
 
@@ -131,11 +139,11 @@ def make_args(name, q, k, v):
     return q, k, v
 
 
-def validate(name, fn, H, Hk, L=512):
+def validate(name, fn, H, Hk, L=512, d=D):
     """Max error vs the float64 reference (out and dq/dk/dv) next to the bf16 reference's error."""
     from florenz_fast import ops
 
-    q, k, v, do = make_inputs(1, H, Hk, L, seed=1)
+    q, k, v, do = make_inputs(1, H, Hk, L, seed=1, d=d)
     ref = [t.double().requires_grad_() for t in (q, k, v)]
     out64 = ops.attention(*ref, scale=SCALE, softcap=SOFTCAP if EQUIVALENT[name] else 0.0, causal=True,
                           backend="torch")
@@ -154,8 +162,8 @@ def validate(name, fn, H, Hk, L=512):
     return res
 
 
-def time_provider(name, fn, B, H, Hk, L):
-    q, k, v, do = make_inputs(B, H, Hk, L)
+def time_provider(name, fn, B, H, Hk, L, d=D):
+    q, k, v, do = make_inputs(B, H, Hk, L, d=d)
     args = [t.requires_grad_() for t in make_args(name, q, k, v)]
     with torch.no_grad():
         fwd_ms = _bench(lambda: fn(*args))
@@ -233,6 +241,76 @@ def plot(records, peak, path):
     fig.savefig(path, dpi=120)
 
 
+def padded_lanes(dims):
+    """[(D, BLOCK_D, padded fraction)] for the head dims, from the kernel module (one definition of the padding)."""
+    from florenz_kernels.softcap_attention import head_dim_padding
+
+    return [(d, *head_dim_padding(d)) for d in dims]
+
+
+def padded_lanes_table(dims) -> str:
+    lines = [f"{'D':>5} {'BLOCK_D':>7} {'padded lanes':>12}"]
+    lines += [f"{d:5d} {bd:7d} {frac:11.1%}" for d, bd, frac in padded_lanes(dims)]
+    return "\n".join(lines)
+
+
+def head_dim_sweep(args, providers, dims):
+    """Every provider validated at each head dim (a peer failing one dim is recorded and skipped there), then timed
+    at --head-dim-seqlen: [records], {D: {provider: validation}}."""
+    L = args.head_dim_seqlen
+    B = max(1, args.tokens // L)
+    records, validation = [], {}
+    for d, block_d, frac in padded_lanes(dims):
+        validation[d] = {}
+        for model in args.models.split(","):
+            H, Hk = MODELS[model]["H"], MODELS[model]["Hk"]
+            for name, fn in providers.items():
+                if name == "torch" and L > args.torch_max_len:
+                    continue
+                if name == "flex" and model not in args.flex_models.split(","):
+                    continue
+                rec = dict(sweep="head_dim", model=model, provider=name, equivalent=EQUIVALENT[name], B=B, H=H, Hk=Hk,
+                           L=L, D=d, block_d=block_d, padded_lanes=frac)
+                t0 = time.time()
+                try:
+                    if name not in validation[d]:
+                        validation[d][name] = validate(name, fn, **MODELS[model], d=d)
+                    if not validation[d][name]["ok"]:
+                        raise RuntimeError(f"validation failed at D={d}: {json.dumps(validation[d][name])}")
+                    fwd_ms, bwd_ms = time_provider(name, fn, B, H, Hk, L, d=d)
+                    f, f_pad = flops_fwd(B, H, L, d), flops_fwd(B, H, L, block_d)
+                    rec.update(fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwd_tflops=f / fwd_ms / 1e9,
+                               bwd_tflops=2.5 * f / bwd_ms / 1e9, fwd_tflops_padded=f_pad / fwd_ms / 1e9,
+                               bwd_tflops_padded=2.5 * f_pad / bwd_ms / 1e9)
+                except torch.cuda.OutOfMemoryError as e:
+                    rec["error"] = f"OOM: {str(e)[:120]}"
+                except Exception as e:  # e.g. a peer without this head dim
+                    rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                rec["seconds"] = time.time() - t0
+                torch.cuda.empty_cache()
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
+    return records, validation
+
+
+def print_head_dim_report(records, providers, models):
+    print(f"\nhead-dim sweep, L={records[0]['L'] if records else '-'}: TFLOP/s at the real D (at BLOCK_D in brackets)")
+    print(f"{'model':5} {'D':>4} {'BLOCK_D':>7} {'padded':>7} | " + " | ".join(f"{p:>21} fwd/bwd" for p in providers))
+    dims = sorted({r["D"] for r in records})
+    for model in models:
+        for d in dims:
+            row = {r["provider"]: r for r in records if r["model"] == model and r["D"] == d}
+            if not row:
+                continue
+            any_r = next(iter(row.values()))
+            cells = []
+            for p in providers:
+                r = row.get(p, {})
+                cells.append(f"{r['fwd_tflops']:5.0f} ({r['fwd_tflops_padded']:3.0f}) / {r['bwd_tflops']:5.0f} "
+                             f"({r['bwd_tflops_padded']:3.0f})" if "fwd_tflops" in r else f"{'-':>29}")
+            print(f"{model:5} {d:4d} {any_r['block_d']:7d} {any_r['padded_lanes']:6.1%} | " + " | ".join(cells))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results/local"))
@@ -243,13 +321,27 @@ def main():
     ap.add_argument("--torch-max-len", type=int, default=8192)
     ap.add_argument("--flex-models", default="2b,9b", help="models to time FlexAttention on (compiles per shape)")
     ap.add_argument("--quick", action="store_true", help="validation + one point per provider")
+    ap.add_argument("--head-dims", default="", help="comma list of head dims 1..256 for the head-dim sweep, e.g. "
+                    "40,64,72,80,96,112,128,160,192,256 (odd ones are padded to a power of two inside)")
+    ap.add_argument("--head-dim-seqlen", type=int, default=4096, help="sequence length of the head-dim sweep")
+    ap.add_argument("--head-dims-only", action="store_true", help="skip the D=256 sequence-length sweep")
     args = ap.parse_args()
+    dims = [int(x) for x in args.head_dims.split(",") if x.strip()]
+    try:
+        padded_lanes(dims)  # a dim outside 1..256 fails here, naming it, before anything runs
+    except ValueError as e:
+        ap.error(f"--head-dims: {e}")
+    if not torch.cuda.is_available():
+        if dims:
+            print("padded lanes per head dim (the kernels compute on BLOCK_D lanes, masked):")
+            print(padded_lanes_table(dims))
+        sys.exit("bench_attention: no CUDA GPU on this machine; the benchmark times the GPU kernels only (run it on "
+                 "a GPU, e.g. through bench/gpu_suite.sh). Nothing was timed.")
     os.makedirs(args.out, exist_ok=True)
-    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "unset TRITON_INTERPRET"
     import triton
 
-    seqlens = [4096] if args.quick else [int(x) for x in args.seqlens.split(",")]
+    seqlens = [] if args.head_dims_only else [4096] if args.quick else [int(x) for x in args.seqlens.split(",")]
     env = dict(device=torch.cuda.get_device_name(), capability=torch.cuda.get_device_capability(),
                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
                tokens_per_point=args.tokens, head_dim=D, softcap=SOFTCAP, scale=SCALE, dtype="bf16")
@@ -298,8 +390,10 @@ def main():
                 records.append(rec)
                 print(json.dumps(rec), flush=True)
 
+    hd_records, hd_validation = head_dim_sweep(args, providers, dims) if dims else ([], {})
+
     breakdown = {}
-    if "ours" in providers:
+    if "ours" in providers and seqlens:
         for model in args.models.split(","):
             try:
                 breakdown[model] = kernel_breakdown(args.tokens // 4096, MODELS[model]["H"], MODELS[model]["Hk"],
@@ -308,7 +402,9 @@ def main():
             except Exception as e:
                 breakdown[model] = dict(error=str(e)[:300])
     result = dict(env=env, validation=validation, records=records, chosen_configs=chosen_configs(),
-                  kernel_breakdown_L4096=breakdown)
+                  kernel_breakdown_L4096=breakdown, head_dim_records=hd_records,
+                  head_dim_validation={str(d): v for d, v in hd_validation.items()},
+                  padded_lanes={str(d): dict(block_d=bd, padded_lanes=fr) for d, bd, fr in padded_lanes(dims)})
     with open(os.path.join(args.out, "attention_bench.json"), "w") as f:
         json.dump(result, f, indent=1)
     try:
@@ -340,6 +436,8 @@ def main():
                     parts.append(f"vs {p}: fwd {ours['fwd_tflops'] / r['fwd_tflops']:.2f}x "
                                  f"bwd {ours['bwd_tflops'] / r['bwd_tflops']:.2f}x")
             print(f"{model} L={L}: " + "; ".join(parts))
+    if hd_records:
+        print_head_dim_report(hd_records, providers, args.models.split(","))
     print("ours vs FA2-with-softcap published ~300 TFLOP/s fwd at D=256: "
           + ", ".join(f"{r['model']} L={r['L']}: {r['fwd_tflops'] / 300:.2f}x" for r in records
                       if r["provider"] == "ours" and "fwd_tflops" in r and r["L"] == 4096))

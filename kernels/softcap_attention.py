@@ -17,6 +17,24 @@ Layouts
   Any strides with a contiguous last dim (e.g. the (B, L, H, D) -> (B, H, L, D) transpose views that
   transformers hands over); `out` has q's strides, dq/dk/dv those of q/k/v.
 
+Head dims: any D in 1..256, internally padded to BLOCK_D = max(16, next power of two of D) (tl.arange needs a
+  power of two, tl.dot a K of at least 16). Every load and store of q, k, v, out, dO, dq, dk, dv is masked on
+  d < D: padded lanes read 0 (they add 0 to q.k and to dO.v) and are never written, so nothing is read or written
+  outside the tensors' D columns and no padded copy is made. The cost is compute, not memory traffic: the tiles
+  and every matmul over d are BLOCK_D wide, so 1 - D / BLOCK_D of those lanes are wasted; registers and shared
+  memory are sized by BLOCK_D, so a config is chosen by BLOCK_D's class (64 / 128 / 256). Wasted lanes:
+      D       8    24    40    72    80    96   112   160   192
+      BLOCK  16    32    64   128   128   128   128   256   256
+      waste 50%   25%   38%   44%   38%   25%   12%   38%   25%    (64, 128, 256: none; head_dim_padding(D))
+  Every matmul is padded (Q.K^T and dO.V^T reduce over BLOCK_D; P.V, dS.K, dS^T.Q and P^T.dO produce BLOCK_D
+  columns); the elementwise L x S score work (tanh, exp2, masks) is not, so a matmul-bound D = 72 does at most
+  72 / 128 = 56 % useful tensor-core work. D with BLOCK_D = 256 (129..256) also takes the two-pass dK / dV
+  backward (see Kernels below).
+  D % 16 != 0 (8, 24, 40, 72): the strides are not multiples of 16 elements, the only divisibility Triton proves at
+  launch; they are passed in units of their largest power-of-two divisor <= 16 (STRIDE_ALIGN, _units) so a D = 72
+  row is still known 8-aligned and keeps its vector loads (without it 7 of 12 bf16 sm_80/sm_90 configs spilled).
+  D > 256 or D < 1: ValueError (florenz_fast.ops.attention runs D > 256 on its torch reference).
+
 Semantics (identical to florenz_fast.ops' `torch` backend, which defines them)
   s = scale * q.k (scale defaults to D^-0.5); softcap c > 0: s = c * tanh(s / c), applied before masking;
   softmax in fp32; out = P @ v in the input dtype, accumulated in fp32. GQA: query head h reads kv head
@@ -69,7 +87,9 @@ from .reference import check_attention_inputs, softcap_attention_reference
 __all__ = [
     "softcap_attention",
     "softcap_attention_reference",
+    "head_dim_padding",
     "INTERPRET",
+    "MAX_HEAD_DIM",
 ]
 
 # Triton decides interpreted vs compiled when a function is decorated (triton 3.6 and 3.8 alike).
@@ -95,6 +115,15 @@ def _exp(x, NATURAL: tl.constexpr):
     else:
         y = tl.math.exp2(x)
     return y
+
+
+@triton.jit
+def _units(a, b, c, A: tl.constexpr):
+    """Three strides passed in units of A elements (see _stride_align), back in elements. The product with the
+    constexpr A tells the compiler they are multiples of A: Triton itself only proves divisibility by 16 at launch,
+    so a D = 72 row (stride 72) would otherwise count as 1-aligned, lose its vector loads and spill (static report:
+    sm_90 forward 8-448 B, dK/dV 200 B; none with the 8-element hint)."""
+    return a * A, b * A, c * A
 
 
 @triton.jit
@@ -229,7 +258,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KPM,
                 seqlen_q, seqlen_k, H, GROUPS, window, s_scale, scale_over_cap, s_cap, SEQ_BUCKET,
                 IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
                 SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                DOT_PREC: tl.constexpr, STRIDE_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -240,6 +269,10 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KPM,
     start_m = pid_m * BLOCK_M
     if start_m >= L:
         return
+    stride_qb, stride_qh, stride_qm = _units(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
+    stride_kb, stride_kh, stride_kn = _units(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+    stride_vb, stride_vh, stride_vn = _units(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+    stride_ob, stride_oh, stride_om = _units(stride_ob, stride_oh, stride_om, STRIDE_ALIGN)
     b64 = b.to(tl.int64)
     q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_tok * stride_qm
     k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh + k_tok * stride_kn
@@ -292,7 +325,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KPM,
 @triton.jit
 def _bwd_preprocess(O, DO, DELTA, CU_Q, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
                     stride_lb, stride_lh, seqlen_q, H,
-                    IS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                    IS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    STRIDE_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -301,6 +335,8 @@ def _bwd_preprocess(O, DO, DELTA, CU_Q, stride_ob, stride_oh, stride_om, stride_
     start_m = pid_m * BLOCK_M
     if start_m >= L:
         return
+    stride_ob, stride_oh, stride_om = _units(stride_ob, stride_oh, stride_om, STRIDE_ALIGN)
+    stride_dob, stride_doh, stride_dom = _units(stride_dob, stride_doh, stride_dom, STRIDE_ALIGN)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -381,7 +417,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, KPM,
                      IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                      HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, COMPUTE_DK: tl.constexpr,
-                     COMPUTE_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     COMPUTE_DV: tl.constexpr, STRIDE_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hk
@@ -391,6 +428,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, KPM,
     start_n = pid_n * BLOCK_N
     if start_n >= S:
         return
+    stride_qb, stride_qh, stride_qm = _units(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
+    stride_kb, stride_kh, stride_kn = _units(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+    stride_vb, stride_vh, stride_vn = _units(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+    stride_dob, stride_doh, stride_dom = _units(stride_dob, stride_doh, stride_dom, STRIDE_ALIGN)
+    stride_dkb, stride_dkh, stride_dkn = _units(stride_dkb, stride_dkh, stride_dkn, STRIDE_ALIGN)
+    stride_dvb, stride_dvh, stride_dvn = _units(stride_dvb, stride_dvh, stride_dvn, STRIDE_ALIGN)
     b64 = b.to(tl.int64)
     kvh64 = kvh.to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -502,7 +545,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, KPM,
                    SEQ_BUCKET,
                    IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
                    SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   DOT_PREC: tl.constexpr, STRIDE_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -513,6 +557,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, KPM,
     start_m = pid_m * BLOCK_M
     if start_m >= L:
         return
+    stride_qb, stride_qh, stride_qm = _units(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
+    stride_kb, stride_kh, stride_kn = _units(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+    stride_vb, stride_vh, stride_vn = _units(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+    stride_dob, stride_doh, stride_dom = _units(stride_dob, stride_doh, stride_dom, STRIDE_ALIGN)
+    stride_dqb, stride_dqh, stride_dqm = _units(stride_dqb, stride_dqh, stride_dqm, STRIDE_ALIGN)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -610,9 +659,13 @@ _GPU_CONFIGS = {
                 for e, bm in ((2, 128 * 64 // d), (4, 64 * 64 // d))} for d in (64, 128, 256)},
 }
 
-# Configs that spill only in the packed non-causal variant (packed cross-attention): skipped there.
+# Configs that spill only in the packed non-causal variant (packed cross-attention): skipped there (every D).
 _SPILL_PACKED_CROSS = {("fwd", 256, "sm90"): {(128, 32, 8, 3)},  # 16 B
                        ("dv", 256, "sm80"): {(64, 64, 8, 2)}}  # 32 B
+# Configs that spill only when D < BLOCK_D (the masked d lanes cost registers), outside packed cross-attention:
+# skipped for those dims. fwd sm_90 (128, 32, 8, 2): 8 B at D = 160 and 192, none at 256, so those take the
+# 3-stage tile, which in turn spills 16 B packed cross (as at 256), where the 2-stage one is spill-free again.
+_SPILL_PADDED_D = {("fwd", 256, "sm90"): {(128, 32, 8, 2)}}
 
 # per-block shared memory of the device (opt-in maximum): H100 228 KB (227 usable), A100 164 KB (163 usable),
 # consumer Ampere/Ada 100 KB (99 usable)
@@ -620,7 +673,24 @@ SHARED_LIMIT = {(9, 0): 232448, (8, 0): 166912, (8, 6): 101376, (8, 9): 101376, 
 
 
 def _block_d(head_dim: int) -> int:
+    # tl.arange needs a power of two and tl.dot a reduction dim of at least 16 (the mma / wgmma K step)
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def check_head_dim(head_dim: int, what: str = "q") -> None:
+    """ValueError naming the dim unless 1 <= head_dim <= MAX_HEAD_DIM (the kernel's contract)."""
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"softcap_attention: head dim D = {head_dim} ({what}) is outside the kernel's range "
+                         f"1..{MAX_HEAD_DIM}: D must be >= 1 and <= {MAX_HEAD_DIM} (the tile configs stop at "
+                         f"{MAX_HEAD_DIM} lanes); softcap_attention_reference takes any D")
+
+
+def head_dim_padding(head_dim: int) -> tuple[int, float]:
+    """(BLOCK_D, wasted fraction) for a head dim: the kernels compute on BLOCK_D = max(16, next power of two of D)
+    lanes with masked loads, so 1 - D / BLOCK_D of every d-wide matmul is padding (72 -> 128: 0.4375)."""
+    check_head_dim(head_dim, "head_dim")
+    block_d = _block_d(head_dim)
+    return block_d, 1.0 - head_dim / block_d
 
 
 def _d_class(block_d: int) -> int:
@@ -649,6 +719,8 @@ def config_tuples(kind: str, head_dim: int, dtype: torch.dtype, capability=(9, 0
     elem = torch.empty((), dtype=dtype).element_size()
     arch = "sm90" if capability[0] >= 9 else "sm80"
     cands = _GPU_CONFIGS[kind][_d_class(block_d)][2 if elem <= 2 else 4][arch]
+    if head_dim != block_d and not packed_cross:
+        cands = [c for c in cands if c not in _SPILL_PADDED_D.get((kind, _d_class(block_d), arch), ())]
     if packed_cross:
         cands = [c for c in cands if c not in _SPILL_PACKED_CROSS.get((kind, _d_class(block_d), arch), ())]
     if tuple(capability) in ((8, 0), (9, 0)):  # checked exactly by the static tests
@@ -710,6 +782,29 @@ def _dot_prec(dtype):
 
 def _fast_tanh(dtype):
     return dtype == torch.bfloat16 and not INTERPRET
+
+
+def _stride_align(strides) -> int:
+    """The largest power of two <= 16 dividing every stride (elements) the kernels take: they are passed divided by
+    it and multiplied back by the constexpr inside (_units). 1 when any stride reaches 2^31 / 16: a unit stride
+    could then be an i32 whose product with the alignment overflows (the element stride itself would be an i64)."""
+    vals = [abs(int(x)) for x in strides]
+    if any(x >= 2 ** 31 // 16 for x in vals):
+        return 1
+    a = 16
+    while a > 1 and any(x % a for x in vals):
+        a //= 2
+    return a
+
+
+def _in_units(strides):
+    """(strides // a, a) with a = _stride_align(strides), or (strides, 1) when a = 16: Triton's own launch-time
+    specialisation then marks them 16-divisible, and the kernels compile exactly as they did before the hint (with
+    unit strides times 16 instead, the sm_90 dV kernel at D = 256 packed spilled 16 B: static report)."""
+    a = _stride_align(strides)
+    if a == 16:
+        return [int(x) for x in strides], 1
+    return [int(x) // a for x in strides], a
 
 
 def _bucket(n: int) -> int:
@@ -780,11 +875,12 @@ def _forward(q, k, v, cu_q, cu_k, kpm, max_q, max_k, scale, softcap, causal, win
     ck = cu_k if cu_k is not None else q
     sl2, soc, cl2 = _scalars(scale, softcap, q.dtype)
     grid = lambda meta: (triton.cdiv(g.L, meta["BLOCK_M"]), g.B * g.H)
-    _fwd[grid](q, k, v, out, lse, cq, ck, kpm_t, *g.strides(q), *g.strides(k), *g.strides(v), *g.strides(out),
+    st, align = _in_units([*g.strides(q), *g.strides(k), *g.strides(v), *g.strides(out)])
+    _fwd[grid](q, k, v, out, lse, cq, ck, kpm_t, *st,
                slb, slh, s_kpm, g.L, g.S, g.H, g.groups, int(window or 0), sl2, soc, cl2, _bucket(g.L),
                IS_VARLEN=g.varlen, IS_CAUSAL=bool(causal), HAS_WINDOW=bool(window), HAS_KPM=kpm is not None,
                SOFTCAP=bool(softcap), FAST_TANH=_fast_tanh(q.dtype), HEAD_DIM=g.D, BLOCK_D=g.block_d,
-               DOT_PREC=_dot_prec(q.dtype))
+               DOT_PREC=_dot_prec(q.dtype), STRIDE_ALIGN=align)
     return out, lse
 
 
@@ -799,29 +895,34 @@ def _backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, kpm, max_q, max_k, scale,
     delta = torch.empty_like(lse)
     cq = cu_q if cu_q is not None else q
     ck = cu_k if cu_k is not None else q
+    # one alignment for every launch of this backward: the strides of q, k, v, out, dO and of dq, dk, dv
+    st_q, st_k, st_v, st_o, st_do, st_dq, st_dk, st_dv = (g.strides(t) for t in (q, k, v, out, do, dq, dk, dv))
+    _, align = _in_units([*st_q, *st_k, *st_v, *st_o, *st_do, *st_dq, *st_dk, *st_dv])
+    st_q, st_k, st_v, st_o, st_do, st_dq, st_dk, st_dv = ([x // align for x in t] for t in
+                                                          (st_q, st_k, st_v, st_o, st_do, st_dq, st_dk, st_dv))
     _pre[lambda meta: (triton.cdiv(g.L, meta["BLOCK_M"]), g.B * g.H)](
-        out, do, delta, cq, *g.strides(out), *g.strides(do), slb, slh, g.L, g.H,
-        IS_VARLEN=g.varlen, HEAD_DIM=g.D, BLOCK_D=g.block_d)
+        out, do, delta, cq, *st_o, *st_do, slb, slh, g.L, g.H,
+        IS_VARLEN=g.varlen, HEAD_DIM=g.D, BLOCK_D=g.block_d, STRIDE_ALIGN=align)
     if dlse is not None:  # d lse_i / d s_ij = P_ij: folds into delta (ds = P * (dP - delta + dlse))
         delta = delta - dlse.to(torch.float32)
     kpm_t, s_kpm = _kpm_arg(kpm, q)
     sl2, soc, cl2 = _scalars(scale, softcap, q.dtype)
     flags = dict(IS_VARLEN=g.varlen, IS_CAUSAL=bool(causal), HAS_WINDOW=bool(window), HAS_KPM=kpm is not None,
                  SOFTCAP=bool(softcap), FAST_TANH=_fast_tanh(q.dtype), HEAD_DIM=g.D, BLOCK_D=g.block_d,
-                 DOT_PREC=_dot_prec(q.dtype))
+                 DOT_PREC=_dot_prec(q.dtype), STRIDE_ALIGN=align)
     # D > 128: dK and dV in two passes of the same kernel (one fp32 accumulator each). Fused, the two
     # 64 x 256 fp32 accumulators spill on sm_90 at every block shape tried (static report); the split costs one
     # extra Q.K^T recompute (8 instead of 7 matmul passes over the scores in the whole backward).
     passes = [(True, True)] if g.block_d <= 128 else [(True, False), (False, True)]
     for compute_dk, compute_dv in passes:
         _dkdv[lambda meta: (triton.cdiv(g.S, meta["BLOCK_N"]), g.B * g.Hk)](
-            q, k, v, do, lse, delta, dk, dv, cq, ck, kpm_t, *g.strides(q), *g.strides(k), *g.strides(v),
-            *g.strides(do), *g.strides(dk), *g.strides(dv), slb, slh, s_kpm, g.L, g.S, g.Hk, g.groups,
+            q, k, v, do, lse, delta, dk, dv, cq, ck, kpm_t, *st_q, *st_k, *st_v, *st_do, *st_dk, *st_dv, slb, slh,
+            s_kpm, g.L, g.S, g.Hk, g.groups,
             int(window or 0), scale, sl2, soc, cl2, _bucket(g.S), COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv,
             **flags)
     _dq[lambda meta: (triton.cdiv(g.L, meta["BLOCK_M"]), g.B * g.H)](
-        q, k, v, do, lse, delta, dq, cq, ck, kpm_t, *g.strides(q), *g.strides(k), *g.strides(v),
-        *g.strides(do), *g.strides(dq), slb, slh, s_kpm, g.L, g.S, g.H, g.groups, int(window or 0), scale,
+        q, k, v, do, lse, delta, dq, cq, ck, kpm_t, *st_q, *st_k, *st_v, *st_do, *st_dq, slb, slh, s_kpm,
+        g.L, g.S, g.H, g.groups, int(window or 0), scale,
         sl2, soc, cl2, _bucket(g.L), **flags)
     return dq, dk, dv
 
@@ -902,8 +1003,9 @@ def softcap_attention(q, k, v, *, softcap: float = 0.0, scale: float | None = No
 
     Args:
       q: queries, fp16 / bf16 / fp32. Padded layout (B, H, L, D); packed layout (T, H, D) (all segments'
-        tokens concatenated). D <= 256. Any strides with a contiguous last dim (e.g. the (B, L, H, D) ->
-        (B, H, L, D) transpose view of a projection output: no copy).
+        tokens concatenated). Any 1 <= D <= 256 (padded inside to a power of two, masked: see the module
+        docstring's "Head dims"; head_dim_padding(D) gives the wasted fraction). Any strides with a contiguous
+        last dim (e.g. the (B, L, H, D) -> (B, H, L, D) transpose view of a projection output: no copy).
       k, v: keys and values, q's dtype and head dim, equal shapes: padded (B, Hk, S, D), packed (Tk, Hk, D).
         H must be a multiple of Hk (GQA: query head h reads kv head h // (H // Hk); K/V are never expanded).
       softcap: logit softcap c; c > 0: s = c * tanh(s / c), applied to the scaled scores before masking; 0 = none.
@@ -938,8 +1040,7 @@ def softcap_attention(q, k, v, *, softcap: float = 0.0, scale: float | None = No
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"softcap_attention: q, k, v must share one of fp16/bf16/fp32, got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"softcap_attention: head dim {q.shape[-1]} must be <= {MAX_HEAD_DIM}")
+    check_head_dim(q.shape[-1], f"q shape {tuple(q.shape)}")
     if window is not None and window < 0:
         raise ValueError(f"softcap_attention: window must be >= 0, got {window}")
     if packed:
@@ -969,16 +1070,27 @@ _PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA", "CU_Q", "CU
 
 def static_resource_report(kind: str, head_dim: int, dtype: torch.dtype, capability: tuple[int, int], config: tuple,
                            *, varlen=False, causal=True, window=True, kpm=False, softcap=True,
-                           split=None) -> dict:
+                           split=None, stride_align: int | None = None) -> dict:
     """Compile one kernel config for `capability` on this (GPU-less) machine and read the cubin's resource usage
-    (florenz_kernels._static.compile_report). Needs TRITON_INTERPRET unset when this module was imported."""
+    (florenz_kernels._static.compile_report). Needs TRITON_INTERPRET unset when this module was imported.
+
+    stride_align: the largest power of two <= 16 dividing every stride (_stride_align). 16: the strides are
+    compiled as 16-divisible arguments with STRIDE_ALIGN = 1 (what the launch does then, see _in_units); below 16:
+    STRIDE_ALIGN = stride_align with unit strides of unknown divisibility. None = what a contiguous or transposed
+    tensor of this head dim guarantees: every stride is a multiple of D, so gcd(D, 16) (72 -> 8, 40 -> 8, 100 -> 4)."""
+    import math
+
     from ._static import compile_report
+
+    if stride_align is None:
+        stride_align = math.gcd(head_dim, 16)
 
     fn = globals()[_KERNELS[kind]]
     ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     const = dict(IS_VARLEN=varlen, IS_CAUSAL=causal, HAS_WINDOW=window, HAS_KPM=kpm, SOFTCAP=softcap,
                  FAST_TANH=(dtype == torch.bfloat16), HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
-                 DOT_PREC=_dot_prec(dtype), BLOCK_M=config[0], BLOCK_N=config[1])
+                 DOT_PREC=_dot_prec(dtype), STRIDE_ALIGN=1 if stride_align == 16 else stride_align,
+                 BLOCK_M=config[0], BLOCK_N=config[1])
     if kind in ("dkdv", "dk", "dv"):  # fused, or dK / dV alone (the D > 128 split)
         const.update(COMPUTE_DK=kind in ("dkdv", "dk"), COMPUTE_DV=kind in ("dkdv", "dv"))
 
@@ -989,9 +1101,12 @@ def static_resource_report(kind: str, head_dim: int, dtype: torch.dtype, capabil
         return "fp32" if name in _FLOAT_ARGS else "i32"
 
     def aligned(name):
-        return name in _PTRS or (name.startswith("stride_") and not name.startswith("stride_l")
-                                 and name != "stride_kpmb")
+        if name in _PTRS:
+            return True
+        # strides: 16-divisible as passed, or in units of stride_align (< 16) of unknown divisibility
+        return stride_align == 16 and name.startswith("stride_") and not name.startswith("stride_l") \
+            and name != "stride_kpmb"
 
     report = compile_report(fn, const, arg_type, aligned, capability, num_warps=config[2], num_stages=config[3])
-    report.update(kind=kind, head_dim=head_dim, dtype=ty, config=tuple(config))
+    report.update(kind=kind, head_dim=head_dim, dtype=ty, config=tuple(config), stride_align=stride_align)
     return report

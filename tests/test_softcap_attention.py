@@ -18,6 +18,8 @@ Shape legend: B batch, H query heads, Hk kv heads, L queries, S keys, D head dim
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -100,6 +102,141 @@ def test_fp32_forward_backward(name):
 @pytest.mark.parametrize("name", FP16)
 def test_fp16_forward_backward(name):
     check_case(_kpm(CASES[name]), torch.float16)
+
+
+# ---- any head dim 1..256 and unequal lengths (issue 19) -------------------------------------------------------
+# The kernels pad D to BLOCK_D = max(16, next power of two) with masked loads (module docstring, "Head dims").
+# Lengths cross the interpreter's block sizes (fwd/dq 32 x 16, dK/dV 16 x 32) so both the masked edge and the
+# unmasked interior path (masked on d only when D != BLOCK_D) run; L > S leaves rows that see nothing under
+# bottom-right causal alignment. fp32 cases stay off single-key segments shared by many queries at D >= 128: there
+# the float64 dK is exactly 0 and the kernel's dS = P (dP - delta) cancels two differently summed ~sqrt(D)-sized
+# dot products, ~5e-6 against a 3.8e-6 slack (the same at D 128 and 256: a limit of the fp32 rule, not of padding).
+ODD_DIM_CASES = {
+    "D1_L9_S5_causal": dict(B=1, H=2, Hk=1, L=9, S=5, D=1, softcap=3.0, scale=1.0),
+    "D8_L37_S20_causal": dict(B=1, H=2, Hk=1, L=37, S=20, D=8, softcap=3.0),
+    "D24_L5_S40_window": dict(B=2, H=2, Hk=1, L=5, S=40, D=24, window=7),
+    "D40_L20_S37_window_softcap": dict(B=1, H=2, Hk=2, L=20, S=37, D=40, window=9, softcap=2.0),
+    "D72_L37_S20_window": dict(B=1, H=2, Hk=1, L=37, S=20, D=72, window=6, softcap=3.0),
+    "D72_cross_L20_S37": dict(B=1, H=2, Hk=1, L=20, S=37, D=72, causal=False, softcap=3.0),
+    "D80_kpm_L20_S37": dict(B=3, H=2, Hk=1, L=20, S=37, D=80, softcap=2.0, kpm="holes"),
+    "D96_packed_window": dict(H=2, Hk=1, D=96, lengths=[5, 1, 20, 0], lengths_k=[9, 3, 37, 2], window=8,
+                              softcap=2.0),
+    "D112_L20_S37_nocap": dict(B=1, H=2, Hk=1, L=20, S=37, D=112),
+    "D160_L37_S20_window": dict(B=1, H=2, Hk=1, L=37, S=20, D=160, window=11, softcap=5.0),
+    "D192_packed_cross": dict(H=2, Hk=1, D=192, lengths=[3, 20, 0, 6], lengths_k=[5, 37, 4, 2], causal=False,
+                              softcap=3.0),
+    "D255_L20_S37": dict(B=1, H=2, Hk=1, L=20, S=37, D=255, window=30, softcap=5.0),
+}
+# larger ones (slow): more heads, GQA, lengths past 2 blocks, fp16
+ODD_DIM_SLOW_CASES = {
+    "D72_L97_S33_gqa2_window": dict(B=2, H=4, Hk=2, L=97, S=33, D=72, window=17, softcap=3.0),
+    "D96_L33_S97_gqa4": dict(B=1, H=4, Hk=1, L=33, S=97, D=96, softcap=5.0),
+    "D192_packed_self_window": dict(H=4, Hk=2, D=192, lengths=[1, 40, 7, 0, 33], window=12, softcap=5.0),
+    "D160_kpm_cross": dict(B=3, H=2, Hk=1, L=9, S=33, D=160, causal=False, softcap=2.0, kpm="holes"),
+}
+FP16_ODD = ["D24_L5_S40_window", "D72_L37_S20_window", "D96_packed_window", "D192_packed_cross", "D255_L20_S37"]
+
+
+@pytest.mark.parametrize("name", list(ODD_DIM_CASES))
+def test_odd_head_dims_unequal_lengths_fp32(name):
+    check_case(_kpm(ODD_DIM_CASES[name]), torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ODD_DIM_SLOW_CASES))
+def test_odd_head_dims_unequal_lengths_fp32_larger(name):
+    check_case(_kpm(ODD_DIM_SLOW_CASES[name]), torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FP16_ODD)
+def test_odd_head_dims_unequal_lengths_fp16(name):
+    check_case(_kpm(ODD_DIM_CASES[name]), torch.float16)
+
+
+@pytest.mark.parametrize("D, causal", [(8, False), (72, False), (72, True), (192, False)])
+def test_padded_lanes_are_never_read(D, causal):
+    # q, k, v are the first D columns of wider buffers whose other columns hold NaN: a load of a padded lane
+    # (d >= D) would put NaN into q.k or P.V and into every gradient. With ordinary tensors such a load reads the
+    # next row (finite garbage times q's zero lanes: no visible error) or past the allocation's end. 37 x 40 keys
+    # without a window: the forward, dQ (and, non-causal, dK/dV) kernels run their unmasked interior blocks, where
+    # the loads are masked on d alone.
+    c = dict(B=1, H=2, Hk=1, L=37, S=40, D=D, causal=causal, softcap=3.0)
+    q, k, v, g, kw = _case_tensors(c, torch.float32)
+    wide = sa.head_dim_padding(D)[0] + 16
+
+    def in_nan_buffer(t):
+        buf = torch.full((*t.shape[:-1], wide), float("nan"), device=t.device, dtype=t.dtype)
+        buf[..., :D] = t
+        return buf[..., :D]
+
+    qn, kn, vn = (in_nan_buffer(t).requires_grad_() for t in (q, k, v))  # leaf views: no clone, no copy
+    assert qn.stride(-1) == 1 and qn.stride(-2) == wide and torch.isnan(qn.detach().as_strided((wide,), (1,))).any()
+    out, lse = sa.softcap_attention(qn, kn, vn, **kw)
+    out.backward(g)
+    got = (out.detach(), lse.detach(), qn.grad, kn.grad, vn.grad)
+    want = _kernel_fwd_bwd(q, k, v, g, kw)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert not torch.isnan(a).any(), name  # lse is -inf for the rows that see nothing (L > S, causal)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_head_dim_padding_reports_block_and_wasted_lanes():
+    table = {1: (16, 15 / 16), 8: (16, 0.5), 24: (32, 0.25), 40: (64, 0.375), 64: (64, 0.0), 72: (128, 0.4375),
+             80: (128, 0.375), 96: (128, 0.25), 112: (128, 0.125), 128: (128, 0.0), 160: (256, 0.375),
+             192: (256, 0.25), 255: (256, 1 / 256), 256: (256, 0.0)}
+    for d, want in table.items():
+        assert sa.head_dim_padding(d) == want, d
+    for bad in (0, 257, 320):
+        with pytest.raises(ValueError, match=f"head dim D = {bad} .*1..256"):
+            sa.head_dim_padding(bad)
+
+
+@pytest.mark.parametrize("D", [0, 257, 320])
+def test_head_dim_outside_1_to_256_raises_naming_it(D):
+    q = torch.zeros(1, 2, 5, D, device=DEVICE)
+    k = torch.zeros(1, 1, 5, D, device=DEVICE)
+    with pytest.raises(ValueError, match=rf"head dim D = {D} \(q shape \(1, 2, 5, {D}\)\) is outside .*1..256"):
+        sa.softcap_attention(q, k, k)
+    with pytest.raises(ValueError, match=rf"head dim D = {D} \(q shape \(5, 2, {D}\)\)"):  # packed
+        cu = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
+        sa.softcap_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), k[0].transpose(0, 1), cu_seqlens_q=cu,
+                             cu_seqlens_k=cu, max_seqlen_q=5, max_seqlen_k=5)
+
+
+def test_stride_alignment_hint():
+    # strides travel in units of the largest power of two <= 16 dividing all of them (the kernels multiply back by
+    # the constexpr: the compiler then knows a D = 72 row is 8-element aligned); 1 near 2^31 (i32 overflow)
+    assert sa._stride_align([72, 72 * 37, 72 * 37 * 2, 0]) == 8
+    assert sa._stride_align([40, 80]) == 8 and sa._stride_align([100, 200]) == 4
+    assert sa._stride_align([256, 16, 0]) == 16 and sa._stride_align([3]) == 1 and sa._stride_align([1, 64]) == 1
+    assert sa._stride_align([64, 2 ** 31 // 16]) == 1 and sa._stride_align([64, 2 ** 31 // 16 - 16]) == 16
+    assert sa._in_units([72, 144, 0]) == ([9, 18, 0], 8)
+    assert sa._in_units([64, 128, 0]) == ([64, 128, 0], 1)  # 16-aligned: Triton's launch specialisation does it
+
+
+def test_bench_head_dim_option_reports_padded_lanes_and_needs_a_gpu():
+    # bench/bench_attention.py --head-dims on a machine without CUDA (forced here): the padded-lanes table, a clear
+    # message and exit status 1, nothing timed; a dim outside 1..256 is an argument error naming it
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(root))
+
+    def bench(*argv):
+        return subprocess.run([sys.executable, "bench/bench_attention.py", *argv], capture_output=True, text=True,
+                              cwd=root, env=env, timeout=300)
+
+    r = bench("--head-dims", "8,72,192,256", "--out", "/nonexistent/never-written")
+    assert r.returncode == 1, r.stderr[-2000:]
+    rows = {int(line.split()[0]): line.split()[1:] for line in r.stdout.splitlines()[2:]}
+    assert rows == {8: ["16", "50.0%"], 72: ["128", "43.8%"], 192: ["256", "25.0%"], 256: ["256", "0.0%"]}, r.stdout
+    assert "no CUDA GPU on this machine" in r.stderr and "Nothing was timed" in r.stderr
+    r = bench("--head-dims", "72,300")
+    assert r.returncode == 2 and "--head-dims: softcap_attention: head dim D = 300" in r.stderr, r.stderr[-2000:]
 
 
 def test_reference_is_the_naive_one():
@@ -200,7 +337,7 @@ def test_invalid_inputs_raise():
         sa.softcap_attention(q, k, k, causal=False, window=3)
     with pytest.raises(ValueError, match="not a multiple"):
         sa.softcap_attention(torch.zeros(1, 3, 5, 16, device=DEVICE), k, k)
-    with pytest.raises(ValueError, match="<= 256"):
+    with pytest.raises(ValueError, match="head dim D = 320 .* must be >= 1 and <= 256"):
         sa.softcap_attention(torch.zeros(1, 4, 5, 320, device=DEVICE), torch.zeros(1, 2, 5, 320, device=DEVICE),
                              torch.zeros(1, 2, 5, 320, device=DEVICE))
     with pytest.raises(ValueError, match="fp16/bf16/fp32"):
@@ -350,6 +487,17 @@ for d in (64, 128, 256):
             for kind in kinds:
                 for cfg in sa.config_tuples(kind, d, getattr(torch, dt), cap):
                     jobs.append((kind, d, dt, cap, cfg, {}))
+# odd head dims (bf16, every config): 72 (BLOCK_D 128; strides only 8-aligned, STRIDE_ALIGN=8) and 192 (BLOCK_D 256,
+# masked d lanes, the two-pass dK / dV)
+for d in ODD_DIMS:
+    kinds = ["fwd", "dq", "pre"] + (["dkdv"] if d <= 128 else ["dk", "dv"])
+    for cap in ((9, 0), (8, 0)):
+        for kind in kinds:
+            for cfg in sa.config_tuples(kind, d, torch.bfloat16, cap):
+                jobs.append((kind, d, "bfloat16", cap, cfg, {}))
+            if d > 128 and kind != "pre":  # packed cross keeps a config the D = 256 rule would drop (fwd sm_90)
+                for cfg in sa.config_tuples(kind, d, torch.bfloat16, cap, packed_cross=True):
+                    jobs.append((kind, d, "bfloat16", cap, cfg, dict(varlen=True, causal=False, window=False)))
 # other mask variants of the Gemma-2 shape: packed (varlen), key padding mask + non-causal, packed non-causal
 for cap in ((9, 0), (8, 0)):
     for kind in ("fwd", "dq", "dk", "dv"):
@@ -361,9 +509,12 @@ for cap in ((9, 0), (8, 0)):
 """
 
 
+_STATIC_ODD_DIMS = (72, 192)
+
+
 @pytest.fixture(scope="module")
 def static_reports():
-    return compile_reports(_STATIC_SCRIPT, pool=True)
+    return compile_reports(f"ODD_DIMS = {_STATIC_ODD_DIMS!r}\n" + _STATIC_SCRIPT, pool=True)
 
 
 @pytest.mark.slow
@@ -374,6 +525,11 @@ def test_static_every_config_compiles_for_sm80_and_sm90(static_reports):
             for dt in ("bf16", "fp32"):
                 want = {"fwd", "dq", "pre"} | ({"dkdv"} if d <= 128 else {"dk", "dv"})
                 assert {k for k, dd, t, s in kinds if dd == d and t == dt and s == sm} == want, (d, sm, dt)
+    for d in _STATIC_ODD_DIMS:  # the odd dims, bf16, with the stride alignment a contiguous tensor guarantees
+        for sm in (80, 90):
+            want = {"fwd", "dq", "pre"} | ({"dkdv"} if d <= 128 else {"dk", "dv"})
+            assert {k for k, dd, t, s in kinds if dd == d and t == "bf16" and s == sm} == want, (d, sm)
+    assert {r["stride_align"] for r in static_reports if r["head_dim"] == 72} == {8}
 
 
 @pytest.mark.slow
