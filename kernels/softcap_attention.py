@@ -169,6 +169,33 @@ def _key_range(start_m, L, S, off, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: 
 
 
 @triton.jit
+def _query_range(start_n, L, S, off, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query range [lo, hi) that sees the key block [start_n, start_n + BLOCK_N), and its fully visible interior
+    [full_lo, full_hi) (block aligned, lo <= full_lo <= full_hi <= hi; the dK/dV kernels'). Query rows >= L would
+    pollute dK/dV, so the interior also ends at a whole block inside L. Clamped before `//` as in _key_range."""
+    n_last = tl.minimum(start_n + BLOCK_N, S) - 1
+    if IS_CAUSAL:
+        lo = (tl.maximum(start_n - off, 0) // BLOCK_M) * BLOCK_M
+        full_lo = ((tl.maximum(n_last - off, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        full_lo = 0
+    if HAS_WINDOW:
+        hi = tl.minimum(L, tl.maximum(n_last + window - off, 0))
+        full_hi = (tl.maximum(tl.minimum(start_n + window - off, L), 0) // BLOCK_M) * BLOCK_M
+    else:
+        hi = L
+        full_hi = (L // BLOCK_M) * BLOCK_M
+    if HAS_KPM:
+        full_lo = lo
+        full_hi = lo
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
 def _visible(in_range, pos_m, offs_n, kp, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
              HAS_KPM: tl.constexpr, KEYS_FIRST: tl.constexpr):
     """Which scores of a tile are visible: in_range (the tile's bounds check, already in the tile's shape) and
@@ -447,28 +474,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, KPM,
                 + offs_d[None, :], mask=kv_mask, other=0.0)
     kpm_base = KPM + b64 * stride_kpmb
 
-    # Query range [lo, hi) that sees this key block, and its fully visible interior [full_lo, full_hi).
-    # Query rows >= L would pollute dK/dV, so the interior also ends at a whole block inside L; key rows >= S
-    # only produce dK/dV rows that are never stored.
+    # the query rows that see this key block (_query_range); key rows >= S only give dK/dV rows never stored
     off = S - L
-    n_last = tl.minimum(start_n + BLOCK_N, S) - 1
-    if IS_CAUSAL:
-        lo = (tl.maximum(start_n - off, 0) // BLOCK_M) * BLOCK_M
-        full_lo = ((tl.maximum(n_last - off, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-    else:
-        lo = 0
-        full_lo = 0
-    if HAS_WINDOW:
-        hi = tl.minimum(L, tl.maximum(n_last + window - off, 0))
-        full_hi = (tl.maximum(tl.minimum(start_n + window - off, L), 0) // BLOCK_M) * BLOCK_M
-    else:
-        hi = L
-        full_hi = (L // BLOCK_M) * BLOCK_M
-    if HAS_KPM:
-        full_lo = lo
-        full_hi = lo
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    lo, full_lo, full_hi, hi = _query_range(start_n, L, S, off, window, IS_CAUSAL, HAS_WINDOW, HAS_KPM, BLOCK_M,
+                                            BLOCK_N)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)

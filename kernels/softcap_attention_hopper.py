@@ -74,6 +74,7 @@ from .softcap_attention import (
     _kpm_arg,
     _pre,
     _prep,
+    _query_range,
     _scalars,
     _segment,
     _visible,
@@ -377,27 +378,10 @@ def _hopper_bwd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, CU_Q, CU_K, KPM,
     else:
         dq_src = dq_base
 
-    # Query range [lo, hi) that sees this key block and its fully visible interior [full_lo, full_hi), as in the
-    # default dK/dV kernel: query rows >= L would pollute dK/dV, so the interior ends at a whole block inside L.
+    # the query rows that see this key block, as in the default dK/dV kernel (_query_range)
     off = S - L
-    n_last = tl.minimum(start_n + BLOCK_N, S) - 1
-    if IS_CAUSAL:
-        lo = (tl.maximum(start_n - off, 0) // BLOCK_M) * BLOCK_M
-        full_lo = ((tl.maximum(n_last - off, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-    else:
-        lo = 0
-        full_lo = 0
-    if HAS_WINDOW:
-        hi = tl.minimum(L, tl.maximum(n_last + window - off, 0))
-        full_hi = (tl.maximum(tl.minimum(start_n + window - off, L), 0) // BLOCK_M) * BLOCK_M
-    else:
-        hi = L
-        full_hi = (L // BLOCK_M) * BLOCK_M
-    if HAS_KPM:
-        full_lo = lo
-        full_hi = lo
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    lo, full_lo, full_hi, hi = _query_range(start_n, L, S, off, window, IS_CAUSAL, HAS_WINDOW, HAS_KPM, BLOCK_M,
+                                            BLOCK_N)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -692,7 +676,7 @@ def _backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, kpm, max_q, max_k, scale,
     ck = cu_k if cu_k is not None else q
     _pre[lambda meta: (triton.cdiv(g.L, meta["BLOCK_M"]), g.B * g.H)](
         out, do, delta, cq, *g.strides(out), *g.strides(do), slb, slh, g.L, g.H,
-        IS_VARLEN=g.varlen, HEAD_DIM=g.D, BLOCK_D=g.block_d)
+        IS_VARLEN=g.varlen, HEAD_DIM=g.D, BLOCK_D=g.block_d, STRIDE_ALIGN=1)  # element strides (_units)
     if dlse is not None:  # d lse_i / d s_ij = P_ij folds into delta, as in the default path
         delta = delta - dlse.to(torch.float32)
     (q, k, v, do), (dk, dv), tma = _plan_tma(use_tma, g.D, (q, k, v, do),
@@ -715,7 +699,7 @@ def _backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, kpm, max_q, max_k, scale,
         sl2, soc, cl2 = _scalars(scale, softcap, q.dtype)
         dflags = dict(IS_VARLEN=g.varlen, IS_CAUSAL=bool(causal), HAS_WINDOW=bool(window), HAS_KPM=kpm is not None,
                       SOFTCAP=bool(softcap), FAST_TANH=_fast_tanh(q.dtype), HEAD_DIM=g.D, BLOCK_D=g.block_d,
-                      DOT_PREC=_dot_prec(q.dtype))
+                      DOT_PREC=_dot_prec(q.dtype), STRIDE_ALIGN=1)
         _dq[lambda meta: (triton.cdiv(g.L, meta["BLOCK_M"]), g.B * g.H)](
             q, k, v, do, lse, delta, dq, cq, ck, kpm_t, *g.strides(q), *g.strides(k), *g.strides(v),
             *g.strides(do), *g.strides(dq), slb, slh, s_kpm, g.L, g.S, g.H, g.groups, int(window or 0), scale,
