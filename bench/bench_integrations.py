@@ -42,10 +42,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "bench"):  # bench/ too: imported as a module (tests), not only run as a script
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from loss_memory import reset_peak_rss, status_mib  # bench/: the process's RSS and its peak, reset per part
+from loss_memory import reset_peak_rss, status_mib  # the process's RSS and its peak, reset per part
 
 # ---- train: N steps eager vs patched (CPU, interpreter) --------------------------------------------------------
 
