@@ -96,9 +96,11 @@ def _packed_as_padded(fn, q, k, v, *, causal, window, cu_seqlens_q, cu_seqlens_k
     The padded widths are the caller's max_seqlen_q / max_seqlen_k (Python ints: the model passes the loader's);
     only a caller without them has the lengths read back here (a device sync). The plan (indices and masks) is
     built once per forward and layout (ops.memo)."""
-    lq, lk = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]), (cu_seqlens_k[1:] - cu_seqlens_k[:-1])
-    Lmax = int(max_seqlen_q) if max_seqlen_q else int(lq.max()) if lq.numel() else 0
-    Smax = max(int(max_seqlen_k) if max_seqlen_k else int(lk.max()) if lk.numel() else 0, 1)
+    def longest(cu):  # only for a caller without the host bounds: a device->host read
+        return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+
+    Lmax = int(max_seqlen_q) if max_seqlen_q else longest(cu_seqlens_q)
+    Smax = max(int(max_seqlen_k) if max_seqlen_k else longest(cu_seqlens_k), 1)
     T, Tk = q.shape[0], k.shape[0]
     if T == 0 or Lmax == 0:
         return torch.zeros_like(q)
@@ -160,11 +162,12 @@ def _attention_sdpa(q, k, v, *, scale, softcap, causal, window, key_padding_mask
         raise Unsupported("SDPA has no softcap and no sliding window")
 
     def sdpa(q4, k4, v4, visible, sees_nothing=None):
-        if _attention_dropout(q4, dropout_p) is not None:
+        cheap_dropout = _attention_dropout(q4, dropout_p)
+        if cheap_dropout is not None:
             # SDPA's CPU kernels have no dropout (it falls back to its math path with bernoulli_): the same math
             # with the dense dropout's cheaper mask
             return attention_block(q4, k4, v4, scale=scale, softcap=0.0, visible_BLS=visible, dropout_p=dropout_p,
-                                   dropout=_attention_dropout(q4, dropout_p))
+                                   dropout=cheap_dropout)
         if visible is None:
             return F.scaled_dot_product_attention(q4, k4, v4, dropout_p=dropout_p, scale=scale,
                                                   enable_gqa=q4.shape[1] != k4.shape[1])
