@@ -768,6 +768,84 @@ def test_attention_dropout_is_unbiased_and_shared_by_dense_and_sdpa(backend, one
     assert (mean - clean).abs().max() < 0.15 * clean.abs().max()
 
 
+@pytest.mark.parametrize("case", [0, 1, 3, 6, 7])
+def test_dense_core_backward_with_dropout_equals_the_reference_math(case, monkeypatch):
+    # the hand-written backward of the dense backend's core (_AttentionCore), dropout included, against
+    # attention_block's autograd with the same mask draws, in float64; the core must really run
+    from florenz_kernels.reference import attention_block
+
+    runs = []
+    real = ops_dense._AttentionCore.apply
+    monkeypatch.setattr(ops_dense._AttentionCore, "apply", lambda *a: runs.append(1) or real(*a))
+    q, k, v, kw = _fast_case(_FAST_CASES[case])
+    torch.manual_seed(5)
+    ours = _fwd_bwd(q, k, v, {**kw, "dropout_p": 0.25}, "dense")
+    assert runs, "the dense core did not run"
+    if "cu_seqlens_q" in kw:  # the same padded blocks as the backend's, through the reference math
+        plan = ops_dense._plan(kw["cu_seqlens_q"], kw["cu_seqlens_k"], kw["max_seqlen_q"], kw["max_seqlen_k"],
+                               q.shape[0], k.shape[0], kw["causal"], kw["window"])
+
+        def ref_fn(q, k, v):
+            out = attention_block(ops_dense._ToPadded.apply(q, plan.slot_q, plan.row_q),
+                                  ops_dense._ToPadded.apply(k, plan.slot_k, plan.row_k),
+                                  ops_dense._ToPadded.apply(v, plan.slot_k, plan.row_k), scale=kw["scale"],
+                                  softcap=kw["softcap"], visible_BLS=plan.visible, dropout_p=0.25,
+                                  dropout=ops_dense._dropout_dense)
+            return ops_dense._FromPadded.apply(out, plan.slot_q, plan.row_q)
+    else:
+        def ref_fn(q, k, v):
+            return attention_block(q, k, v, scale=kw["scale"], softcap=kw["softcap"], dropout_p=0.25,
+                                   visible_BLS=ops_dense._dense_visible(q, k, kw["causal"], kw["window"],
+                                                                        kw.get("key_padding_mask")),
+                                   dropout=ops_dense._dropout_dense)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(5)
+    out = ref_fn(*ins)
+    ref = [out.detach(), *torch.autograd.grad(
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum(), ins)]
+    clean = _fwd_bwd(q, k, v, kw, "torch")
+    assert (ours[0] - clean[0]).abs().max() > 0.01  # it dropped something
+    for a, b in zip(ours, ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("variant", ["plain", "add", "add_scale_next"])
+def test_dense_rms_norm_backward_equals_the_reference(dtype, variant, monkeypatch):
+    from florenz_kernels.reference import add_rms_norm_reference, rms_norm_reference
+
+    runs = []
+    real = ops_dense._RMSNorm.apply
+    monkeypatch.setattr(ops_dense._RMSNorm, "apply", lambda *a: runs.append(1) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(3, 5, 37, generator=g, dtype=dtype) * s for s in (1.0, 3.0))
+    w, w2 = (torch.randn(37, generator=g, dtype=dtype) * 0.3 for _ in range(2))
+    scale = torch.tensor([0.4], dtype=dtype)
+
+    def run(fn_plain, fn_add, ins):
+        ins = [t.clone().requires_grad_() for t in ins]
+        if variant == "plain":
+            outs = [fn_plain(ins[1], ins[2], 1e-6)]
+        else:
+            outs = [o for o in fn_add(ins[0], ins[1], ins[2], 1e-6, scale=ins[3] if "scale" in variant else None,
+                                      next_weight=ins[4] if "next" in variant else None) if o is not None]
+        loss = sum((o * torch.linspace(-1, 2, o.numel(), dtype=dtype).view_as(o)).sum() for o in outs)
+        used = [t for t in ins if t.requires_grad]
+        grads = torch.autograd.grad(loss, used, allow_unused=True)
+        return [o.detach() for o in outs] + [gr for gr in grads if gr is not None]
+
+    ins = [x, y, w, scale, w2]
+    ours = run(lambda *a: ops.rms_norm(*a, backend="dense"), lambda *a, **k: ops.add_rms_norm(*a, **k, backend="dense"),
+               ins)
+    assert runs, "the dense RMSNorm did not run"
+    ref = run(rms_norm_reference, add_rms_norm_reference, ins)
+    assert len(ours) == len(ref) >= 3
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, **tol)
+
+
 def test_dense_plan_is_built_once_per_layout_and_follows_in_place_changes(monkeypatch):
     built = []
     real = ops_dense._plan

@@ -2,13 +2,16 @@
 gather in, one out) instead of the reference's (T, Tk) block-diagonal mask; no device->host read when the caller
 passes max_seqlen_q / max_seqlen_k (the padded widths).
 
-  dense  the reference math (florenz_kernels.reference.attention_block) on the padded batch.
+  dense  the reference math (florenz_kernels.reference.attention_block) on the padded batch; in fp32 / fp64 in
+         eager mode with a hand-written backward (_AttentionCore). Also the `dense` dropout (a cheaper CPU mask)
+         and RMSNorm / add_rms_norm with a hand-written backward (_RMSNorm).
   sdpa   torch.nn.functional.scaled_dot_product_attention for calls without softcap and window (Unsupported
          otherwise); rows that see no key return zeros, as everywhere.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -29,6 +32,7 @@ class _Plan(NamedTuple):
     row_k: torch.Tensor  # (Tk,)
     visible: torch.Tensor  # (N, 1, Lmax, Smax) bool: real keys, under the causal / window rule
     sees_nothing: torch.Tensor  # (N, 1, Lmax, 1) bool: query slots that see no key (zeros out, never NaN)
+    invisible: torch.Tensor  # ~visible
 
 
 def _slots(cu: torch.Tensor, width: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +58,8 @@ def _plan(cu_q, cu_k, Lmax: int, Smax: int, T: int, Tk: int, causal: bool, windo
         if window:
             visible = visible & (p - pos_k < window)
     visible = visible[:, None]
-    return _Plan(slot_q, slot_k, row_q, row_k, visible, ~visible.any(-1, keepdim=True))
+    invisible = ~visible
+    return _Plan(slot_q, slot_k, row_q, row_k, visible, invisible.all(-1, keepdim=True), invisible)
 
 
 class _ToPadded(torch.autograd.Function):
@@ -113,25 +118,99 @@ def _packed_as_padded(fn, q, k, v, *, causal, window, cu_seqlens_q, cu_seqlens_k
     return _FromPadded.apply(out_N, plan.slot_q, plan.row_q)
 
 
-def _dropout_dense(x: torch.Tensor, p: float) -> torch.Tensor:
-    """ops.dropout on the CPU with a cheaper mask than F.dropout's bernoulli_: one 64-bit draw gives two 32-bit words,
-    and an element is dropped iff its word falls in the lowest round(p * 2**32) of the 2**32 values, so
+def _keep_scale(shape, p: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """The dense dropout's mask, kept elements already scaled: one 64-bit draw gives two 32-bit words, and an
+    element is dropped iff its word falls in the lowest round(p * 2**32) of the 2**32 values, so
     P(drop) = round(p * 2**32) / 2**32 (within 1.2e-10 of p) and the kept elements are scaled by the exact
-    1 / (1 - P(drop)). `small` (2 threads): the mask of (8, 4, 92, 92) in 0.9 ms against bernoulli_'s 3.2 ms.
+    1 / (1 - P(drop))."""
+    n, drop = math.prod(shape), round(p * 2**32)
+    words = torch.randint(-2**63, 2**63 - 1, ((n + 1) // 2,), dtype=torch.int64, device=device)
+    keep = words.view(torch.int32)[:n].view(shape) >= drop - 2**31
+    return keep.to(dtype).mul_(2**32 / (2**32 - drop))
+
+
+def _dropout_dense(x: torch.Tensor, p: float) -> torch.Tensor:
+    """ops.dropout on the CPU with a cheaper mask than F.dropout's bernoulli_ (_keep_scale). `small` (2 threads):
+    the mask of (8, 4, 92, 92) in 0.9 ms against bernoulli_'s 3.2 ms.
     Unsupported elsewhere (CUDA: torch's fused dropout; torch.compile: its own RNG)."""
     if x.device.type != "cpu" or torch.compiler.is_compiling() or not x.is_floating_point() or not 0 < p < 1:
         raise Unsupported("the dense dropout draws CPU masks in eager mode, 0 < p < 1")
-    n, drop = x.numel(), round(p * 2**32)
-    words = torch.randint(-2**63, 2**63 - 1, ((n + 1) // 2,), dtype=torch.int64, device=x.device)
-    keep = words.view(torch.int32)[:n].view(x.shape) >= drop - 2**31
-    return x * keep.to(x.dtype).mul_(2**32 / (2**32 - drop))
+    return x * _keep_scale(x.shape, p, x.dtype, x.device)
 
 
-def _attention_dropout(q: torch.Tensor, p: float):
-    """attention_block's dropout for this call: the dense one on the CPU in eager mode, else F.dropout."""
-    if q.device.type == "cpu" and not torch.compiler.is_compiling() and 0 < p < 1:
-        return _dropout_dense
-    return None
+def _cheap_dropout(q: torch.Tensor, p: float) -> bool:
+    """The dense dropout's mask for this call's attention probabilities (CPU, eager), else F.dropout's."""
+    return q.device.type == "cpu" and not torch.compiler.is_compiling() and 0 < p < 1
+
+
+class _AttentionCore(torch.autograd.Function):
+    """attention_block's math on one padded block with a hand-written backward, for fp32 / fp64 in eager mode:
+    fewer and in-place elementwise ops than autograd's, and GQA without repeating K / V (the G query heads of a KV
+    head are one (G * L)-row block). q (N, H, L, D), k / v (N, Hk, S, D); `invisible` (N, 1, L, S) bool (True:
+    masked) and `sees_nothing` (N, 1, L, 1) or None; dropout (the dense mask) when p > 0.
+
+    Backward, with z = softcap * tanh(scale * s / softcap) (z = scale * s without softcap), P = softmax(z),
+    Pd = P * keep: dV = Pd^T dO, dP = (dO V^T) * keep, dZ = P * (dP - rowsum(dP * P)),
+    dS = scale * dZ * (1 - tanh^2), dQ = dS K, dK = dS^T Q. Masked keys and rows that see nothing have P = 0, so
+    dZ = 0 there."""
+
+    @staticmethod
+    def forward(ctx, q_NHLD, k_NKSD, v_NKSD, scale, softcap, invisible, sees_nothing, dropout_p):
+        N, H, L, D = q_NHLD.shape
+        Hk, S = k_NKSD.shape[1], k_NKSD.shape[2]
+        G = H // Hk
+        q = q_NHLD.reshape(N, Hk, G * L, D)
+        k, v = k_NKSD.contiguous(), v_NKSD.contiguous()
+        s = torch.matmul(q, k.transpose(-1, -2))  # (N, Hk, G * L, S)
+        t = None
+        if softcap:
+            t = s.mul_(scale / softcap).tanh_()
+            z = t * softcap
+        else:
+            z = s.mul_(scale)
+        if invisible is not None:
+            z.view(N, Hk, G, L, S).masked_fill_(invisible[:, :, None], float("-inf"))
+        probs = torch.softmax(z, dim=-1)
+        del z
+        if sees_nothing is not None:  # softmax gave NaN there; define them as zeros
+            probs.view(N, Hk, G, L, S).masked_fill_(sees_nothing[:, :, None], 0.0)
+        keep = _keep_scale(probs.shape, dropout_p, probs.dtype, probs.device) if dropout_p else None
+        out = torch.matmul(probs if keep is None else probs * keep, v)
+        ctx.save_for_backward(q, k, v, probs, t, keep)
+        ctx.shape, ctx.scale, ctx.softcap = (N, H, L, D), scale, softcap
+        return out.view(N, H, L, v.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_NHLD):
+        q, k, v, probs, t, keep = ctx.saved_tensors
+        N, H, L, D = ctx.shape
+        Hk = k.shape[1]
+        g = grad_NHLD.reshape(N, Hk, -1, grad_NHLD.shape[-1])
+        dv = torch.matmul((probs if keep is None else probs * keep).transpose(-1, -2), g)
+        dp = torch.matmul(g, v.transpose(-1, -2))
+        if keep is not None:
+            dp.mul_(keep)
+        dz = dp.sub_((dp * probs).sum(-1, keepdim=True)).mul_(probs)
+        if ctx.softcap:
+            dz.mul_(1.0 - t * t)
+        dq = torch.matmul(dz, k).mul_(ctx.scale)
+        dk = torch.matmul(dz.transpose(-1, -2), q).mul_(ctx.scale)
+        return dq.view(N, H, L, D), dk, dv, None, None, None, None, None
+
+
+def _block(q4, k4, v4, *, scale, softcap, visible, dropout_p, sees_nothing=None, invisible=None):
+    """One padded block's attention: _AttentionCore for fp32 / fp64 in eager mode (its dropout: the dense mask,
+    on the CPU), else the reference's attention_block (its autograd, F.dropout off the CPU)."""
+    cheap = _cheap_dropout(q4, dropout_p)
+    if (q4.dtype in (torch.float32, torch.float64) and q4.dtype == k4.dtype == v4.dtype
+            and not torch.compiler.is_compiling() and (cheap or not dropout_p)):
+        if visible is not None:  # as (N or 1, 1, L or 1, S): the heads broadcast
+            visible = visible.view((1,) * (4 - visible.dim()) + tuple(visible.shape))
+            invisible = ~visible if invisible is None else invisible
+            sees_nothing = invisible.all(-1, keepdim=True) if sees_nothing is None else sees_nothing
+        return _AttentionCore.apply(q4, k4, v4, scale, softcap, invisible, sees_nothing, dropout_p)
+    return attention_block(q4, k4, v4, scale=scale, softcap=softcap, visible_BLS=visible, dropout_p=dropout_p,
+                           dropout=_dropout_dense if cheap else None)
 
 
 def _dense_visible(q, k, causal, window, key_padding_mask):
@@ -144,16 +223,15 @@ def _dense_visible(q, k, causal, window, key_padding_mask):
 
 def _attention_dense_backend(q, k, v, *, scale, softcap, causal, window, key_padding_mask, cu_seqlens_q,
                              cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p):
-    def dense(q4, k4, v4, plan):
-        return attention_block(q4, k4, v4, scale=scale, softcap=softcap, visible_BLS=plan.visible,
-                               dropout_p=dropout_p, dropout=_attention_dropout(q, dropout_p))
-
     if cu_seqlens_q is None:
-        return attention_block(q, k, v, scale=scale, softcap=softcap, dropout_p=dropout_p,
-                               visible_BLS=_dense_visible(q, k, causal, window, key_padding_mask),
-                               dropout=_attention_dropout(q, dropout_p))
-    return _packed_as_padded(dense, q, k, v, causal=causal, window=window, cu_seqlens_q=cu_seqlens_q,
-                             cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+        return _block(q, k, v, scale=scale, softcap=softcap, dropout_p=dropout_p,
+                      visible=_dense_visible(q, k, causal, window, key_padding_mask))
+    return _packed_as_padded(
+        lambda q4, k4, v4, plan: _block(q4, k4, v4, scale=scale, softcap=softcap, visible=plan.visible,
+                                        dropout_p=dropout_p, sees_nothing=plan.sees_nothing,
+                                        invisible=plan.invisible),
+        q, k, v, causal=causal, window=window, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
 
 
 def _attention_sdpa(q, k, v, *, scale, softcap, causal, window, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
@@ -161,13 +239,12 @@ def _attention_sdpa(q, k, v, *, scale, softcap, causal, window, key_padding_mask
     if softcap or window:
         raise Unsupported("SDPA has no softcap and no sliding window")
 
-    def sdpa(q4, k4, v4, visible, sees_nothing=None):
-        cheap_dropout = _attention_dropout(q4, dropout_p)
-        if cheap_dropout is not None:
+    def sdpa(q4, k4, v4, visible, sees_nothing=None, invisible=None):
+        if _cheap_dropout(q4, dropout_p):
             # SDPA's CPU kernels have no dropout (it falls back to its math path with bernoulli_): the same math
             # with the dense dropout's cheaper mask
-            return attention_block(q4, k4, v4, scale=scale, softcap=0.0, visible_BLS=visible, dropout_p=dropout_p,
-                                   dropout=cheap_dropout)
+            return _block(q4, k4, v4, scale=scale, softcap=0.0, visible=visible, dropout_p=dropout_p,
+                          sees_nothing=sees_nothing, invisible=invisible)
         if visible is None:
             return F.scaled_dot_product_attention(q4, k4, v4, dropout_p=dropout_p, scale=scale,
                                                   enable_gqa=q4.shape[1] != k4.shape[1])
@@ -178,11 +255,52 @@ def _attention_sdpa(q, k, v, *, scale, softcap, causal, window, key_padding_mask
 
     if cu_seqlens_q is None:
         return sdpa(q, k, v, _dense_visible(q, k, causal, window, key_padding_mask))
-    return _packed_as_padded(lambda q4, k4, v4, plan: sdpa(q4, k4, v4, plan.visible, plan.sees_nothing), q, k, v,
+    return _packed_as_padded(lambda q4, k4, v4, plan: sdpa(q4, k4, v4, plan.visible, plan.sees_nothing,
+                                                           plan.invisible), q, k, v,
                              causal=causal, window=window, cu_seqlens_q=cu_seqlens_q,
                              cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """Gemma RMSNorm, y = x * r * (1 + w) with r = rsqrt(mean(x^2) + eps), with a hand-written backward (fp32 /
+    fp64, x and w of one dtype): dx = r * (gw - xhat * mean(gw * xhat)) with gw = g * (1 + w) and xhat = x * r,
+    dw = sum(g * xhat) over the rows; about half the elementwise ops of autograd's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.rsqrt((x * x).mean(-1, keepdim=True).add_(eps))
+        xhat = x * r
+        w1 = weight + 1.0
+        ctx.save_for_backward(xhat, r, w1)
+        return xhat * w1
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, r, w1 = ctx.saved_tensors
+        gw = g * w1
+        dx = gw.sub_(xhat * (gw * xhat).mean(-1, keepdim=True)).mul_(r)
+        dw = (g * xhat).reshape(-1, xhat.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def _rms_norm_dense(x, weight, eps):
+    if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype or torch.compiler.is_compiling():
+        raise Unsupported("the dense RMSNorm runs fp32 / fp64 (x and weight of one dtype) in eager mode")
+    return _RMSNorm.apply(x, weight, eps)
+
+
+def _add_rms_norm_dense(residual, y, weight, eps, *, scale=None, next_weight=None, next_eps=None):
+    """add_rms_norm_reference's composition with the dense RMSNorm (the add and the scale through autograd)."""
+    if residual.dtype != y.dtype or (scale is not None and scale.dtype != y.dtype):
+        raise Unsupported("the dense add_rms_norm takes one dtype")
+    n = _rms_norm_dense(y, weight, eps)
+    h = residual + (n if scale is None else scale * n)
+    return h, (None if next_weight is None else _rms_norm_dense(h, next_weight, eps if next_eps is None
+                                                                else next_eps))
 
 
 register_backend("dense", _attention_dense_backend)
 register_backend("sdpa", _attention_sdpa)
 register_backend("dense", _dropout_dense, op="dropout")
+register_backend("dense", _rms_norm_dense, op="rms_norm")
+register_backend("dense", _add_rms_norm_dense, op="add_rms_norm")
