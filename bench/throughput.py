@@ -220,12 +220,29 @@ def build_train_batches(cfg, samples, batch_size, configs, cache_model=None):
     return batches, budgets, scale, segments, fill_s
 
 
+def loop_forward_loss(model):
+    """The training loop's forward and loss (train.make_forward_loss, eagerly): no (B, L, V) logits, the summed
+    loss backpropagated (the fused loss keeps the gradients its forward computed), (sum, per-token losses)."""
+    def forward_loss(inputs):
+        out = model(**inputs, return_logits=False, sum_loss=True)
+        return out.loss_sum, out.token_losses
+    return forward_loss
+
+
 def train_step(model, opt, batch, backend, device, precision, forward_loss=None):
+    """One step. forward_loss None: the published code's (logits, then the mean cross-entropy); else the loop's
+    (loss_sum, token_losses), the sum divided by the batch's target tokens (counted on the host) and
+    backpropagated, and the per-sample sums taken as the loop logs them."""
     ops.set_backend(backend)
     try:
         with _autocast(device, precision):
             inputs = batch.model_inputs(host_layout=True)  # padded without limits (published): no host layout
-            loss = forward_loss(inputs) if forward_loss is not None else model(**inputs).loss
+            if forward_loss is None:
+                loss = model(**inputs).loss
+            else:
+                total, token_losses = forward_loss(inputs)
+                loss = total / batch.num_target_tokens
+                batch.per_sample_sums(token_losses)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -267,8 +284,10 @@ def run_training(args, device, cfg, samples, configs, batch_size=None):
         models[name] = m
         if name in COMPILED:  # the compiled forward + loss; compile time lands in the warm-up pass, untimed
             # the frozen image path runs eagerly first (train.make_forward_loss does the same): fixed shapes in
-            fn = torch.compile(lambda inputs, m=m: m(**inputs).loss, fullgraph=True, dynamic=False)
+            fn = torch.compile(loop_forward_loss(m), fullgraph=True, dynamic=False)
             steps[name] = lambda inputs, m=m, fn=fn: fn(image_features_first(m, inputs))
+        elif name != "published":  # the engine's configurations run the training loop's step
+            steps[name] = loop_forward_loss(m)
         # the engine's configurations take its optimizer (train.py: fused AdamW, CPU and CUDA, no host read);
         # `published` keeps torch's multi-tensor AdamW on the CPU, which is no slower than the single-tensor loop
         # that AdamW defaults to for CPU tensors (what the published code gets)

@@ -193,7 +193,10 @@ def default_chunk_size(T: int, V: int, dtype: torch.dtype, device: torch.device)
     return max(1, math.ceil(T / n_chunks))
 
 
-def _chunked(h_TD, w_VD, labels_T, row_scale_T, softcap, ignore_index, z_loss, chunk, need_dh, need_dw):
+def _chunked(h_TD, w_VD, labels_T, row_scale_T, softcap, ignore_index, z_loss, chunk, need_dh, need_dw,
+             rows=None):
+    """(loss (T,), dh or None, dw or None); `rows`: the per-row part (default: the Triton kernel where it runs,
+    else the torch ops)."""
     T, D = h_TD.shape
     loss = torch.empty(T, dtype=torch.promote_types(h_TD.dtype, torch.float32), device=h_TD.device)
     dh = torch.empty_like(h_TD) if need_dh else None
@@ -205,7 +208,7 @@ def _chunked(h_TD, w_VD, labels_T, row_scale_T, softcap, ignore_index, z_loss, c
             dw = torch.zeros_like(w_VD)
         else:  # 16-bit weights: accumulate the chunks in fp32, round once at the end
             dw_acc = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device)
-    rows = _rows_triton if _use_triton(h_TD) else _rows_torch
+    rows = rows or (_rows_triton if _use_triton(h_TD) else _rows_torch)
     write_grad = need_dh or need_dw
     for s in range(0, T, chunk):
         e = min(T, s + chunk)

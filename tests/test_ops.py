@@ -846,6 +846,40 @@ def test_dense_rms_norm_backward_equals_the_reference(dtype, variant, monkeypatc
         torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["sum+none", "sum", "mean"])
+@pytest.mark.parametrize("softcap, z_loss", [(30.0, 0.0), (2.0, 1e-2), (0.0, 0.0)])
+def test_dense_linear_cross_entropy_equals_the_reference(dtype, reduction, softcap, z_loss, monkeypatch):
+    from florenz_kernels.reference import linear_cross_entropy_reference
+
+    runs = []
+    real = ops_dense._LinearCESum.apply
+    monkeypatch.setattr(ops_dense._LinearCESum, "apply", lambda *a: runs.append(1) or real(*a))
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 19, 16, generator=g, dtype=dtype) * 2
+    w = torch.randn(70, 16, generator=g, dtype=dtype)
+    labels = torch.randint(0, 70, (2, 19), generator=g)
+    labels[:, ::3] = -100
+    kw = dict(softcap=softcap, z_loss=z_loss, reduction=reduction)
+
+    def run(fn):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fn(hh, ww, labels, **kw)
+        total, tok = out if reduction == "sum+none" else (out, None)
+        grads = torch.autograd.grad(total * 0.75, (hh, ww))
+        return [total.detach(), *grads] + ([] if tok is None else [tok, tok.requires_grad])
+
+    ours = run(lambda *a, **k: ops.linear_cross_entropy(*a, **k, backend="dense"))
+    assert runs, "the dense loss did not run"
+    ref = run(linear_cross_entropy_reference)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, ref, **tol)
+    # "none" (per-token gradients) passes on to the reference
+    with pytest.raises(ops.Unsupported):
+        ops_dense._linear_cross_entropy_dense(h, w, labels, softcap=softcap, ignore_index=-100, z_loss=z_loss,
+                                              reduction="none")
+
+
 def test_dense_plan_is_built_once_per_layout_and_follows_in_place_changes(monkeypatch):
     built = []
     real = ops_dense._plan

@@ -4,7 +4,8 @@ passes max_seqlen_q / max_seqlen_k (the padded widths).
 
   dense  the reference math (florenz_kernels.reference.attention_block) on the padded batch; in fp32 / fp64 in
          eager mode with a hand-written backward (_AttentionCore). Also the `dense` dropout (a cheaper CPU mask)
-         and RMSNorm / add_rms_norm with a hand-written backward (_RMSNorm).
+         and RMSNorm / add_rms_norm with a hand-written backward (_RMSNorm), and the summed linear cross-entropy
+         with its gradients from the forward (_LinearCESum).
   sdpa   torch.nn.functional.scaled_dot_product_attention for calls without softcap and window (Unsupported
          otherwise); rows that see no key return zeros, as everywhere.
 """
@@ -299,8 +300,52 @@ def _add_rms_norm_dense(residual, y, weight, eps, *, scale=None, next_weight=Non
                                                                 else next_eps))
 
 
+class _LinearCESum(torch.autograd.Function):
+    """(sum, per-token losses) of the cross-entropy of softcap(h @ w^T): the chunked algorithm of
+    florenz_kernels.linear_cross_entropy with its torch per-row ops (in place), the gradients computed in the
+    forward (3 logits-sized matmuls) and scaled in the backward; the per-token losses carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, h_TD, w_VD, labels_T, softcap, ignore_index, z_loss):
+        # imported here: a kernel module reads TRITON_INTERPRET when first imported (florenz_kernels' docstring)
+        import florenz_kernels.linear_cross_entropy as _lce
+
+        chunk = _lce.default_chunk_size(h_TD.shape[0], w_VD.shape[0], h_TD.dtype, h_TD.device)
+        loss_T, dh, dw = _lce._chunked(h_TD, w_VD, labels_T, None, softcap, ignore_index, z_loss, chunk,
+                                       ctx.needs_input_grad[0], ctx.needs_input_grad[1], rows=_lce._rows_torch)
+        ctx.save_for_backward(dh, dw)
+        ctx.mark_non_differentiable(loss_T)
+        return loss_T.sum(), loss_T
+
+    @staticmethod
+    def backward(ctx, g_sum, _g_tokens):
+        dh, dw = ctx.saved_tensors
+        return (None if dh is None else dh * g_sum.to(dh.dtype), None if dw is None else dw * g_sum.to(dw.dtype),
+                None, None, None, None)
+
+
+def _linear_cross_entropy_dense(hidden, weight, labels, *, softcap, ignore_index, z_loss, reduction,
+                                check_labels=True):
+    """ops.linear_cross_entropy for the reductions that backpropagate a sum ("sum", "mean", "sum+none"), fp32 /
+    fp64, in eager mode; "none" (its backward recomputes per-token weighted chunks) passes on to the reference.
+    The labels are the caller's to check (the loader does, on the host)."""
+    if (reduction == "none" or hidden.dtype not in (torch.float32, torch.float64) or weight.dtype != hidden.dtype
+            or torch.compiler.is_compiling()):
+        raise Unsupported("the dense linear cross-entropy backpropagates a sum, fp32 / fp64, in eager mode")
+    lead = labels.shape
+    total, tok = _LinearCESum.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), softcap,
+                                    ignore_index, z_loss)
+    tok = tok.view(lead)
+    if reduction == "sum+none":
+        return total, tok
+    if reduction == "sum":
+        return total
+    return total / (labels != ignore_index).sum()
+
+
 register_backend("dense", _attention_dense_backend)
 register_backend("sdpa", _attention_sdpa)
 register_backend("dense", _dropout_dense, op="dropout")
 register_backend("dense", _rms_norm_dense, op="rms_norm")
 register_backend("dense", _add_rms_norm_dense, op="add_rms_norm")
+register_backend("dense", _linear_cross_entropy_dense, op="linear_cross_entropy")
