@@ -152,31 +152,37 @@ def log_probs(logits_NV: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits_NV.to(torch.promote_types(logits_NV.dtype, torch.float32)), dim=-1)
 
 
-def process_log_probs_at(logp_NV: torch.Tensor, seqs_NT: torch.Tensor, cur: torch.Tensor, prompt_len: int,
-                         max_len: int, cfg: GenerationConfig) -> torch.Tensor:
+def process_log_probs_at(logp_NV: torch.Tensor, seqs_NT: torch.Tensor, cur: torch.Tensor,
+                         prompt_len: int | torch.Tensor, max_len: int | torch.Tensor,
+                         cfg: GenerationConfig) -> torch.Tensor:
     """no_repeat_ngram, min_new_tokens, forced bos / eos for the token at position `cur` (0-dim int64 tensor) of
     sequences `seqs_NT` whose positions < cur are written (any length T >= cur: a static buffer; positions >= cur
     are ignored). Static shapes and no host read, so one graph serves every step. Returns the processed log-probs
-    (logp_NV is modified in place by the n-gram ban)."""
+    (logp_NV is modified in place by the n-gram ban). Per row (continuous batching): `cur`, `prompt_len` and
+    `max_len` as (N,) int64 tensors, each row at its own position with its own prompt and limit."""
     N, T = seqs_NT.shape
+    rows = cur.dim() == 1
+    c = cur.view(N, 1) if rows else cur  # broadcasts against (N, ·) either way
     n = cfg.no_repeat_ngram_size
     if n and T >= n:
         # every n-gram of the buffer; window j (positions j .. j+n-1) counts once it is complete: j + n <= cur
         # (transformers bans from cur + 1 >= n, but with cur = n - 1 there is no n-gram yet)
         windows = seqs_NT.unfold(1, n, 1)  # (N, T - n + 1, n)
-        valid = torch.arange(T - n + 1, device=seqs_NT.device) + n <= cur
-        prefix = seqs_NT.index_select(1, (cur - n + 1 + torch.arange(n - 1, device=seqs_NT.device)).clamp(min=0))
+        valid = torch.arange(T - n + 1, device=seqs_NT.device) + n <= c
+        at = (c - n + 1 + torch.arange(n - 1, device=seqs_NT.device)).clamp(min=0)
+        prefix = seqs_NT.gather(1, at) if rows else seqs_NT.index_select(1, at)  # (N, n - 1)
         match = (windows[..., :-1] == prefix[:, None]).all(-1) & valid  # same n-1 prefix as now
         inf = torch.full_like(match, float("inf"), dtype=logp_NV.dtype)
         # amin with self: -inf where any earlier n-gram with the same prefix continued with that token
         logp_NV.scatter_reduce_(1, windows[..., -1], torch.where(match, -inf, inf), reduce="amin")
     if cfg.min_new_tokens:
         logp_NV[:, cfg.eos_id].masked_fill_(cur - prompt_len < cfg.min_new_tokens, float("-inf"))
-    for flag, tok, at in ((cfg.forced_eos, cfg.eos_id, max_len - 1), (cfg.forced_bos, cfg.bos_id, 1)):
+    last = max_len.view(N, 1) - 1 if rows and isinstance(max_len, torch.Tensor) else max_len - 1
+    for flag, tok, at in ((cfg.forced_eos, cfg.eos_id, last), (cfg.forced_bos, cfg.bos_id, 1)):
         if flag:  # bos last, so it wins where both apply (max_len 2), as it always has
             forced = torch.full_like(logp_NV[0], float("-inf"))
             forced[tok] = 0.0
-            logp_NV = torch.where(cur == at, forced, logp_NV)
+            logp_NV = torch.where(c == at, forced, logp_NV)
     return logp_NV
 
 
@@ -219,6 +225,10 @@ class SearchState:
     improvable: torch.Tensor | None = None
     top_k_mask: torch.Tensor | None = None
     row_offset: torch.Tensor | None = None
+    # per slot (continuous batching, SearchState.for_slots): cur, stopped and steps are (B,), and each slot has its
+    # own prompt length plen (B,) and its own end limit (B,) = its prompt length + its max_new_tokens
+    plen: torch.Tensor | None = None
+    limit: torch.Tensor | None = None
 
     @staticmethod
     def start(prompt_BP: torch.Tensor, cfg: GenerationConfig, dtype: torch.dtype) -> "SearchState":
@@ -247,6 +257,48 @@ class SearchState:
         st.row_offset = torch.arange(B, device=dev)[:, None] * K
         return st
 
+    @staticmethod
+    def for_slots(B: int, K: int, T: int, cfg: GenerationConfig, dtype: torch.dtype, device) -> "SearchState":
+        """B idle slots of K beams over a (B, K, T) buffer, for continuous batching: every slot stopped until
+        `refill_` gives it a request (T bounds each request's prompt length + max_new_tokens)."""
+        prompt = torch.full((B, 1), cfg.start_id, dtype=torch.long, device=device)
+        st = SearchState.start(prompt, replace(cfg, num_beams=K, max_new_tokens=T - 1), dtype)
+        st.prompt_len = -1  # per slot: plen
+        st.cur = torch.ones(B, dtype=torch.long, device=device)
+        st.stopped = torch.ones(B, dtype=torch.bool, device=device)
+        st.steps = torch.zeros(B, dtype=torch.long, device=device)
+        st.plen = torch.ones(B, dtype=torch.long, device=device)
+        st.limit = torch.full((B,), T, dtype=torch.long, device=device)
+        return st
+
+    def refill_(self, b: int, prompt: Sequence[int], max_new: int, pad_id: int) -> None:
+        """Slot b starts a new request (in place, between steps): its decoder prompt, its limit, a fresh search.
+        The next step reads position 0 (cur = 1); the steps while cur < its prompt length only read the prompt
+        into the caches (the prefill, token by token through the same step), then its search starts at cur = P."""
+        P = len(prompt)
+        self.seqs[b] = pad_id
+        self.seqs[b, :, :P] = self.seqs.new_tensor(list(prompt))
+        self.cur[b], self.plen[b], self.limit[b] = 1, P, P + max_new
+        self.stopped[b], self.steps[b] = False, 0
+        self.scores[b] = 0.0
+        if self.K == 1:
+            self.done[b], self.lengths[b] = False, 0
+            return
+        self.scores[b, 1:] = NEG  # as at the start of a search: only beam 0 is live
+        self.fin_seqs[b] = self.seqs[b]
+        self.fin_scores[b], self.fin_len[b], self.fin_done[b], self.improvable[b] = NEG, 0, False, True
+
+    def slot_results(self, slots: Sequence[int]) -> list[tuple[list[int], float, int]]:
+        """(generated ids, score, steps) of these slots' requests (one host read, after they stopped)."""
+        ix = torch.tensor(list(slots), device=self.seqs.device)
+        if self.K == 1:
+            seqs, lengths, scores = self.seqs[ix, 0], self.lengths[ix], self.scores[ix, 0]
+        else:
+            seqs, lengths, scores = self.fin_seqs[ix, 0], self.fin_len[ix, 0], self.fin_scores[ix, 0]
+        rows, lengths, plen = seqs.tolist(), lengths.tolist(), self.plen[ix].tolist()
+        return [(r[p:p + n], sc, st) for r, n, p, sc, st in
+                zip(rows, lengths, plen, scores.tolist(), self.steps[ix].tolist())]
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
 
@@ -271,53 +323,66 @@ class SearchState:
 
 
 def _masked_copy_(live: torch.Tensor, dst: torch.Tensor, new: torch.Tensor) -> None:
+    if live.dim():  # one flag per slot (B,), against a (B, ...) tensor
+        live = live.view(live.shape + (1,) * (dst.dim() - 1))
     dst.copy_(torch.where(live, new, dst))
 
 
-def greedy_step(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig) -> None:
-    """One greedy step on the state, in place: the argmax token per row (pad once a row has emitted eos)."""
-    live = ~st.stopped
+def _greedy_update(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig, live: torch.Tensor,
+                   cur: torch.Tensor) -> torch.Tensor:
+    """The argmax token per row written at `cur` where `live` (pad once a row has emitted eos); scores, lengths,
+    done and steps updated in place. live / cur: 0-dim (one search) or (B,) (per slot). Returns the tokens."""
     B, _, T = st.seqs.shape
     tok = logp_NV.argmax(-1)
     gained = logp_NV.gather(1, tok[:, None])[:, 0]
     done = st.done
     score = st.scores.view(B)
     _masked_copy_(live, score, score + torch.where(done, torch.zeros_like(gained), gained))
-    seqs, at = st.seqs.view(B, T), st.cur.view(1, 1).expand(B, 1)
+    seqs, at = st.seqs.view(B, T), cur.view(-1, 1).expand(B, 1)
     col = torch.where(done, torch.full_like(tok, cfg.pad_id), tok)
     seqs.scatter_(1, at, torch.where(live, col, seqs.gather(1, at)[:, 0])[:, None])
     st.lengths.add_((~done & live).long())
     done.logical_or_((tok == cfg.eos_id) & live)
     st.steps.add_(live.long())
-    st.stopped.logical_or_(done.all() | (st.cur + 1 == T))
+    return tok
+
+
+def greedy_step(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig) -> None:
+    """One greedy step on the state, in place: the argmax token per row (pad once a row has emitted eos)."""
+    _greedy_update(logp_NV, st, cfg, ~st.stopped, st.cur)
+    st.stopped.logical_or_(st.done.all() | (st.cur + 1 == st.seqs.shape[-1]))
     st.cur.add_(1)
 
 
-def beam_step(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig) -> torch.Tensor:
-    """One beam step on the state, in place (the semantics are the module doc's). Returns the (N,) row each
-    running beam continues, to reorder the decoder's caches by (the identity once the search has stopped)."""
-    live = ~st.stopped
+def _beam_update(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig, live: torch.Tensor,
+                 cur: torch.Tensor, prompt_len, last: torch.Tensor):
+    """The beam step's update of the state where `live` (the semantics are the module doc's). live, cur,
+    prompt_len: 0-dim / int (one search) or (B,) (per slot); last: whether this is the last position, 0-dim or
+    (B, 1). Returns (the (N,) row each running beam continues, the identity where not live; the new improvable
+    (B, 1) and fin_done (B, K), for the caller's stop test)."""
     B, K, T = st.seqs.shape
     V = logp_NV.shape[-1]
-    cur, P = st.cur, st.prompt_len
+    rows = cur.dim() == 1
     cand = (logp_NV.view(B, K, V) + st.scores[..., None]).view(B, K * V)
     top_scores, top_idx = cand.topk(2 * K, dim=1)
     src_beam, tok = top_idx // V, top_idx % V
-    last = cur + 1 == T
     hits = (tok == cfg.eos_id) | last
     cand_seqs = st.seqs.gather(1, src_beam[..., None].expand(B, 2 * K, T))
-    cand_seqs.scatter_(2, cur.view(1, 1, 1).expand(B, 2 * K, 1), tok[..., None])
+    cand_seqs.scatter_(2, cur.view(-1, 1, 1).expand(B, 2 * K, 1), tok[..., None])
     # finished hypotheses: eos among the top K, while the item is open and can still improve
     finished = hits & st.top_k_mask
     full = st.fin_done.all(1, keepdim=True) & bool(cfg.early_stopping is True)
-    denom = st.denoms.index_select(0, (cur + 1 - P).view(1))  # (1,) = (generated length) ** length_penalty
+    gen = cur + 1 - prompt_len  # generated length with this token
+    denom = st.denoms.index_select(0, gen.view(-1))  # (1,) or (B,) = (generated length) ** length_penalty
+    if rows:
+        denom = denom.view(B, 1)
     fin_cand = top_scores / denom
     fin_cand = fin_cand + (full | ~st.improvable | ~finished).to(fin_cand.dtype) * NEG
     merged = torch.cat([st.fin_scores, fin_cand], dim=1)
     keep = merged.topk(K, dim=1).indices
     fin_scores = merged.gather(1, keep)
     fin_seqs = torch.cat([st.fin_seqs, cand_seqs], 1).gather(1, keep[..., None].expand(B, K, T))
-    fin_len = torch.cat([st.fin_len, (cur + 1 - P).expand(B, 2 * K)], 1).gather(1, keep)
+    fin_len = torch.cat([st.fin_len, gen.view(-1, 1).expand(B, 2 * K)], 1).gather(1, keep)
     fin_done = torch.cat([st.fin_done, finished], 1).gather(1, keep)
     # running beams: the best K continuations that did not finish
     running = top_scores + hits.to(top_scores.dtype) * NEG
@@ -326,15 +391,24 @@ def beam_step(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig) -> 
     seqs = cand_seqs.gather(1, sel[..., None].expand(B, K, T))
     worst = torch.where(fin_done, fin_scores.min(1, keepdim=True).values, torch.full_like(fin_scores, NEG))
     improvable = st.improvable & (run_scores[:, :1] / denom > worst).any(1, keepdim=True)
-    stop = last | ~improvable.any()
-    if cfg.early_stopping is True:
-        stop = stop | fin_done.all()
     for dst, new in ((st.fin_scores, fin_scores), (st.fin_seqs, fin_seqs), (st.fin_len, fin_len),
                      (st.fin_done, fin_done), (st.scores, run_scores), (st.seqs, seqs), (st.improvable, improvable)):
         _masked_copy_(live, dst, new)
     index_N = (src_beam.gather(1, sel) + st.row_offset).view(-1)
-    index_N = torch.where(live, index_N, torch.arange(B * K, device=cur.device))
+    live_N = live[:, None].expand(B, K).reshape(B * K) if rows else live
+    index_N = torch.where(live_N, index_N, torch.arange(B * K, device=cur.device))
     st.steps.add_(live.long())
+    return index_N, improvable, fin_done
+
+
+def beam_step(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig) -> torch.Tensor:
+    """One beam step on the state, in place (the semantics are the module doc's). Returns the (N,) row each
+    running beam continues, to reorder the decoder's caches by (the identity once the search has stopped)."""
+    last = st.cur + 1 == st.seqs.shape[-1]
+    index_N, improvable, fin_done = _beam_update(logp_NV, st, cfg, ~st.stopped, st.cur, st.prompt_len, last)
+    stop = last | ~improvable.any()
+    if cfg.early_stopping is True:
+        stop = stop | fin_done.all()
     st.stopped.logical_or_(stop)
     st.cur.add_(1)
     return index_N
@@ -360,26 +434,30 @@ def decode_search_step(model, caches, cross, enc_layout: Layout, st: SearchState
         reorder_rows_([t for cache in caches for t in (cache.k, cache.v)], index_N)
 
 
-_COMPILED: dict[str, object] = {}
+_COMPILED: dict[tuple, object] = {}
 
 
-def compiled_step(backend: str = "inductor"):
-    """decode_search_step under torch.compile (static shapes, one graph), built once per backend and shared by
-    every generate call (torch.compile recompiles only for new shapes or a new model)."""
-    if backend not in _COMPILED:
-        _COMPILED[backend] = torch.compile(decode_search_step, backend=backend, dynamic=False, fullgraph=True)
-    return _COMPILED[backend]
+def compiled_step(backend: str = "inductor", fn=None):
+    """decode_search_step (or `fn`, e.g. continuous_step) under torch.compile (static shapes, one graph), built
+    once per backend and shared by every generate call (torch.compile recompiles only for new shapes or a new
+    model)."""
+    fn = fn or decode_search_step
+    key = (fn.__name__, backend)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
+    return _COMPILED[key]
 
 
 class StepRunner:
-    """Runs decode_search_step: eager, compiled, or (CUDA) captured once in a CUDA graph and replayed."""
+    """Runs decode_search_step (or `step`, with its signature: continuous_step): eager, compiled, or (CUDA)
+    captured once in a CUDA graph and replayed. `dec` has .model, .caches, .cross and .enc_layout."""
 
-    def __init__(self, dec: CachedDecoder, st: SearchState, cfg: GenerationConfig, *, compile: bool | str = False,
-                 cuda_graph: bool = False):
+    def __init__(self, dec, st: SearchState, cfg: GenerationConfig, *, compile: bool | str = False,
+                 cuda_graph: bool = False, step=None):
         self.dec, self.st, self.cfg = dec, st, cfg
-        self.fn = decode_search_step
+        self.fn = step or decode_search_step
         if compile:
-            self.fn = compiled_step("inductor" if compile is True else compile)
+            self.fn = compiled_step("inductor" if compile is True else compile, self.fn)
         self.graph = None
         if cuda_graph and st.seqs.device.type == "cuda":
             self.graph = self._capture()
@@ -433,6 +511,229 @@ def run_search(dec, prompt_BP: torch.Tensor, cfg: GenerationConfig, dtype: torch
         if i % cfg.sync_every == 0 and i < cfg.max_new_tokens and bool(st.stopped):
             break
     return st.output()
+
+
+# ---- continuous batching: a decode batch of slots kept full ----------------------------------------------
+
+
+def slot_search_step(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig,
+                     live: torch.Tensor) -> torch.Tensor | None:
+    """search_step per slot (st from SearchState.for_slots): slot b at its own position cur[b], with its own
+    prompt length and limit, searched where live[b]; a slot whose request is over is marked stopped. The same
+    arithmetic as search_step, row by row, so a request's tokens and scores are those of a static batch."""
+    B, K, T = st.seqs.shape
+    rows = lambda x: x[:, None].expand(B, K).reshape(B * K)  # per slot (B,) -> per row (N,)
+    # a slot that is over sits at cur = its limit (one past its last position): kept in range for the gathers and
+    # the scatters, which write nothing there (not live)
+    cur = torch.minimum(st.cur, st.limit - 1)
+    logp_NV = process_log_probs_at(logp_NV, st.seqs.view(-1, T), rows(cur), rows(st.plen), rows(st.limit), cfg)
+    last = cur + 1 == st.limit
+    if K == 1:
+        _greedy_update(logp_NV, st, cfg, live, cur)
+        st.stopped.logical_or_((st.done | last) & live)
+        return None
+    index_N, improvable, fin_done = _beam_update(logp_NV, st, cfg, live, cur, st.plen, last[:, None])
+    over = last | ~improvable[:, 0]
+    if cfg.early_stopping is True:
+        over = over | fin_done.all(1)
+    st.stopped.logical_or_(over & live)
+    return index_N
+
+
+def continuous_step(model, caches, cross, enc_layout: Layout, st: SearchState, cfg: GenerationConfig) -> None:
+    """decode_search_step per slot, one function of device tensors (no host read; compiled / captured alike):
+    every row feeds the token at its own cur - 1 at that position (a (N,) position tensor through the decoder);
+    a slot still reading its prompt (cur < plen) only advances, the others search; stopped slots change nothing
+    (they re-read a position they already hold) and stay where they are."""
+    B, K, T = st.seqs.shape
+    N = B * K
+    moving = ~st.stopped
+    pos_N = (st.cur - 1)[:, None].expand(B, K).reshape(N)
+    ids_N = st.seqs.view(N, T).gather(1, pos_N[:, None])[:, 0]
+    logits = model.decode_step(ids_N, pos_N, caches, cross, enc_layout, K)
+    index_N = slot_search_step(log_probs(logits), st, cfg, moving & (st.cur >= st.plen))
+    if index_N is not None:
+        reorder_rows_([t for cache in caches for t in (cache.k, cache.v)], index_N)
+    st.cur.add_(moving.long())
+
+
+class SlotDecoder:
+    """The decoder side of continuous batching, for StepRunner: B slots x K beams rows of self-attention caches,
+    and per slot the cross K/V of every layer (views of one (B, S, layers * 2 * X) buffer, as decoder.cross_kv
+    returns them) and the encoder key mask (B, S), S = the longest encoder sequence of the run. `load` puts a new
+    request's encoder states into a slot, in place (the addresses a CUDA graph captured stay valid)."""
+
+    def __init__(self, model, slots: int, beams: int, enc_len: int, max_len: int, dtype, device):
+        cfg = model.cfg.decoder
+        if cfg.kind == "bart" and max_len > cfg.max_positions:
+            raise ValueError(f"decoder prompt + max_new_tokens = {max_len} positions exceeds the BART decoder's "
+                             f"{cfg.max_positions} learned positions")
+        self.model, self.beams = model, beams
+        attns = [layer.encoder_attn for layer in model.decoder.layers]
+        widths = [w.shape[0] for a in attns for w in (a.k_proj.weight, a.v_proj.weight)]
+        self.kv = torch.zeros(slots, enc_len, sum(widths), dtype=dtype, device=device)
+        pieces = self.kv.split(widths, dim=-1)
+        self.cross = [(pieces[2 * i], pieces[2 * i + 1]) for i in range(len(attns))]
+        self.mask = torch.zeros(slots, enc_len, dtype=torch.bool, device=device)
+        self.mask[:, 0] = True  # an idle slot sees one (zero) key: finite numbers in rows nobody reads
+        self.enc_layout = Layout(mask=self.mask)
+        self.caches = model.decoder.allocate_cache(slots * beams, max_len, dtype, device)
+
+    def load(self, slots: Sequence[int], enc_BSd: torch.Tensor, enc_layout: Layout) -> None:
+        """Row j of `enc_BSd` (a batch of new requests' encoder states) into slot slots[j]; their self-attention
+        cache rows are cleared."""
+        S = enc_BSd.shape[1]
+        if S > self.kv.shape[1]:
+            raise ValueError(f"encoder sequence of {S} tokens exceeds the {self.kv.shape[1]} slots allocated")
+        kv = torch.cat([t for pair in self.model.decoder.cross_kv(enc_BSd) for t in pair], dim=-1)
+        mask = enc_layout.mask
+        K = self.beams
+        for j, b in enumerate(slots):
+            self.kv[b, :S] = kv[j]
+            self.kv[b, S:] = 0
+            self.mask[b, :S] = True if mask is None else mask[j]
+            self.mask[b, S:] = False
+            for cache in self.caches:
+                cache.reset_rows_(b * K, (b + 1) * K)
+
+
+@dataclass
+class Job:
+    """One request of continuous batching. `pixels` (3, H, W), or a function returning them, called when the job
+    gets a slot (what it raises becomes the job's result: batch mode's error row); `input_ids` (L,) the encoder
+    prompt; `decoder_prompt` default [start]; `max_new_tokens` default the config's."""
+
+    input_ids: torch.Tensor | Sequence[int]
+    pixels: object
+    decoder_prompt: Sequence[int] | None = None
+    max_new_tokens: int | None = None
+
+
+@dataclass
+class JobResult:
+    tokens: list[int]  # generated ids after the decoder prompt (as GenerationOutput.tokens[b])
+    score: float  # as GenerationOutput.scores[b]
+    steps: int  # search steps of this request
+    slot: int  # the slot it ran in
+
+
+@dataclass
+class ContinuousOutput:
+    results: list  # per job, in job order: a JobResult, or the exception the job raised
+    steps: int = 0  # decode steps run (all slots together)
+    refills: int = 0  # jobs that took a slot another job had used before
+
+
+@torch.no_grad()
+def generate_continuous(model, jobs: Sequence[Job], *, slots: int, config: GenerationConfig | None = None,
+                        enc_pad_id: int = 1, compile: bool | str = False, cuda_graph: bool = False,
+                        on_result=None) -> ContinuousOutput:
+    """Continuous batching: `slots` requests decode together (N = slots x beams rows), each at its own position;
+    when a slot's request is over (greedy: eos or its limit; beam: its item done, as in a static batch), the host
+    (every cfg.sync_every steps) takes its result, runs the next jobs' images through the vision tower + encoder
+    (the jobs that start at the same check, as one batch), writes their cross K/V and encoder mask into the freed
+    slots and clears those slots' self-attention rows; decoder prompts are read token by token through the same
+    step. Each job's tokens and scores are those of a static batch (generate) of that job, up to float rounding
+    (tests/test_continuous.py). `on_result(i, result)` is called as each job finishes (a JobResult, or the
+    exception its pixels / encoder raised). `enc_pad_id` pads encoder prompts (masked)."""
+    from collections import deque
+
+    cfg = (config or GenerationConfig.for_model(model.cfg)).validate()
+    if not jobs:
+        raise ValueError("generate_continuous: no jobs")
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    if model.training:
+        raise ValueError("generate needs the model in eval mode (model.eval()): dropout would make it random")
+    prompts, limits = [], []
+    for i, job in enumerate(jobs):
+        prompt = [cfg.start_id] if job.decoder_prompt is None else list(job.decoder_prompt)
+        if not prompt:
+            raise ValueError(f"job {i}: decoder prompt is empty: it needs at least the start token")
+        m = cfg.max_new_tokens if job.max_new_tokens is None else job.max_new_tokens
+        if m < 1:
+            raise ValueError(f"job {i}: max_new_tokens must be >= 1, got {m}")
+        prompts.append(prompt)
+        limits.append(m)
+    param = next(model.parameters())
+    dev, K = param.device, cfg.num_beams
+    ids = [torch.as_tensor(job.input_ids, dtype=torch.long) for job in jobs]
+    T = max(len(p) + m for p, m in zip(prompts, limits))
+    B = min(slots, len(jobs))
+    st = SearchState.for_slots(B, K, T, cfg, torch.promote_types(model.decoder.embed_tokens.weight.dtype,
+                                                                 torch.float32), dev)
+    out = ContinuousOutput(results=[None] * len(jobs))
+    dec: SlotDecoder | None = None
+    runner: StepRunner | None = None
+    slot_job: list[int | None] = [None] * B
+    used = [False] * B
+    pending = deque(range(len(jobs)))
+
+    def finish(i: int, result) -> None:
+        out.results[i] = result
+        if on_result is not None:
+            on_result(i, result)
+
+    def encode(idx: list[int], pixels: list[torch.Tensor]):
+        L = max(ids[i].shape[0] for i in idx)
+        ids_BL = torch.full((len(idx), L), enc_pad_id, dtype=torch.long)
+        mask_BL = torch.zeros((len(idx), L), dtype=torch.bool)
+        for j, i in enumerate(idx):
+            ids_BL[j, :ids[i].shape[0]], mask_BL[j, :ids[i].shape[0]] = ids[i], True
+        px = torch.stack(pixels).to(dev, param.dtype)
+        return model.encode(px, ids_BL.to(dev), mask_BL.to(dev))
+
+    def fill() -> None:
+        nonlocal dec, runner
+        while pending and None in slot_job:
+            free = [b for b in range(B) if slot_job[b] is None]
+            take = []
+            while pending and len(take) < len(free):
+                i = pending.popleft()
+                try:
+                    job = jobs[i]
+                    px = job.pixels() if callable(job.pixels) else job.pixels
+                    take.append((i, torch.as_tensor(px)))
+                except Exception as exc:  # noqa: BLE001 - the job's own failure is its result
+                    finish(i, exc)
+            if not take:
+                return
+            try:
+                groups = [(take, *encode([i for i, _ in take], [p for _, p in take]))]
+            except Exception:  # noqa: BLE001 - find the failing job(s): one at a time
+                groups = []
+                for i, px in take:
+                    try:
+                        groups.append(([(i, px)], *encode([i], [px])))
+                    except Exception as exc:  # noqa: BLE001
+                        finish(i, exc)
+            for group, enc, layout in groups:
+                if dec is None:  # the first encoder output gives the image-token count: S = image tokens + prompt
+                    n_img = enc.shape[1] - max(ids[i].shape[0] for i, _ in group)
+                    S = n_img + max(t.shape[0] for t in ids)
+                    dec = SlotDecoder(model, B, K, S, T, enc.dtype, dev)
+                bs = [free.pop(0) for _ in group]
+                dec.load(bs, enc, layout)
+                for b, (i, _) in zip(bs, group):
+                    st.refill_(b, prompts[i], limits[i], cfg.pad_id)
+                    out.refills += used[b]
+                    used[b], slot_job[b] = True, i
+            if runner is None and dec is not None:
+                runner = StepRunner(dec, st, cfg, compile=compile, cuda_graph=cuda_graph, step=continuous_step)
+
+    fill()
+    while any(j is not None for j in slot_job):
+        for _ in range(cfg.sync_every):
+            runner()
+        out.steps += cfg.sync_every
+        stopped = st.stopped.tolist()  # the one host read per cfg.sync_every steps
+        over = [b for b in range(B) if slot_job[b] is not None and stopped[b]]
+        if over:
+            for b, (toks, sc, n) in zip(over, st.slot_results(over)):
+                i, slot_job[b] = slot_job[b], None
+                finish(i, JobResult(tokens=toks, score=sc, steps=n, slot=b))
+            fill()
+    return out
 
 
 # ---- the entry points ------------------------------------------------------------------------------------
