@@ -523,9 +523,10 @@ def slot_search_step(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConf
     arithmetic as search_step, row by row, so a request's tokens and scores are those of a static batch."""
     B, K, T = st.seqs.shape
     rows = lambda x: x[:, None].expand(B, K).reshape(B * K)  # per slot (B,) -> per row (N,)
-    # a slot that is over sits at cur = its limit (one past its last position): kept in range for the gathers and
-    # the scatters, which write nothing there (not live)
-    cur = torch.minimum(st.cur, st.limit - 1)
+    # slots that do not search now (not live) are kept in range for the gathers, scatters and the denominator
+    # table, which write nothing for them: a slot that is over sits at cur = its limit (one past its last
+    # position), a slot reading its prompt below plen
+    cur = torch.minimum(torch.maximum(st.cur, st.plen), st.limit - 1)
     logp_NV = process_log_probs_at(logp_NV, st.seqs.view(-1, T), rows(cur), rows(st.plen), rows(st.limit), cfg)
     last = cur + 1 == st.limit
     if K == 1:
@@ -875,16 +876,55 @@ class Pipeline:
             out = generate(self.model, pixels, ids, mask, decoder_prompt=dprompt, config=self.config,
                            cuda_graph=self.cuda_graph, compile=self.compile)
             for j, i in enumerate(idx):
-                r = requests[i]
-                text = self.dec_tok.decode(list(dprompt[1:]) + out.tokens[j])
-                if len(dprompt) > 1:
-                    from .text import strip_prefix
-
-                    text = strip_prefix(text, r.lang)
-                results[i] = {"id": r.id, "image": str(r.image), "task": r.task, "lang": r.lang,
-                              "text": capitalise(text.strip()), "score": float(out.scores[j]),
-                              "tokens": len(out.tokens[j])}
+                results[i] = self._row(requests[i], dprompt, out.tokens[j], float(out.scores[j]))
         return results
+
+    def _row(self, r: Request, dprompt: Sequence[int], tokens: list[int], score: float) -> dict:
+        text = self.dec_tok.decode(list(dprompt[1:]) + tokens)
+        if len(dprompt) > 1:
+            from .text import strip_prefix
+
+            text = strip_prefix(text, r.lang)
+        return {"id": r.id, "image": str(r.image), "task": r.task, "lang": r.lang, "text": capitalise(text.strip()),
+                "score": score, "tokens": len(tokens)}
+
+    def generate_continuous(self, requests: Sequence[Request], *, slots: int, prefix: bool = False,
+                            on_row=None) -> list[dict]:
+        """The requests through continuous batching (generate_continuous: `slots` images decoding at once, a
+        finished one's slot refilled with the next request). Rows as `generate` makes them, in request order; a
+        request that fails (its image does not load or decode, its prompt or encoder raises) is an exception
+        in its place, not a row. `on_row(i, row_or_exception)` is called as each request finishes."""
+        from .images import preprocess
+
+        if not requests:
+            raise ValueError("generate: empty batch (no requests)")
+        size = self.model.cfg.image_size
+        jobs, prompts, out = [], [], [None] * len(requests)
+        index = []  # job -> request
+        for i, r in enumerate(requests):
+            try:
+                ids = encode_prompt(self.enc_tok, prompt_for(r.task, r.lang, r.src))
+                dprompt = self._decoder_prompt(r, prefix)
+            except Exception as exc:  # noqa: BLE001 - the request's own failure is its result
+                out[i] = exc
+                if on_row is not None:
+                    on_row(i, exc)
+                continue
+            jobs.append(Job(input_ids=ids, pixels=lambda r=r: preprocess([r.image], size)[0], decoder_prompt=dprompt))
+            prompts.append(dprompt)
+            index.append(i)
+
+        def done(j: int, res) -> None:
+            i = index[j]
+            out[i] = res if isinstance(res, BaseException) else self._row(requests[i], prompts[j], res.tokens,
+                                                                         res.score)
+            if on_row is not None:
+                on_row(i, out[i])
+
+        if jobs:
+            generate_continuous(self.model, jobs, slots=slots, config=self.config, enc_pad_id=self.enc_tok.pad_id,
+                                compile=self.compile, cuda_graph=self.cuda_graph, on_result=done)
+        return out
 
     def _decoder_prompt(self, r: Request, prefix: bool) -> list[int]:
         c = self.config
@@ -1136,11 +1176,42 @@ class _RowSink:
             self.file.close()
 
 
+def _continuous_rows(pipe: Pipeline, requests: Sequence[Request], idx: list[int], *, slots: int, prefix: bool,
+                     add, log) -> None:
+    """Batch mode's continuous path: requests[idx] through Pipeline.generate_continuous, each row handed to
+    `add(i, row)` as it is made (a failed request as its error_row). If the run itself fails (not a request's
+    own failure: e.g. the decode step raising), the requests without a row go through the static chunks of
+    generate_rows, which find the failing request(s)."""
+    got: set[int] = set()
+
+    def on_row(j: int, res) -> None:
+        i = idx[j]
+        got.add(i)
+        r = requests[i]
+        if isinstance(res, BaseException):
+            add(i, error_row(r, res))
+        else:
+            add(i, {"id": res["id"], "line": r.line, **{k: v for k, v in res.items() if k != "id"}})
+
+    try:
+        pipe.generate_continuous([requests[i] for i in idx], slots=slots, prefix=prefix, on_row=on_row)
+    except Exception as exc:  # noqa: BLE001 - the rest runs in static chunks, where failures become rows
+        left = [i for i in idx if i not in got]
+        log(f"generate: continuous batching failed ({cli.error_message(exc)}); the {len(left)} requests left run "
+            "in static batches")
+        for s in range(0, len(left), slots):
+            part = left[s:s + slots]
+            for i, row in zip(part, generate_rows(pipe, [requests[i] for i in part], prefix)):
+                add(i, row)
+
+
 def run_batch(pipe: Pipeline, requests: Sequence[Request], *, out: Path | None, batch_size: int,
-              prefix: bool = False, done: dict[int, dict] | None = None, log=None) -> int:
+              prefix: bool = False, done: dict[int, dict] | None = None, log=None, continuous: bool = False) -> int:
     """Batch mode (docs/generation-and-eval.md, "Batch mode"): every request gets a row, a result or an error;
     rows are kept as they are made; a re-run with the same `out` skips the requests already done (`done`:
-    previous_results, read here when not given). Exit status 0, or PARTIAL_EXIT (3) when some rows are errors."""
+    previous_results, read here when not given). Exit status 0, or PARTIAL_EXIT (3) when some rows are errors.
+    `continuous`: batch_size slots kept full by continuous batching (rows are made, and kept, in the order the
+    requests finish: flushed every batch_size rows)."""
     from tqdm import tqdm
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -1153,9 +1224,29 @@ def run_batch(pipe: Pipeline, requests: Sequence[Request], *, out: Path | None, 
     todo = len(requests) - len(done)
     try:
         with tqdm(total=todo, desc="generate", unit="img", disable=todo <= 1) as bar:
+            if continuous and todo:
+                held: list[dict] = []
+
+                def add(i: int, row: dict) -> None:
+                    rows[i] = row
+                    held.append(row)
+                    bar.update(1)
+                    if len(held) >= batch_size:
+                        sink.add(held)
+                        held.clear()
+
+                try:
+                    _continuous_rows(pipe, requests, [i for i in range(len(requests)) if i not in done],
+                                     slots=batch_size, prefix=prefix, add=add, log=log)
+                finally:  # an interrupted run keeps the rows it has
+                    if held:
+                        sink.add(held)
+                requests_left: Sequence[Request] = ()
+            else:
+                requests_left = requests
             # chunks are cut from the whole batch, not from what is left, so that a resumed run batches the
             # requests it still has exactly as one clean run would (the same padding, so the same numbers)
-            for s in range(0, len(requests), batch_size):
+            for s in range(0, len(requests_left), batch_size):
                 idx = [i for i in range(s, min(s + batch_size, len(requests))) if i not in done]
                 if not idx:
                     continue
@@ -1194,7 +1285,10 @@ class GenerateConfig:
     src: str | None = None  # source text for --task=translate
     prefix: bool = False  # start captions with the language's prefix (stripped)
     out: str | None = None  # JSONL results (default: stdout); kept per chunk in OUT.partial, a re-run resumes
-    batch_size: int = 8  # images per generate call
+    batch_size: int = 8  # images per generate call (with --continuous: images decoding at once)
+    # batch mode: continuous batching: when an image's caption is done, the next request takes its place in the
+    # decode batch (the batch stays full; the same tokens as static batches, scores equal up to float rounding)
+    continuous: bool = False
     num_beams: int = 4
     max_new_tokens: int = 128
     no_repeat_ngram_size: int = 3
@@ -1241,7 +1335,7 @@ def run_cli(cfg: GenerateConfig) -> int:
         raise cli.UsageError(cli.error_message(exc)) from exc
     if cfg.batch:
         return run_batch(pipe, requests, out=Path(cfg.out) if cfg.out else None, batch_size=cfg.batch_size,
-                         prefix=cfg.prefix, done=done)
+                         prefix=cfg.prefix, done=done, continuous=cfg.continuous)
     row = pipe.generate(requests, prefix=cfg.prefix)[0]  # a failure: one `error:` line, exit 1 (cli.guarded)
     if cfg.out:
         write_jsonl_atomic(Path(cfg.out), [row])
