@@ -21,6 +21,11 @@ What is cached (cache=True):
   - `compile=True` runs that step under torch.compile (static shapes: the static caches, a fixed batch; one
     graph, built once per shape and model): the CPU fast path. On CUDA `cuda_graph=True` captures the same step
     (decoder + search) in one CUDA graph and replays it every step.
+Continuous batching (generate_continuous; batch mode's --continuous): the decode batch is a fixed set of slots
+(B slots x K beams rows), each holding a request at its own step, with per-row positions (a (N,) position tensor
+through the cached self-attention, RoPE and the BART position table) and per-slot cross K/V and encoder masks
+(SlotDecoder); when a slot's request is over, the next request's image is encoded into that slot and its search
+restarts (SearchState.for_slots / refill_), so the batch stays full while captions end at different steps.
 cache=False is the path of the published code: the decoder recomputes every position of every beam at each
 step (with the encoder states repeated per beam and the cross K/V projected again each step). Both paths share
 the search step below, so they differ only in how the next-token logits are computed.
@@ -631,10 +636,11 @@ def generate_continuous(model, jobs: Sequence[Job], *, slots: int, config: Gener
                         on_result=None) -> ContinuousOutput:
     """Continuous batching: `slots` requests decode together (N = slots x beams rows), each at its own position;
     when a slot's request is over (greedy: eos or its limit; beam: its item done, as in a static batch), the host
-    (every cfg.sync_every steps) takes its result, runs the next jobs' images through the vision tower + encoder
-    (the jobs that start at the same check, as one batch), writes their cross K/V and encoder mask into the freed
-    slots and clears those slots' self-attention rows; decoder prompts are read token by token through the same
-    step. Each job's tokens and scores are those of a static batch (generate) of that job, up to float rounding
+    (every cfg.sync_every steps, and at the step where a request reaches its limit) takes its result, runs the
+    next jobs' images through the vision tower + encoder (the jobs that start at the same check, as one batch),
+    writes their cross K/V and encoder mask into the freed slots and clears those slots' self-attention rows;
+    decoder prompts are read token by token through the same step (the other slots decode meanwhile). Each job's
+    tokens and scores are those of a static batch (generate) of that job, up to float rounding
     (tests/test_continuous.py). `on_result(i, result)` is called as each job finishes (a JobResult, or the
     exception its pixels / encoder raised). `enc_pad_id` pads encoder prompts (masked)."""
     from collections import deque
@@ -668,6 +674,10 @@ def generate_continuous(model, jobs: Sequence[Job], *, slots: int, config: Gener
     runner: StepRunner | None = None
     slot_job: list[int | None] = [None] * B
     used = [False] * B
+    # the decode step (out.steps) by which slot b's request is over at the latest: its limit, P + max_new - 1
+    # steps after it took the slot. The host checks then at the latest (a request that reaches its limit is
+    # replaced at once), else every cfg.sync_every steps (a request that ends on eos waits < sync_every steps)
+    ends = [0] * B
     pending = deque(range(len(jobs)))
 
     def finish(i: int, result) -> None:
@@ -717,6 +727,7 @@ def generate_continuous(model, jobs: Sequence[Job], *, slots: int, config: Gener
                 dec.load(bs, enc, layout)
                 for b, (i, _) in zip(bs, group):
                     st.refill_(b, prompts[i], limits[i], cfg.pad_id)
+                    ends[b] = out.steps + len(prompts[i]) + limits[i] - 1
                     out.refills += used[b]
                     used[b], slot_job[b] = True, i
             if runner is None and dec is not None:
@@ -724,9 +735,10 @@ def generate_continuous(model, jobs: Sequence[Job], *, slots: int, config: Gener
 
     fill()
     while any(j is not None for j in slot_job):
-        for _ in range(cfg.sync_every):
+        n = min(cfg.sync_every, min(ends[b] for b in range(B) if slot_job[b] is not None) - out.steps)
+        for _ in range(max(1, n)):
             runner()
-        out.steps += cfg.sync_every
+        out.steps += max(1, n)
         stopped = st.stopped.tolist()  # the one host read per cfg.sync_every steps
         over = [b for b in range(B) if slot_job[b] is not None and stopped[b]]
         if over:

@@ -296,3 +296,16 @@ def test_cli_continuous_is_killed_keeps_its_rows_and_resumes(ckpt, tmp_path, cap
             "error" in b)
         assert abs(a.get("score", 0) - b.get("score", 0)) <= 1e-5 * max(1.0, abs(b.get("score", 0)))
 
+
+
+def test_eval_generate_texts_continuous(ckpt):
+    from florenz_fast import eval as ev
+
+    pipe = load_pipeline(ckpt / "model", device="cpu", dtype=torch.float64)
+    pipe.config = GenerationConfig.for_model(pipe.model.cfg, num_beams=2, max_new_tokens=5)
+    items = [ev.Item(image=ckpt / f"{i}.png", refs=["x"]) for i in range(5)]
+    static = ev.generate_texts(pipe, items, "caption", "de", 2, "t", True)
+    assert ev.generate_texts(pipe, items, "caption", "de", 2, "t", True, continuous=True) == static
+    with pytest.raises(ValueError, match="bad.png"):
+        ev.generate_texts(pipe, items + [ev.Item(image=ckpt / "bad.png", refs=["x"])], "caption", "de", 2, "t",
+                          False, continuous=True)
