@@ -159,6 +159,28 @@ def test_per_row_positions_equal_the_shared_position(model64):
         assert torch.equal(x.k, y.k) and torch.equal(x.v, y.v)
 
 
+@pytest.mark.parametrize("backend", ["torch", "sdpa+torch", "dense+torch"])
+def test_cached_attention_per_row_positions(backend):
+    """ops.cached_attention with a (N,) position: row n is the op with its own 0-dim position on that row alone
+    (the copy-free grouped path for `torch`, the key-masked ops.attention path for the others), a partly written
+    cache and a wrapped ring among the rows."""
+    from florenz_fast import ops
+
+    g = torch.Generator().manual_seed(0)
+    N, H, Hk, C, D = 4, 4, 2, 6, 8
+    q, k, v = (torch.randn(*shape, generator=g, dtype=torch.float64)
+               for shape in ((N, H, 1, D), (N, Hk, C, D), (N, Hk, C, D)))
+    pos = torch.tensor([0, 2, 9, 5])
+    rows = ops.cached_attention(q, k, v, pos, scale=0.3, softcap=4.0, backend=backend)
+    for n in range(N):
+        one = ops.cached_attention(q[n:n + 1], k[n:n + 1], v[n:n + 1], pos[n], scale=0.3, softcap=4.0,
+                                   backend=backend)
+        assert (rows[n:n + 1] - one).abs().max().item() <= 1e-15, n
+    # and not what a shared position would give: the rows' positions matter
+    shared = ops.cached_attention(q, k, v, pos[1], scale=0.3, softcap=4.0, backend=backend)
+    assert (rows[0] - shared[0]).abs().max().item() > 1e-3
+
+
 @torch.no_grad()
 def test_continuous_step_reads_nothing_back(model64):
     jobs = _jobs(model64.cfg, n=2)
