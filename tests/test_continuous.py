@@ -125,8 +125,8 @@ def test_continuous_equals_static_batches(model64, beams):
     assert len({tuple(t) for t, _ in ref}) >= 6  # the image and the prompts matter
     # slots really were refilled: 9 jobs in 3 slots, each slot ran several
     assert out.refills == len(jobs) - 3
-    assert sorted(Counter(r.slot for r in out.results).values()) != [len(jobs)]
-    assert min(Counter(r.slot for r in out.results).values()) >= 2
+    per_slot = Counter(r.slot for r in out.results)
+    assert len(per_slot) == 3 and max(per_slot.values()) >= 3, per_slot
 
 
 def test_one_slot_and_more_slots_than_jobs(model64):
@@ -188,7 +188,7 @@ def test_continuous_step_reads_nothing_back(model64):
     enc, layout = model64.encode(torch.stack([j.pixels for j in jobs]), torch.stack([j.input_ids[:4] for j in jobs]))
     st = SearchState.for_slots(2, 2, 12, gen, torch.float64, "cpu")
     dec = SlotDecoder(model64, 2, 2, enc.shape[1], 12, torch.float64, "cpu")
-    dec.load([0, 1], enc, layout)
+    dec.load([0, 1], list(enc), [None, None])
     for b, job in enumerate(jobs):
         st.refill_(b, job.decoder_prompt, 5, gen.pad_id)
     with no_device_host_reads():
