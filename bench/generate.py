@@ -5,6 +5,8 @@ full-recompute path, side by side.
     python bench/generate.py --threads 2 --new-tokens 32 --beams 1   # the issue-16 greedy case
     python bench/generate.py --device cuda --preset florenz-3.5b --batch 1,64 --dtype bfloat16 --cuda-graph
 
+    python bench/generate.py --continuous --threads 2 --new-tokens 32 --beams 4   # static vs continuous batching
+
 Modes: "cached" (the eager cached step), "cached+compile" (generate(compile=True): decoder + search in one
 torch.compile'd graph; its first call, which compiles, is timed apart as compile_s), "cached+cuda_graph" (CUDA:
 that step captured in one CUDA graph), "uncached (published)". Each mode reports tokens/s and its speed-up over
@@ -14,6 +16,18 @@ Random weights (from-scratch initialisation, seeded); every sequence decodes exa
 (min_new_tokens = max_new_tokens: eos is masked), so both paths do the same work and outputs are compared
 token for token and score for score. Times are wall clock of `generate` (vision + encoder + search) and of
 the decode part alone (generate minus an encode-only run).
+
+--continuous (issue 16 item 2) measures images/s of static batches against continuous batching
+(generate_continuous) on one set with skewed caption lengths, side by side in one run, and their ratio. The skew:
+request i of --continuous-images asks for max(2, round(new_tokens * u_i ** 3)) tokens, u_i uniform in [0, 1)
+(seeded): most captions short, a few long (eos is masked until then: min_new_tokens = new_tokens, so each request
+decodes exactly its own count). Static = chunks of --batch requests in file order, each generate call run to
+the longest request of its chunk (what a static batch costs when its captions end at different steps: it runs
+until its longest one ends); continuous = the same requests in --batch slots, each slot refilled when its
+request ends. Both eager, both include vision + encoder. Greedy tokens are checked (a static row's first
+tokens equal the continuous row's: greedy is prefix-consistent); beam rows of a longer static search are other
+searches, so only their count is compared (tests/test_continuous.py checks identity against static batches of
+the same lengths).
 
 GPU memory-bandwidth accounting, per decode step (bytes actually needed, each read once):
   decoder weights read by the step (every decoder parameter except the cross-attention k/v projections, whose
@@ -38,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from florenz_fast.config import get_config
 from florenz_fast.florenz import Florenz
-from florenz_fast.generate import GenerationConfig, generate
+from florenz_fast.generate import GenerationConfig, Job, generate, generate_continuous
 
 PEAK_BW = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
 
@@ -78,7 +92,7 @@ def decode_bytes(model, batch: int, beams: int, prompt_len: int, new_tokens: int
     return total / new_tokens + cross
 
 
-def run(args):
+def build_model(args):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -91,6 +105,76 @@ def run(args):
     model = model.to(device).eval()
     for p in model.parameters():
         p.data = p.data.to(dtype)
+    return model, cfg, device, dtype
+
+
+def run_continuous(args):
+    """Static batches vs continuous batching on a set with skewed caption lengths (see the module doc)."""
+    from dataclasses import replace
+
+    model, cfg, device, dtype = build_model(args)
+    B, n = int(args.batch.split(",")[0]), args.continuous_images
+    g = torch.Generator(device="cpu").manual_seed(0)
+    pixels = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=g).to(device, dtype)
+    ids = torch.randint(3, cfg.encoder.vocab_size, (n, 12), generator=g).to(device)
+    ids[:, 0], ids[:, -1] = 0, 2
+    limits = [max(2, round(args.new_tokens * float(u) ** 3)) for u in torch.rand(n, generator=g)]
+    gen = GenerationConfig.for_model(cfg, num_beams=args.beams, max_new_tokens=args.new_tokens,
+                                     min_new_tokens=args.new_tokens)
+    jobs = [Job(input_ids=ids[i], pixels=pixels[i], max_new_tokens=limits[i]) for i in range(n)]
+
+    def static():
+        out = []
+        for s in range(0, n, B):
+            res = generate(model, pixels[s:s + B], ids[s:s + B],
+                           config=replace(gen, max_new_tokens=max(limits[s:s + B])))
+            out += res.tokens
+        return out
+
+    def continuous():
+        return generate_continuous(model, jobs, slots=B, config=gen)
+
+    row = {"preset": cfg.name, "slots": B, "images": n, "beams": args.beams, "new_tokens_max": args.new_tokens,
+           "limits": limits, "useful_tokens": sum(limits), "dtype": args.dtype, "device": str(device),
+           "static_steps": sum(max(limits[s:s + B]) for s in range(0, n, B))}
+    print(f"{n} images, {B} slots, {args.beams} beams; caption lengths (skewed): {limits}", flush=True)
+    modes = (("static", static), ("continuous", continuous))
+    times = {name: [] for name, _ in modes}
+    outs = {}
+    with torch.no_grad():
+        for _, fn in modes:
+            fn()  # warm-up (allocator, first-call costs)
+        # interleaved (static, continuous, static, ...): on the shared machine the load moves within a run, and
+        # both modes should see the same
+        for _ in range(max(1, args.repeats)):
+            for name, fn in modes:
+                outs[name], t = timed(fn, device)
+                times[name].append(t)
+    for name, _ in modes:
+        t = sorted(times[name])[len(times[name]) // 2]
+        row[name] = {"total_s": t, "all_total_s": times[name], "images_per_s": n / t,
+                     "useful_tokens_per_s": sum(limits) / t}
+        print(f"{name:10s} {t:8.3f} s  {n / t:7.2f} images/s  {sum(limits) / t:8.1f} useful tokens/s  (all: "
+              + ", ".join(f"{x:.3f}" for x in times[name]) + ")", flush=True)
+    out, static_tokens = outs["continuous"], outs["static"]
+    row["continuous"].update(steps=out.steps, refills=out.refills)
+    tokens = [r.tokens for r in out.results]
+    row["speedup"] = row["static"]["total_s"] / row["continuous"]["total_s"]
+    pairs = sorted(a / b for a, b in zip(times["static"], times["continuous"]))
+    row["speedup_pairs_median"] = pairs[len(pairs) // 2]
+    row["lengths_match"] = [len(t) for t in tokens] == limits
+    if args.beams == 1:
+        row["greedy_tokens_match"] = all(s[:len(c)] == c for s, c in zip(static_tokens, tokens))
+    print(f"continuous / static: {row['speedup']:.2f}x images/s (medians; per interleaved pair, median "
+          f"{row['speedup_pairs_median']:.2f}x; decode steps: static {row['static_steps']}, "
+          f"continuous {row['continuous']['steps']}, {row['continuous']['refills']} refills); lengths match: "
+          f"{row['lengths_match']}" + (f"; greedy tokens match: {row['greedy_tokens_match']}" if args.beams == 1
+                                        else ""), flush=True)
+    return row
+
+
+def run(args):
+    model, cfg, device, dtype = build_model(args)
     gen = GenerationConfig.for_model(cfg, num_beams=args.beams, max_new_tokens=args.new_tokens,
                                      min_new_tokens=args.new_tokens)
     results = []
@@ -195,18 +279,29 @@ def main(argv=None):
                    "machine two threads fighting other jobs made every matmul ~100x slower, measured)")
     p.add_argument("--out", default=None, help="directory for generate.json / generate.md (default "
                    "bench/results/<cpu|h100|...>)")
+    p.add_argument("--continuous", action="store_true", help="static batches vs continuous batching on a set with "
+                   "skewed caption lengths (the module doc); --batch (its first value) is the slot count")
+    p.add_argument("--continuous-images", type=int, default=24, help="requests in the --continuous set")
     args = p.parse_args(argv)
     args.compile = args.compile == "on" or (args.compile == "auto" and args.device == "cpu")
     args.repeats = args.repeats or (3 if args.device == "cpu" else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = run(args)
     dev = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().split()[1].lower()
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / dev
     out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "machine": platform.machine(), "argv": sys.argv[1:],
             "gpu": torch.cuda.get_device_name() if args.device != "cpu" else None}
+    if args.continuous:
+        row = run_continuous(args)
+        name = f"generate_continuous_{args.preset}_{args.device.split(':')[0]}_beams{args.beams}"
+        tmp = out / (name + ".json.tmp")
+        tmp.write_text(json.dumps({"meta": meta, "results": [row]}, indent=2) + "\n")
+        tmp.replace(out / (name + ".json"))
+        print(f"wrote {out / (name + '.json')}")
+        return
+    results = run(args)
     name = f"generate_{args.preset}_{args.device.split(':')[0]}"
     tmp = out / (name + ".json.tmp")
     tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")

@@ -73,10 +73,11 @@ class BartDecoder(BartStack):
 
     def step(self, ids_N: torch.Tensor, pos: torch.Tensor, caches: list[KVCache], cross, enc_layout: Layout,
              beams: int) -> torch.Tensor:
-        """Hidden states (N, 1, d) of one new token per row at position `pos` (0-dim int64 tensor; the caller
-        checks it against the position table: indexing here would need a host sync)."""
+        """Hidden states (N, 1, d) of one new token per row at position `pos` (int64 tensor, 0-dim for every row or
+        (N,) one per row; the caller checks it against the position table: indexing here would need a host sync)."""
         x = self.embed_tokens(ids_N[:, None])
-        x = self.layernorm_embedding(x + self.embed_positions.weight[pos + self.embed_positions.OFFSET].to(x.dtype))
+        where = self.embed_positions.weight[pos + self.embed_positions.OFFSET].view(-1, 1, x.shape[-1])  # (1|N, 1, d)
+        x = self.layernorm_embedding(x + where.to(x.dtype))
         for layer, cache, kv in zip(self.layers, caches, cross):
             x = layer.step(x, cache, pos, kv, enc_layout, beams)
         return x

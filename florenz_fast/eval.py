@@ -233,8 +233,10 @@ def loss_groups(keys: list[str], nll_sums: list[float], counts: list[int], group
 
 
 def generate_texts(pipe, items: list[Item], task: str, lang: str, batch_size: int, desc: str,
-                   prefix: bool) -> list[str]:
-    """Hypotheses for `items` (image files) with SPEC §9's search; `prefix` continues the SPEC §6 caption prefix."""
+                   prefix: bool, continuous: bool = False) -> list[str]:
+    """Hypotheses for `items` (image files) with SPEC §9's search; `prefix` continues the SPEC §6 caption prefix.
+    `continuous`: batch_size slots kept full by continuous batching (Pipeline.generate_continuous); a request's
+    failure (an unreadable image) is raised, as the static path raises it."""
     from tqdm import tqdm
 
     from .generate import Request, check_request
@@ -242,6 +244,14 @@ def generate_texts(pipe, items: list[Item], task: str, lang: str, batch_size: in
     reqs = [Request(image=it.image, task=task, lang=lang, src=it.src) for it in items]
     for i, r in enumerate(reqs):
         check_request(r, f"{desc} item {i}")
+    if continuous and reqs:
+        with tqdm(total=len(reqs), desc=desc, unit="img") as bar:
+            rows = pipe.generate_continuous(reqs, slots=batch_size, prefix=prefix,
+                                            on_row=lambda i, row: bar.update(1))
+        for row in rows:
+            if isinstance(row, BaseException):
+                raise row
+        return [row["text"] for row in rows]
     hyps = []
     for s in tqdm(range(0, len(reqs), batch_size), desc=desc, unit="batch"):
         hyps += [row["text"] for row in pipe.generate(reqs[s:s + batch_size], prefix=prefix)]
@@ -264,20 +274,21 @@ def commute_accuracy(pipe, items: list[Item], tgt: str, batch_size: int = 16) ->
 def evaluate(pipe, args: "EvalConfig") -> dict:
     report: dict = {"translation": {}, "captioning": {}, "commute": {}, "loss_groups": None}
     bs, lim = args.batch_size, args.limit
+    cont = getattr(args, "continuous", False)
 
     def take(items):
         return items[:lim] if lim else items
 
     def add_translation(name, items, tgt):
         items = take(items)
-        hyps = generate_texts(pipe, items, "translate", tgt, bs, name, False)
+        hyps = generate_texts(pipe, items, "translate", tgt, bs, name, False, cont)
         refs = [it.refs for it in items]
         report["translation"][name] = {"bleu": bleu(hyps, refs, tgt), "chrf": chrf(hyps, refs), "n": len(items)}
         return hyps
 
     def add_caption(name, items, lang):
         items = take(items)
-        hyps = generate_texts(pipe, items, "caption", lang, bs, name, args.prefix)
+        hyps = generate_texts(pipe, items, "caption", lang, bs, name, args.prefix, cont)
         refs = [it.refs for it in items]
         report["captioning"][name] = {"bleu4": bleu(hyps, refs, lang), "cider": cider_d(hyps, refs, lang),
                                       "n": len(items)}
@@ -401,6 +412,7 @@ class EvalConfig:
     xm3600_langs: str = "en,de,fr,es,ru,zh"
     prefix: bool = False  # caption with the language prefix (stripped)
     batch_size: int = 8
+    continuous: bool = False  # continuous batching: batch_size images decode at once, a finished one's slot refilled
     limit: int = 0  # at most this many items per set (0: all)
     num_beams: int = 4
     max_new_tokens: int = 128

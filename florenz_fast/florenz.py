@@ -186,9 +186,10 @@ class Florenz(nn.Module):
         return ops.softcap(F.linear(hidden_BLd, self.decoder.embed_tokens.weight), self.cfg.decoder.final_softcap)
 
     def decode_step(self, ids_N, pos, caches, cross_kv, enc_layout: Layout, beams: int) -> torch.Tensor:
-        """Softcapped next-token logits (N, V) for one new token per row at position `pos` (a 0-dim int64
-        tensor), using and filling the self-attention `caches` (decoder.allocate_cache) and the per-image
-        cross K/V (decoder.cross_kv); rows are batch-major beams (florenz_fast.generate drives this)."""
+        """Softcapped next-token logits (N, V) for one new token per row at position `pos` (an int64 tensor: 0-dim
+        for every row, or (N,) one per row), using and filling the self-attention `caches` (decoder.allocate_cache)
+        and the per-image cross K/V (decoder.cross_kv); rows are batch-major beams (florenz_fast.generate drives
+        this)."""
         return self.logits(self.decoder.step(ids_N, pos, caches, cross_kv, enc_layout, beams)[:, 0])
 
     def token_losses(self, hidden_BLd: torch.Tensor, labels_BL: torch.Tensor, *, labels_checked: bool = False,

@@ -182,9 +182,10 @@ class GemmaDecoder(nn.Module):
 
     def step(self, ids_N: torch.Tensor, pos: torch.Tensor, caches: list[KVCache], cross, enc_layout: Layout,
              beams: int) -> torch.Tensor:
-        """Final hidden states (N, 1, d) of one new token per row at position `pos` (0-dim int64 tensor)."""
+        """Final hidden states (N, 1, d) of one new token per row at position `pos` (int64 tensor: 0-dim, shared
+        by every row, or (N,), one per row for continuous batching)."""
         x = self._embed(ids_N[:, None])
-        rope = self._rope(pos.view(1, 1), x.dtype)
+        rope = self._rope(pos.view(-1, 1), x.dtype)  # cos / sin (1 or N, 1, 1, D)
         for layer, cache, kv in zip(self.layers, caches, cross):
             x = layer.step(x, cache, pos, rope, kv, enc_layout, beams)
         return self.norm(x)

@@ -21,6 +21,11 @@ What is cached (cache=True):
   - `compile=True` runs that step under torch.compile (static shapes: the static caches, a fixed batch; one
     graph, built once per shape and model): the CPU fast path. On CUDA `cuda_graph=True` captures the same step
     (decoder + search) in one CUDA graph and replays it every step.
+Continuous batching (generate_continuous; batch mode's --continuous): the decode batch is a fixed set of slots
+(B slots x K beams rows), each holding a request at its own step, with per-row positions (a (N,) position tensor
+through the cached self-attention, RoPE and the BART position table) and per-slot cross K/V and encoder masks
+(SlotDecoder); when a slot's request is over, the next request's image is encoded into that slot and its search
+restarts (SearchState.for_slots / refill_), so the batch stays full while captions end at different steps.
 cache=False is the path of the published code: the decoder recomputes every position of every beam at each
 step (with the encoder states repeated per beam and the cross K/V projected again each step). Both paths share
 the search step below, so they differ only in how the next-token logits are computed.
@@ -152,31 +157,37 @@ def log_probs(logits_NV: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits_NV.to(torch.promote_types(logits_NV.dtype, torch.float32)), dim=-1)
 
 
-def process_log_probs_at(logp_NV: torch.Tensor, seqs_NT: torch.Tensor, cur: torch.Tensor, prompt_len: int,
-                         max_len: int, cfg: GenerationConfig) -> torch.Tensor:
+def process_log_probs_at(logp_NV: torch.Tensor, seqs_NT: torch.Tensor, cur: torch.Tensor,
+                         prompt_len: int | torch.Tensor, max_len: int | torch.Tensor,
+                         cfg: GenerationConfig) -> torch.Tensor:
     """no_repeat_ngram, min_new_tokens, forced bos / eos for the token at position `cur` (0-dim int64 tensor) of
     sequences `seqs_NT` whose positions < cur are written (any length T >= cur: a static buffer; positions >= cur
     are ignored). Static shapes and no host read, so one graph serves every step. Returns the processed log-probs
-    (logp_NV is modified in place by the n-gram ban)."""
+    (logp_NV is modified in place by the n-gram ban). Per row (continuous batching): `cur`, `prompt_len` and
+    `max_len` as (N,) int64 tensors, each row at its own position with its own prompt and limit."""
     N, T = seqs_NT.shape
+    rows = cur.dim() == 1
+    c = cur.view(N, 1) if rows else cur  # broadcasts against (N, ·) either way
     n = cfg.no_repeat_ngram_size
     if n and T >= n:
         # every n-gram of the buffer; window j (positions j .. j+n-1) counts once it is complete: j + n <= cur
         # (transformers bans from cur + 1 >= n, but with cur = n - 1 there is no n-gram yet)
         windows = seqs_NT.unfold(1, n, 1)  # (N, T - n + 1, n)
-        valid = torch.arange(T - n + 1, device=seqs_NT.device) + n <= cur
-        prefix = seqs_NT.index_select(1, (cur - n + 1 + torch.arange(n - 1, device=seqs_NT.device)).clamp(min=0))
+        valid = torch.arange(T - n + 1, device=seqs_NT.device) + n <= c
+        at = (c - n + 1 + torch.arange(n - 1, device=seqs_NT.device)).clamp(min=0)
+        prefix = seqs_NT.gather(1, at) if rows else seqs_NT.index_select(1, at)  # (N, n - 1)
         match = (windows[..., :-1] == prefix[:, None]).all(-1) & valid  # same n-1 prefix as now
         inf = torch.full_like(match, float("inf"), dtype=logp_NV.dtype)
         # amin with self: -inf where any earlier n-gram with the same prefix continued with that token
         logp_NV.scatter_reduce_(1, windows[..., -1], torch.where(match, -inf, inf), reduce="amin")
     if cfg.min_new_tokens:
         logp_NV[:, cfg.eos_id].masked_fill_(cur - prompt_len < cfg.min_new_tokens, float("-inf"))
-    for flag, tok, at in ((cfg.forced_eos, cfg.eos_id, max_len - 1), (cfg.forced_bos, cfg.bos_id, 1)):
+    last = max_len.view(N, 1) - 1 if rows and isinstance(max_len, torch.Tensor) else max_len - 1
+    for flag, tok, at in ((cfg.forced_eos, cfg.eos_id, last), (cfg.forced_bos, cfg.bos_id, 1)):
         if flag:  # bos last, so it wins where both apply (max_len 2), as it always has
             forced = torch.full_like(logp_NV[0], float("-inf"))
             forced[tok] = 0.0
-            logp_NV = torch.where(cur == at, forced, logp_NV)
+            logp_NV = torch.where(c == at, forced, logp_NV)
     return logp_NV
 
 
@@ -219,6 +230,10 @@ class SearchState:
     improvable: torch.Tensor | None = None
     top_k_mask: torch.Tensor | None = None
     row_offset: torch.Tensor | None = None
+    # per slot (continuous batching, SearchState.for_slots): cur, stopped and steps are (B,), and each slot has its
+    # own prompt length plen (B,) and its own end limit (B,) = its prompt length + its max_new_tokens
+    plen: torch.Tensor | None = None
+    limit: torch.Tensor | None = None
 
     @staticmethod
     def start(prompt_BP: torch.Tensor, cfg: GenerationConfig, dtype: torch.dtype) -> "SearchState":
@@ -247,6 +262,48 @@ class SearchState:
         st.row_offset = torch.arange(B, device=dev)[:, None] * K
         return st
 
+    @staticmethod
+    def for_slots(B: int, K: int, T: int, cfg: GenerationConfig, dtype: torch.dtype, device) -> "SearchState":
+        """B idle slots of K beams over a (B, K, T) buffer, for continuous batching: every slot stopped until
+        `refill_` gives it a request (T bounds each request's prompt length + max_new_tokens)."""
+        prompt = torch.full((B, 1), cfg.start_id, dtype=torch.long, device=device)
+        st = SearchState.start(prompt, replace(cfg, num_beams=K, max_new_tokens=T - 1), dtype)
+        st.prompt_len = -1  # per slot: plen
+        st.cur = torch.ones(B, dtype=torch.long, device=device)
+        st.stopped = torch.ones(B, dtype=torch.bool, device=device)
+        st.steps = torch.zeros(B, dtype=torch.long, device=device)
+        st.plen = torch.ones(B, dtype=torch.long, device=device)
+        st.limit = torch.full((B,), T, dtype=torch.long, device=device)
+        return st
+
+    def refill_(self, b: int, prompt: Sequence[int], max_new: int, pad_id: int) -> None:
+        """Slot b starts a new request (in place, between steps): its decoder prompt, its limit, a fresh search.
+        The next step reads position 0 (cur = 1); the steps while cur < its prompt length only read the prompt
+        into the caches (the prefill, token by token through the same step), then its search starts at cur = P."""
+        P = len(prompt)
+        self.seqs[b] = pad_id
+        self.seqs[b, :, :P] = self.seqs.new_tensor(list(prompt))
+        self.cur[b], self.plen[b], self.limit[b] = 1, P, P + max_new
+        self.stopped[b], self.steps[b] = False, 0
+        self.scores[b] = 0.0
+        if self.K == 1:
+            self.done[b], self.lengths[b] = False, 0
+            return
+        self.scores[b, 1:] = NEG  # as at the start of a search: only beam 0 is live
+        self.fin_seqs[b] = self.seqs[b]
+        self.fin_scores[b], self.fin_len[b], self.fin_done[b], self.improvable[b] = NEG, 0, False, True
+
+    def slot_results(self, slots: Sequence[int]) -> list[tuple[list[int], float, int]]:
+        """(generated ids, score, steps) of these slots' requests (one host read, after they stopped)."""
+        ix = torch.tensor(list(slots), device=self.seqs.device)
+        if self.K == 1:
+            seqs, lengths, scores = self.seqs[ix, 0], self.lengths[ix], self.scores[ix, 0]
+        else:
+            seqs, lengths, scores = self.fin_seqs[ix, 0], self.fin_len[ix, 0], self.fin_scores[ix, 0]
+        rows, lengths, plen = seqs.tolist(), lengths.tolist(), self.plen[ix].tolist()
+        return [(r[p:p + n], sc, st) for r, n, p, sc, st in
+                zip(rows, lengths, plen, scores.tolist(), self.steps[ix].tolist())]
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
 
@@ -271,53 +328,66 @@ class SearchState:
 
 
 def _masked_copy_(live: torch.Tensor, dst: torch.Tensor, new: torch.Tensor) -> None:
+    if live.dim():  # one flag per slot (B,), against a (B, ...) tensor
+        live = live.view(live.shape + (1,) * (dst.dim() - 1))
     dst.copy_(torch.where(live, new, dst))
 
 
-def greedy_step(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig) -> None:
-    """One greedy step on the state, in place: the argmax token per row (pad once a row has emitted eos)."""
-    live = ~st.stopped
+def _greedy_update(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig, live: torch.Tensor,
+                   cur: torch.Tensor) -> torch.Tensor:
+    """The argmax token per row written at `cur` where `live` (pad once a row has emitted eos); scores, lengths,
+    done and steps updated in place. live / cur: 0-dim (one search) or (B,) (per slot). Returns the tokens."""
     B, _, T = st.seqs.shape
     tok = logp_NV.argmax(-1)
     gained = logp_NV.gather(1, tok[:, None])[:, 0]
     done = st.done
     score = st.scores.view(B)
     _masked_copy_(live, score, score + torch.where(done, torch.zeros_like(gained), gained))
-    seqs, at = st.seqs.view(B, T), st.cur.view(1, 1).expand(B, 1)
+    seqs, at = st.seqs.view(B, T), cur.view(-1, 1).expand(B, 1)
     col = torch.where(done, torch.full_like(tok, cfg.pad_id), tok)
     seqs.scatter_(1, at, torch.where(live, col, seqs.gather(1, at)[:, 0])[:, None])
     st.lengths.add_((~done & live).long())
     done.logical_or_((tok == cfg.eos_id) & live)
     st.steps.add_(live.long())
-    st.stopped.logical_or_(done.all() | (st.cur + 1 == T))
+    return tok
+
+
+def greedy_step(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig) -> None:
+    """One greedy step on the state, in place: the argmax token per row (pad once a row has emitted eos)."""
+    _greedy_update(logp_NV, st, cfg, ~st.stopped, st.cur)
+    st.stopped.logical_or_(st.done.all() | (st.cur + 1 == st.seqs.shape[-1]))
     st.cur.add_(1)
 
 
-def beam_step(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig) -> torch.Tensor:
-    """One beam step on the state, in place (the semantics are the module doc's). Returns the (N,) row each
-    running beam continues, to reorder the decoder's caches by (the identity once the search has stopped)."""
-    live = ~st.stopped
+def _beam_update(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig, live: torch.Tensor,
+                 cur: torch.Tensor, prompt_len, last: torch.Tensor):
+    """The beam step's update of the state where `live` (the semantics are the module doc's). live, cur,
+    prompt_len: 0-dim / int (one search) or (B,) (per slot); last: whether this is the last position, 0-dim or
+    (B, 1). Returns (the (N,) row each running beam continues, the identity where not live; the new improvable
+    (B, 1) and fin_done (B, K), for the caller's stop test)."""
     B, K, T = st.seqs.shape
     V = logp_NV.shape[-1]
-    cur, P = st.cur, st.prompt_len
+    rows = cur.dim() == 1
     cand = (logp_NV.view(B, K, V) + st.scores[..., None]).view(B, K * V)
     top_scores, top_idx = cand.topk(2 * K, dim=1)
     src_beam, tok = top_idx // V, top_idx % V
-    last = cur + 1 == T
     hits = (tok == cfg.eos_id) | last
     cand_seqs = st.seqs.gather(1, src_beam[..., None].expand(B, 2 * K, T))
-    cand_seqs.scatter_(2, cur.view(1, 1, 1).expand(B, 2 * K, 1), tok[..., None])
+    cand_seqs.scatter_(2, cur.view(-1, 1, 1).expand(B, 2 * K, 1), tok[..., None])
     # finished hypotheses: eos among the top K, while the item is open and can still improve
     finished = hits & st.top_k_mask
     full = st.fin_done.all(1, keepdim=True) & bool(cfg.early_stopping is True)
-    denom = st.denoms.index_select(0, (cur + 1 - P).view(1))  # (1,) = (generated length) ** length_penalty
+    gen = cur + 1 - prompt_len  # generated length with this token
+    denom = st.denoms.index_select(0, gen.view(-1))  # (1,) or (B,) = (generated length) ** length_penalty
+    if rows:
+        denom = denom.view(B, 1)
     fin_cand = top_scores / denom
     fin_cand = fin_cand + (full | ~st.improvable | ~finished).to(fin_cand.dtype) * NEG
     merged = torch.cat([st.fin_scores, fin_cand], dim=1)
     keep = merged.topk(K, dim=1).indices
     fin_scores = merged.gather(1, keep)
     fin_seqs = torch.cat([st.fin_seqs, cand_seqs], 1).gather(1, keep[..., None].expand(B, K, T))
-    fin_len = torch.cat([st.fin_len, (cur + 1 - P).expand(B, 2 * K)], 1).gather(1, keep)
+    fin_len = torch.cat([st.fin_len, gen.view(-1, 1).expand(B, 2 * K)], 1).gather(1, keep)
     fin_done = torch.cat([st.fin_done, finished], 1).gather(1, keep)
     # running beams: the best K continuations that did not finish
     running = top_scores + hits.to(top_scores.dtype) * NEG
@@ -326,15 +396,24 @@ def beam_step(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig) -> 
     seqs = cand_seqs.gather(1, sel[..., None].expand(B, K, T))
     worst = torch.where(fin_done, fin_scores.min(1, keepdim=True).values, torch.full_like(fin_scores, NEG))
     improvable = st.improvable & (run_scores[:, :1] / denom > worst).any(1, keepdim=True)
-    stop = last | ~improvable.any()
-    if cfg.early_stopping is True:
-        stop = stop | fin_done.all()
     for dst, new in ((st.fin_scores, fin_scores), (st.fin_seqs, fin_seqs), (st.fin_len, fin_len),
                      (st.fin_done, fin_done), (st.scores, run_scores), (st.seqs, seqs), (st.improvable, improvable)):
         _masked_copy_(live, dst, new)
     index_N = (src_beam.gather(1, sel) + st.row_offset).view(-1)
-    index_N = torch.where(live, index_N, torch.arange(B * K, device=cur.device))
+    live_N = live[:, None].expand(B, K).reshape(B * K) if rows else live
+    index_N = torch.where(live_N, index_N, torch.arange(B * K, device=cur.device))
     st.steps.add_(live.long())
+    return index_N, improvable, fin_done
+
+
+def beam_step(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig) -> torch.Tensor:
+    """One beam step on the state, in place (the semantics are the module doc's). Returns the (N,) row each
+    running beam continues, to reorder the decoder's caches by (the identity once the search has stopped)."""
+    last = st.cur + 1 == st.seqs.shape[-1]
+    index_N, improvable, fin_done = _beam_update(logp_NV, st, cfg, ~st.stopped, st.cur, st.prompt_len, last)
+    stop = last | ~improvable.any()
+    if cfg.early_stopping is True:
+        stop = stop | fin_done.all()
     st.stopped.logical_or_(stop)
     st.cur.add_(1)
     return index_N
@@ -360,26 +439,30 @@ def decode_search_step(model, caches, cross, enc_layout: Layout, st: SearchState
         reorder_rows_([t for cache in caches for t in (cache.k, cache.v)], index_N)
 
 
-_COMPILED: dict[str, object] = {}
+_COMPILED: dict[tuple, object] = {}
 
 
-def compiled_step(backend: str = "inductor"):
-    """decode_search_step under torch.compile (static shapes, one graph), built once per backend and shared by
-    every generate call (torch.compile recompiles only for new shapes or a new model)."""
-    if backend not in _COMPILED:
-        _COMPILED[backend] = torch.compile(decode_search_step, backend=backend, dynamic=False, fullgraph=True)
-    return _COMPILED[backend]
+def compiled_step(backend: str = "inductor", fn=None):
+    """decode_search_step (or `fn`, e.g. continuous_step) under torch.compile (static shapes, one graph), built
+    once per backend and shared by every generate call (torch.compile recompiles only for new shapes or a new
+    model)."""
+    fn = fn or decode_search_step
+    key = (fn.__name__, backend)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
+    return _COMPILED[key]
 
 
 class StepRunner:
-    """Runs decode_search_step: eager, compiled, or (CUDA) captured once in a CUDA graph and replayed."""
+    """Runs decode_search_step (or `step`, with its signature: continuous_step): eager, compiled, or (CUDA)
+    captured once in a CUDA graph and replayed. `dec` has .model, .caches, .cross and .enc_layout."""
 
-    def __init__(self, dec: CachedDecoder, st: SearchState, cfg: GenerationConfig, *, compile: bool | str = False,
-                 cuda_graph: bool = False):
+    def __init__(self, dec, st: SearchState, cfg: GenerationConfig, *, compile: bool | str = False,
+                 cuda_graph: bool = False, step=None):
         self.dec, self.st, self.cfg = dec, st, cfg
-        self.fn = decode_search_step
+        self.fn = step or decode_search_step
         if compile:
-            self.fn = compiled_step("inductor" if compile is True else compile)
+            self.fn = compiled_step("inductor" if compile is True else compile, self.fn)
         self.graph = None
         if cuda_graph and st.seqs.device.type == "cuda":
             self.graph = self._capture()
@@ -433,6 +516,257 @@ def run_search(dec, prompt_BP: torch.Tensor, cfg: GenerationConfig, dtype: torch
         if i % cfg.sync_every == 0 and i < cfg.max_new_tokens and bool(st.stopped):
             break
     return st.output()
+
+
+# ---- continuous batching: a decode batch of slots kept full ----------------------------------------------
+
+
+def slot_search_step(logp_NV: torch.Tensor, st: SearchState, cfg: GenerationConfig,
+                     live: torch.Tensor) -> torch.Tensor | None:
+    """search_step per slot (st from SearchState.for_slots): slot b at its own position cur[b], with its own
+    prompt length and limit, searched where live[b]; a slot whose request is over is marked stopped. The same
+    arithmetic as search_step, row by row, so a request's tokens and scores are those of a static batch."""
+    B, K, T = st.seqs.shape
+    rows = lambda x: x[:, None].expand(B, K).reshape(B * K)  # per slot (B,) -> per row (N,)
+    # slots that do not search now (not live) are kept in range for the gathers, scatters and the denominator
+    # table, which write nothing for them: a slot that is over sits at cur = its limit (one past its last
+    # position), a slot reading its prompt below plen
+    cur = torch.minimum(torch.maximum(st.cur, st.plen), st.limit - 1)
+    logp_NV = process_log_probs_at(logp_NV, st.seqs.view(-1, T), rows(cur), rows(st.plen), rows(st.limit), cfg)
+    last = cur + 1 == st.limit
+    if K == 1:
+        _greedy_update(logp_NV, st, cfg, live, cur)
+        st.stopped.logical_or_((st.done | last) & live)
+        return None
+    index_N, improvable, fin_done = _beam_update(logp_NV, st, cfg, live, cur, st.plen, last[:, None])
+    over = last | ~improvable[:, 0]
+    if cfg.early_stopping is True:
+        over = over | fin_done.all(1)
+    st.stopped.logical_or_(over & live)
+    return index_N
+
+
+def continuous_step(model, caches, cross, enc_layout: Layout, st: SearchState, cfg: GenerationConfig) -> None:
+    """decode_search_step per slot, one function of device tensors (no host read; compiled / captured alike):
+    every row feeds the token at its own cur - 1 at that position (a (N,) position tensor through the decoder);
+    a slot still reading its prompt (cur < plen) only advances, the others search; stopped slots change nothing
+    (they re-read a position they already hold) and stay where they are."""
+    B, K, T = st.seqs.shape
+    N = B * K
+    moving = ~st.stopped
+    pos_N = (st.cur - 1)[:, None].expand(B, K).reshape(N)
+    ids_N = st.seqs.view(N, T).gather(1, pos_N[:, None])[:, 0]
+    logits = model.decode_step(ids_N, pos_N, caches, cross, enc_layout, K)
+    index_N = slot_search_step(log_probs(logits), st, cfg, moving & (st.cur >= st.plen))
+    if index_N is not None:
+        reorder_rows_([t for cache in caches for t in (cache.k, cache.v)], index_N)
+    st.cur.add_(moving.long())
+
+
+class SlotDecoder:
+    """The decoder side of continuous batching, for StepRunner: B slots x K beams rows of self-attention caches,
+    and per slot the cross K/V of every layer (views of one (B, S, layers * 2 * X) buffer, as decoder.cross_kv
+    returns them) and the encoder key mask (B, S), S = the longest encoder sequence of the run. `load` puts a new
+    request's encoder states into a slot, in place (the addresses a CUDA graph captured stay valid)."""
+
+    def __init__(self, model, slots: int, beams: int, enc_len: int, max_len: int, dtype, device):
+        cfg = model.cfg.decoder
+        if cfg.kind == "bart" and max_len > cfg.max_positions:
+            raise ValueError(f"decoder prompt + max_new_tokens = {max_len} positions exceeds the BART decoder's "
+                             f"{cfg.max_positions} learned positions")
+        self.model, self.beams = model, beams
+        attns = [layer.encoder_attn for layer in model.decoder.layers]
+        widths = [w.shape[0] for a in attns for w in (a.k_proj.weight, a.v_proj.weight)]
+        self.kv = torch.zeros(slots, enc_len, sum(widths), dtype=dtype, device=device)
+        pieces = self.kv.split(widths, dim=-1)
+        self.cross = [(pieces[2 * i], pieces[2 * i + 1]) for i in range(len(attns))]
+        self.mask = torch.zeros(slots, enc_len, dtype=torch.bool, device=device)
+        self.mask[:, 0] = True  # an idle slot sees one (zero) key: finite numbers in rows nobody reads
+        self.enc_layout = Layout(mask=self.mask)
+        self.caches = model.decoder.allocate_cache(slots * beams, max_len, dtype, device)
+
+    def load(self, slots: Sequence[int], enc: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None]) -> None:
+        """Encoder states enc[j] (S_j, d) with key mask masks[j] (S_j,) bool (None: all real) into slot slots[j]
+        (their cross K/V from one GEMM); those slots' self-attention cache rows are cleared."""
+        S = max(e.shape[0] for e in enc)
+        if S > self.kv.shape[1]:
+            raise ValueError(f"encoder sequence of {S} tokens exceeds the {self.kv.shape[1]} slots allocated")
+        enc_BSd = enc[0].new_zeros(len(enc), S, enc[0].shape[-1])
+        for j, e in enumerate(enc):
+            enc_BSd[j, :e.shape[0]] = e
+        kv = torch.cat([t for pair in self.model.decoder.cross_kv(enc_BSd) for t in pair], dim=-1)
+        K = self.beams
+        for j, b in enumerate(slots):
+            n = enc[j].shape[0]
+            self.kv[b, :n] = kv[j, :n]
+            self.kv[b, n:] = 0
+            self.mask[b, :n] = True if masks[j] is None else masks[j]
+            self.mask[b, n:] = False
+            for cache in self.caches:
+                cache.reset_rows_(b * K, (b + 1) * K)
+
+
+@dataclass
+class Job:
+    """One request of continuous batching. `pixels` (3, H, W), or a function returning them, called when the job
+    gets a slot (what it raises becomes the job's result: batch mode's error row); `input_ids` (L,) the encoder
+    prompt; `decoder_prompt` default [start]; `max_new_tokens` default the config's."""
+
+    input_ids: torch.Tensor | Sequence[int]
+    pixels: object
+    decoder_prompt: Sequence[int] | None = None
+    max_new_tokens: int | None = None
+
+
+@dataclass
+class JobResult:
+    tokens: list[int]  # generated ids after the decoder prompt (as GenerationOutput.tokens[b])
+    score: float  # as GenerationOutput.scores[b]
+    steps: int  # search steps of this request
+    slot: int  # the slot it ran in
+
+
+@dataclass
+class ContinuousOutput:
+    results: list  # per job, in job order: a JobResult, or the exception the job raised
+    steps: int = 0  # decode steps run (all slots together)
+    refills: int = 0  # jobs that took a slot another job had used before
+
+
+@torch.no_grad()
+def generate_continuous(model, jobs: Sequence[Job], *, slots: int, config: GenerationConfig | None = None,
+                        enc_pad_id: int = 1, compile: bool | str = False, cuda_graph: bool = False,
+                        on_result=None) -> ContinuousOutput:
+    """Continuous batching: `slots` requests decode together (N = slots x beams rows), each at its own position;
+    when a slot's request is over (greedy: eos or its limit; beam: its item done, as in a static batch), the host
+    (every cfg.sync_every steps, and at the step where a request reaches its limit) takes its result, runs the
+    next jobs' images through the vision tower + encoder (encoded ahead, `slots` jobs at a time in job order, as
+    static batches would encode them), writes their cross K/V and encoder mask into the freed slots and clears
+    those slots' self-attention rows; decoder prompts are read token by token through the same step (the other
+    slots decode meanwhile). Each job's
+    tokens and scores are those of a static batch (generate) of that job, up to float rounding
+    (tests/test_continuous.py). `on_result(i, result)` is called as each job finishes (a JobResult, or the
+    exception its pixels / encoder raised). `enc_pad_id` pads encoder prompts (masked)."""
+    from collections import deque
+
+    cfg = (config or GenerationConfig.for_model(model.cfg)).validate()
+    if not jobs:
+        raise ValueError("generate_continuous: no jobs")
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    if model.training:
+        raise ValueError("generate needs the model in eval mode (model.eval()): dropout would make it random")
+    prompts, limits = [], []
+    for i, job in enumerate(jobs):
+        prompt = [cfg.start_id] if job.decoder_prompt is None else list(job.decoder_prompt)
+        if not prompt:
+            raise ValueError(f"job {i}: decoder prompt is empty: it needs at least the start token")
+        m = cfg.max_new_tokens if job.max_new_tokens is None else job.max_new_tokens
+        if m < 1:
+            raise ValueError(f"job {i}: max_new_tokens must be >= 1, got {m}")
+        prompts.append(prompt)
+        limits.append(m)
+    param = next(model.parameters())
+    dev, K = param.device, cfg.num_beams
+    ids = [torch.as_tensor(job.input_ids, dtype=torch.long) for job in jobs]
+    T = max(len(p) + m for p, m in zip(prompts, limits))
+    B = min(slots, len(jobs))
+    st = SearchState.for_slots(B, K, T, cfg, torch.promote_types(model.decoder.embed_tokens.weight.dtype,
+                                                                 torch.float32), dev)
+    out = ContinuousOutput(results=[None] * len(jobs))
+    dec: SlotDecoder | None = None
+    runner: StepRunner | None = None
+    slot_job: list[int | None] = [None] * B
+    used = [False] * B
+    # the decode step (out.steps) by which slot b's request is over at the latest: its limit, P + max_new - 1
+    # steps after it took the slot. The host checks then at the latest (a request that reaches its limit is
+    # replaced at once), else every cfg.sync_every steps (a request that ends on eos waits < sync_every steps)
+    ends = [0] * B
+    pending = deque(range(len(jobs)))
+
+    def finish(i: int, result) -> None:
+        out.results[i] = result
+        if on_result is not None:
+            on_result(i, result)
+
+    def encode(idx: list[int], pixels: list[torch.Tensor]):
+        L = max(ids[i].shape[0] for i in idx)
+        ids_BL = torch.full((len(idx), L), enc_pad_id, dtype=torch.long)
+        mask_BL = torch.zeros((len(idx), L), dtype=torch.bool)
+        for j, i in enumerate(idx):
+            ids_BL[j, :ids[i].shape[0]], mask_BL[j, :ids[i].shape[0]] = ids[i], True
+        px = torch.stack(pixels).to(dev, param.dtype)
+        return model.encode(px, ids_BL.to(dev), mask_BL.to(dev))
+
+    ready: deque = deque()  # (job, encoder states (S, d), key mask (S,) or None): encoded ahead of their slot
+    n_img = 0  # image tokens per image (the encoder sequence is image tokens + prompt)
+
+    def encode_ahead() -> None:
+        """The next B pending jobs through the vision tower + encoder as one batch, as a static batch of them would
+        run (one small batch per freed slot cost 1.3x per image, measured on `small`); a job whose pixels or
+        encoder fail is finished with that exception."""
+        nonlocal n_img
+        take = []
+        while pending and len(take) < B:
+            i = pending.popleft()
+            try:
+                job = jobs[i]
+                take.append((i, torch.as_tensor(job.pixels() if callable(job.pixels) else job.pixels)))
+            except Exception as exc:  # noqa: BLE001 - the job's own failure is its result
+                finish(i, exc)
+        if not take:
+            return
+        try:
+            groups = [(take, *encode([i for i, _ in take], [p for _, p in take]))]
+        except Exception:  # noqa: BLE001 - find the failing job(s): one at a time
+            groups = []
+            for i, px in take:
+                try:
+                    groups.append(([(i, px)], *encode([i], [px])))
+                except Exception as exc:  # noqa: BLE001
+                    finish(i, exc)
+        for group, enc, layout in groups:
+            n_img = enc.shape[1] - max(ids[i].shape[0] for i, _ in group)
+            for j, (i, _) in enumerate(group):
+                ready.append((i, enc[j], None if layout.mask is None else layout.mask[j]))
+
+    def fill() -> None:
+        nonlocal dec, runner
+        free = [b for b in range(B) if slot_job[b] is None]
+        take = []
+        while len(take) < len(free) and (ready or pending):
+            if not ready:
+                encode_ahead()
+                continue
+            take.append(ready.popleft())
+        if not take:
+            return
+        if dec is None:
+            dec = SlotDecoder(model, B, K, n_img + max(t.shape[0] for t in ids), T, take[0][1].dtype, dev)
+        bs = free[:len(take)]
+        dec.load(bs, [e for _, e, _ in take], [m for _, _, m in take])
+        for b, (i, _, _) in zip(bs, take):
+            st.refill_(b, prompts[i], limits[i], cfg.pad_id)
+            ends[b] = out.steps + len(prompts[i]) + limits[i] - 1
+            out.refills += used[b]
+            used[b], slot_job[b] = True, i
+        if runner is None:
+            runner = StepRunner(dec, st, cfg, compile=compile, cuda_graph=cuda_graph, step=continuous_step)
+
+    fill()
+    while any(j is not None for j in slot_job):
+        n = min(cfg.sync_every, min(ends[b] for b in range(B) if slot_job[b] is not None) - out.steps)
+        for _ in range(max(1, n)):
+            runner()
+        out.steps += max(1, n)
+        stopped = st.stopped.tolist()  # the one host read per cfg.sync_every steps
+        over = [b for b in range(B) if slot_job[b] is not None and stopped[b]]
+        if over:
+            for b, (toks, sc, n) in zip(over, st.slot_results(over)):
+                i, slot_job[b] = slot_job[b], None
+                finish(i, JobResult(tokens=toks, score=sc, steps=n, slot=b))
+            fill()
+    return out
 
 
 # ---- the entry points ------------------------------------------------------------------------------------
@@ -574,16 +908,55 @@ class Pipeline:
             out = generate(self.model, pixels, ids, mask, decoder_prompt=dprompt, config=self.config,
                            cuda_graph=self.cuda_graph, compile=self.compile)
             for j, i in enumerate(idx):
-                r = requests[i]
-                text = self.dec_tok.decode(list(dprompt[1:]) + out.tokens[j])
-                if len(dprompt) > 1:
-                    from .text import strip_prefix
-
-                    text = strip_prefix(text, r.lang)
-                results[i] = {"id": r.id, "image": str(r.image), "task": r.task, "lang": r.lang,
-                              "text": capitalise(text.strip()), "score": float(out.scores[j]),
-                              "tokens": len(out.tokens[j])}
+                results[i] = self._row(requests[i], dprompt, out.tokens[j], float(out.scores[j]))
         return results
+
+    def _row(self, r: Request, dprompt: Sequence[int], tokens: list[int], score: float) -> dict:
+        text = self.dec_tok.decode(list(dprompt[1:]) + tokens)
+        if len(dprompt) > 1:
+            from .text import strip_prefix
+
+            text = strip_prefix(text, r.lang)
+        return {"id": r.id, "image": str(r.image), "task": r.task, "lang": r.lang, "text": capitalise(text.strip()),
+                "score": score, "tokens": len(tokens)}
+
+    def generate_continuous(self, requests: Sequence[Request], *, slots: int, prefix: bool = False,
+                            on_row=None) -> list[dict]:
+        """The requests through continuous batching (generate_continuous: `slots` images decoding at once, a
+        finished one's slot refilled with the next request). Rows as `generate` makes them, in request order; a
+        request that fails (its image does not load or decode, its prompt or encoder raises) is an exception
+        in its place, not a row. `on_row(i, row_or_exception)` is called as each request finishes."""
+        from .images import preprocess
+
+        if not requests:
+            raise ValueError("generate: empty batch (no requests)")
+        size = self.model.cfg.image_size
+        jobs, prompts, out = [], [], [None] * len(requests)
+        index = []  # job -> request
+        for i, r in enumerate(requests):
+            try:
+                ids = encode_prompt(self.enc_tok, prompt_for(r.task, r.lang, r.src))
+                dprompt = self._decoder_prompt(r, prefix)
+            except Exception as exc:  # noqa: BLE001 - the request's own failure is its result
+                out[i] = exc
+                if on_row is not None:
+                    on_row(i, exc)
+                continue
+            jobs.append(Job(input_ids=ids, pixels=lambda r=r: preprocess([r.image], size)[0], decoder_prompt=dprompt))
+            prompts.append(dprompt)
+            index.append(i)
+
+        def done(j: int, res) -> None:
+            i = index[j]
+            out[i] = res if isinstance(res, BaseException) else self._row(requests[i], prompts[j], res.tokens,
+                                                                         res.score)
+            if on_row is not None:
+                on_row(i, out[i])
+
+        if jobs:
+            generate_continuous(self.model, jobs, slots=slots, config=self.config, enc_pad_id=self.enc_tok.pad_id,
+                                compile=self.compile, cuda_graph=self.cuda_graph, on_result=done)
+        return out
 
     def _decoder_prompt(self, r: Request, prefix: bool) -> list[int]:
         c = self.config
@@ -835,11 +1208,42 @@ class _RowSink:
             self.file.close()
 
 
+def _continuous_rows(pipe: Pipeline, requests: Sequence[Request], idx: list[int], *, slots: int, prefix: bool,
+                     add, log) -> None:
+    """Batch mode's continuous path: requests[idx] through Pipeline.generate_continuous, each row handed to
+    `add(i, row)` as it is made (a failed request as its error_row). If the run itself fails (not a request's
+    own failure: e.g. the decode step raising), the requests without a row go through the static chunks of
+    generate_rows, which find the failing request(s)."""
+    got: set[int] = set()
+
+    def on_row(j: int, res) -> None:
+        i = idx[j]
+        got.add(i)
+        r = requests[i]
+        if isinstance(res, BaseException):
+            add(i, error_row(r, res))
+        else:
+            add(i, {"id": res["id"], "line": r.line, **{k: v for k, v in res.items() if k != "id"}})
+
+    try:
+        pipe.generate_continuous([requests[i] for i in idx], slots=slots, prefix=prefix, on_row=on_row)
+    except Exception as exc:  # noqa: BLE001 - the rest runs in static chunks, where failures become rows
+        left = [i for i in idx if i not in got]
+        log(f"generate: continuous batching failed ({cli.error_message(exc)}); the {len(left)} requests left run "
+            "in static batches")
+        for s in range(0, len(left), slots):
+            part = left[s:s + slots]
+            for i, row in zip(part, generate_rows(pipe, [requests[i] for i in part], prefix)):
+                add(i, row)
+
+
 def run_batch(pipe: Pipeline, requests: Sequence[Request], *, out: Path | None, batch_size: int,
-              prefix: bool = False, done: dict[int, dict] | None = None, log=None) -> int:
+              prefix: bool = False, done: dict[int, dict] | None = None, log=None, continuous: bool = False) -> int:
     """Batch mode (docs/generation-and-eval.md, "Batch mode"): every request gets a row, a result or an error;
     rows are kept as they are made; a re-run with the same `out` skips the requests already done (`done`:
-    previous_results, read here when not given). Exit status 0, or PARTIAL_EXIT (3) when some rows are errors."""
+    previous_results, read here when not given). Exit status 0, or PARTIAL_EXIT (3) when some rows are errors.
+    `continuous`: batch_size slots kept full by continuous batching (rows are made, and kept, in the order the
+    requests finish: flushed every batch_size rows)."""
     from tqdm import tqdm
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -852,9 +1256,29 @@ def run_batch(pipe: Pipeline, requests: Sequence[Request], *, out: Path | None, 
     todo = len(requests) - len(done)
     try:
         with tqdm(total=todo, desc="generate", unit="img", disable=todo <= 1) as bar:
+            if continuous and todo:
+                held: list[dict] = []
+
+                def add(i: int, row: dict) -> None:
+                    rows[i] = row
+                    held.append(row)
+                    bar.update(1)
+                    if len(held) >= batch_size:
+                        sink.add(held)
+                        held.clear()
+
+                try:
+                    _continuous_rows(pipe, requests, [i for i in range(len(requests)) if i not in done],
+                                     slots=batch_size, prefix=prefix, add=add, log=log)
+                finally:  # an interrupted run keeps the rows it has
+                    if held:
+                        sink.add(held)
+                requests_left: Sequence[Request] = ()
+            else:
+                requests_left = requests
             # chunks are cut from the whole batch, not from what is left, so that a resumed run batches the
             # requests it still has exactly as one clean run would (the same padding, so the same numbers)
-            for s in range(0, len(requests), batch_size):
+            for s in range(0, len(requests_left), batch_size):
                 idx = [i for i in range(s, min(s + batch_size, len(requests))) if i not in done]
                 if not idx:
                     continue
@@ -893,7 +1317,10 @@ class GenerateConfig:
     src: str | None = None  # source text for --task=translate
     prefix: bool = False  # start captions with the language's prefix (stripped)
     out: str | None = None  # JSONL results (default: stdout); kept per chunk in OUT.partial, a re-run resumes
-    batch_size: int = 8  # images per generate call
+    batch_size: int = 8  # images per generate call (with --continuous: images decoding at once)
+    # batch mode: continuous batching: when an image's caption is done, the next request takes its place in the
+    # decode batch (the batch stays full; the same tokens as static batches, scores equal up to float rounding)
+    continuous: bool = False
     num_beams: int = 4
     max_new_tokens: int = 128
     no_repeat_ngram_size: int = 3
@@ -940,7 +1367,7 @@ def run_cli(cfg: GenerateConfig) -> int:
         raise cli.UsageError(cli.error_message(exc)) from exc
     if cfg.batch:
         return run_batch(pipe, requests, out=Path(cfg.out) if cfg.out else None, batch_size=cfg.batch_size,
-                         prefix=cfg.prefix, done=done)
+                         prefix=cfg.prefix, done=done, continuous=cfg.continuous)
     row = pipe.generate(requests, prefix=cfg.prefix)[0]  # a failure: one `error:` line, exit 1 (cli.guarded)
     if cfg.out:
         write_jsonl_atomic(Path(cfg.out), [row])

@@ -123,6 +123,12 @@ class KVCache:
     def slots(self) -> int:
         return self.k.shape[2]
 
+    def reset_rows_(self, start: int, stop: int) -> None:
+        """Rows start..stop-1 zeroed (continuous batching: a new request takes those rows). Not needed for
+        correctness (a row at position p sees only slots <= p, which it wrote itself), but it leaves no stale keys."""
+        self.k[start:stop].zero_()
+        self.v[start:stop].zero_()
+
     def reorder_(self, index_N: torch.Tensor) -> None:
         """Row n takes the cache of row index_N[n] (beam search), in place: the buffers keep their addresses."""
         self.k.copy_(self.k.index_select(0, index_N))
@@ -132,9 +138,11 @@ class KVCache:
 def attend_cached(q_N1X, k_N1X, v_N1X, cache: KVCache, pos: torch.Tensor, *, heads: int, kv_heads: int,
                   rope=None, **kw) -> torch.Tensor:
     """One decode step of self-attention: write this token's (roped) k/v into its slot, attend over the written
-    slots through ops.cached_attention (non-causal; the CUDA decode kernel where it applies). `pos` is a 0-dim
-    int64 tensor on the device (no host sync, so the step can be captured in a CUDA graph). Returns
-    (N, 1, heads * D)."""
+    slots through ops.cached_attention (non-causal; the CUDA decode kernel where it applies). `pos` is an int64
+    tensor on the device (no host sync, so the step can be captured in a CUDA graph): 0-dim, one position shared
+    by every row, or (N,), each row at its own position (continuous batching: a row whose request just took the
+    slot restarts at 0; its slots above `pos` hold the previous request's keys, which the slot rule never shows).
+    Returns (N, 1, heads * D)."""
     N = q_N1X.shape[0]
     q = q_N1X.view(N, 1, heads, -1).transpose(1, 2)
     k = k_N1X.view(N, 1, kv_heads, -1).transpose(1, 2)
@@ -142,8 +150,13 @@ def attend_cached(q_N1X, k_N1X, v_N1X, cache: KVCache, pos: torch.Tensor, *, hea
     if rope is not None:
         q, k = rope(q, k)
     C = cache.slots
-    slot = torch.remainder(pos, C).view(1)
-    cache.k.index_copy_(2, slot, k.to(cache.k.dtype))
-    cache.v.index_copy_(2, slot, v.to(cache.v.dtype))
+    if pos.dim() == 0:
+        slot = torch.remainder(pos, C).view(1)
+        cache.k.index_copy_(2, slot, k.to(cache.k.dtype))
+        cache.v.index_copy_(2, slot, v.to(cache.v.dtype))
+    else:  # per-row positions: row n writes its slot pos[n] % C
+        slot = torch.remainder(pos, C).view(N, 1, 1, 1).expand(N, kv_heads, 1, k.shape[-1])
+        cache.k.scatter_(2, slot, k.to(cache.k.dtype))
+        cache.v.scatter_(2, slot, v.to(cache.v.dtype))
     out = ops.cached_attention(q, cache.k, cache.v, pos, **kw)
     return out.transpose(1, 2).reshape(N, 1, -1)

@@ -28,11 +28,14 @@ N = images x beams sequences, S encoder tokens.
     `t.copy_(t.index_select(0, index))` in the traced step: inductor (torch 2.14, CPU) fused that gather-and-write-
     back with the decode step's cache append into a kernel that read rows it had already overwritten, and beam
     search under torch.compile chose other tokens (tests/test_search_device.py::test_inductor_step_equals_eager).
-  cached_attention(q (N, H, 1, D), k_cache, v_cache (N, Hk, C, D), pos 0-dim int64, scale, softcap, dropout_p)
+  cached_attention(q (N, H, 1, D), k_cache, v_cache (N, Hk, C, D), pos int64 0-dim or (N,), scale, softcap,
+                   dropout_p)
     -> (N, H, 1, D): one generation step of self-attention over a static KV cache (florenz_fast.modules.KVCache)
     whose slots 0..min(pos, C - 1) are written (a ring buffer of C = W slots is a window of W): non-causal over
-    those slots. `ext` runs decode_attention's CUDA kernel (cache_lens = pos + 1) for CUDA fp16/bf16 tensors with
-    head dim 64/128/256 and no dropout; `torch` is ops.attention with the slot mask, on the call's chain.
+    those slots. `pos` 0-dim: one position for every row; (N,): row n at its own position pos[n] (continuous
+    batching), sees its slots 0..min(pos[n], C - 1). `ext` runs decode_attention's CUDA kernel (cache_lens =
+    pos + 1, per row: that kernel already takes one length per sequence) for CUDA fp16/bf16 tensors with head dim
+    64/128/256 and no dropout; `torch` is ops.attention with the slot mask, on the call's chain.
 
 Backends: `torch` (the references) and `ext`: the extension's ops `torch.ops.florenz.*` (its CUDA kernels for
 CUDA tensors, its CPU implementation for CPU tensors; cached_attention only for CUDA); Unsupported where the
@@ -138,14 +141,16 @@ def rope_kv_append_reference(q, k, v, k_cache, v_cache, cache_lens, inv_freq) ->
 def _grouped_decode_attention(q, k_cache, v_cache, pos, *, scale, softcap):
     """cached_attention's math without ops.attention's GQA copies: the G = H / Hk query heads of a KV head are G
     query rows against that head's cache ((N, Hk, G, D) @ (N, Hk, D, C)), so the (N, H, C, D) repeat of both caches
-    (2 copies per layer per step) is never built. Slot s is visible iff s <= pos (every row sees slot 0)."""
+    (2 copies per layer per step) is never built. Slot s is visible iff s <= pos (every row sees slot 0); a (N,)
+    `pos` is one position per row."""
     N, H, _, D = q.shape
     Hk, C = k_cache.shape[1], k_cache.shape[2]
     q_NKGD = q.reshape(N, Hk, H // Hk, D)
     scores = torch.matmul(q_NKGD, k_cache.transpose(-1, -2)) * scale
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(torch.arange(C, device=pos.device) > pos, float("-inf"))
+    # pos.view(-1, 1, 1, 1): (1, 1, 1, 1) for the shared position, (N, 1, 1, 1) per row: the same op either way
+    scores = scores.masked_fill(torch.arange(C, device=pos.device) > pos.view(-1, 1, 1, 1), float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
     return torch.matmul(probs, v_cache).view(N, H, 1, D)
 
@@ -155,7 +160,7 @@ def _cached_attention_torch(q, k_cache, v_cache, pos, *, scale, softcap, dropout
     # a chain whose attention is the reference (torch, or ext, which has no ops.attention): the copy-free math
     if not dropout_p and set((backend or get_backend()).split("+")) <= {"torch", "ext"}:
         return _grouped_decode_attention(q, k_cache, v_cache, pos, scale=scale, softcap=softcap)
-    valid = (torch.arange(C, device=pos.device) <= pos).expand(N, C)
+    valid = (torch.arange(C, device=pos.device) <= pos.view(-1, 1)).expand(N, C)  # pos 0-dim or (N,)
     return attention(q, k_cache, v_cache, key_padding_mask=valid, causal=False, scale=scale, softcap=softcap,
                      dropout_p=dropout_p, backend=backend)
 
@@ -183,7 +188,8 @@ def _cached_attention_ext(q, k_cache, v_cache, pos, *, scale, softcap, dropout_p
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not dropout_p
             and q.shape[-1] in (64, 128, 256)):
         raise Unsupported("the CUDA flash-decoding kernel: CUDA fp16/bf16, head dim 64/128/256, no dropout")
-    # the same slot rule (position p in slot p % C): every written slot is visible, no key mask
+    # the same slot rule (position p in slot p % C): every written slot is visible, no key mask; a (N,) `pos`
+    # (continuous batching) is one length per row, which the kernel takes as it is (cache_lens is per sequence)
     lens = (pos + 1).to(torch.int32).expand(q.shape[0])
     return _decode_attention_ext(q, k_cache, v_cache, lens, scale=scale, softcap=softcap or 0.0, window=0)
 
@@ -237,6 +243,7 @@ def rope_kv_append(q, k, v, k_cache, v_cache, cache_lens, inv_freq, *, backend: 
 
 def cached_attention(q, k_cache, v_cache, pos, *, scale: float, softcap: float = 0.0, dropout_p: float = 0.0,
                      backend: str | None = None) -> torch.Tensor:
-    """One decode step's self-attention over a static KV cache written up to position `pos` (see above)."""
+    """One decode step's self-attention over a static KV cache written up to position `pos` (0-dim: every row;
+    (N,): per row; see above)."""
     return dispatch("cached_attention", _decode_chain(backend), q, k_cache, v_cache, pos, scale=scale,
                     softcap=softcap, dropout_p=dropout_p, backend=backend)
