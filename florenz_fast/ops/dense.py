@@ -169,14 +169,13 @@ class _AttentionCore(torch.autograd.Function):
         q = q_NHLD.reshape(N, Hk, G * L, D)
         k, v = k_NKSD.contiguous(), v_NKSD.contiguous()
         s = torch.matmul(q, k.transpose(-1, -2))  # (N, Hk, G * L, S)
-        t = None
-        if softcap:
-            t = _tanh_(s.mul_(scale / softcap))
-            z = t * softcap
+        t = _tanh_(s.mul_(scale / softcap)) if softcap else None
+        if invisible is not None:  # the mask as an additive bias, one pass with the softcap's (or scale's) multiply
+            bias = torch.zeros(invisible.shape, dtype=s.dtype, device=s.device).masked_fill_(invisible, float("-inf"))
+            z = torch.add(bias[:, :, None], (s if t is None else t).view(N, Hk, G, L, S),
+                          alpha=scale if t is None else softcap).view(s.shape)
         else:
-            z = s.mul_(scale)
-        if invisible is not None:
-            z.view(N, Hk, G, L, S).masked_fill_(invisible[:, :, None], float("-inf"))
+            z = t * softcap if softcap else s.mul_(scale)
         probs = torch.softmax(z, dim=-1)
         del z
         if sees_nothing is not None:  # softmax gave NaN there; define them as zeros
