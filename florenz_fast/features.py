@@ -146,10 +146,12 @@ class FeatureCache:
             self._shards[shard] = set(merged)
 
     # ---- filling ------------------------------------------------------------------------------------------
-    def fill(self, model, pipeline, batch: int = 32, autocast=None) -> dict[str, int]:
+    def fill(self, model, pipeline, batch: int = 32, autocast=None, write_bytes: int = 256 << 20) -> dict[str, int]:
         """Compute and store the tokens of every image of `pipeline` (a data.DataPipeline) not cached yet, in
         batches of `batch` images through model.frozen_image_tokens (the training step's own path, so the
-        stored bits are the recomputed ones). Unreadable images are left to the pipeline (it skips them on its
+        stored bits are the recomputed ones). The tokens are written once `write_bytes` of them are held (and at
+        the end, or when the fill stops on an error), so that a fill rewrites each shard about once per
+        `write_bytes`, not once per batch. Unreadable images are left to the pipeline (it skips them on its
         first visit). Returns {"cached": already there, "computed": new, "unreadable": skipped}."""
         if not model.image_path_frozen():
             raise ValueError("feature cache: the image path trains under this policy (trainable=all); its tokens "
@@ -162,16 +164,26 @@ class FeatureCache:
         device = next(model.parameters()).device
         counts = {"cached": 0, "computed": 0, "unreadable": 0}
         pending: list[tuple[str, torch.Tensor]] = []
+        held: dict[str, torch.Tensor] = {}  # computed, not yet written
+        held_bytes = [0]
 
-        def flush():
+        def compute():
             if not pending:
                 return
             pixels = torch.stack([p for _, p in pending]).to(device)
             with autocast if autocast is not None else contextlib.nullcontext():
                 tokens = model.frozen_image_tokens(pixels)
-            self.put({image_id: t.to(self.dtype) for (image_id, _), t in zip(pending, tokens)})
+            for (image_id, _), t in zip(pending, tokens):
+                held[image_id] = t.to(self.dtype).cpu()
+                held_bytes[0] += held[image_id].numel() * held[image_id].element_size()
             counts["computed"] += len(pending)
             pending.clear()
+
+        def write():
+            if held:
+                self.put(held)
+                held.clear()
+                held_bytes[0] = 0
 
         try:
             for idx in _unique(range(len(pipeline.records)), pipeline.image_ids):
@@ -186,10 +198,13 @@ class FeatureCache:
                     continue
                 pending.append((image_id, pixels))
                 if len(pending) == batch:
-                    flush()
-            flush()
+                    compute()
+                    if held_bytes[0] >= write_bytes:
+                        write()
+            compute()
         finally:
             pipeline.features = saved
+            write()  # what was computed is kept, also when the fill stops on an error
         return counts
 
 

@@ -526,9 +526,6 @@ def collate(examples: Sequence[Example], n_image_tokens: int, mode: str, *, limi
     """`limits`: check ids and positions here, on the host (the batch is then marked inputs_checked)."""
     if mode not in MODES:
         raise ValueError(f"mode must be 'packed', 'padded' or 'static', got {mode!r}")
-    if limits is not None:
-        _check_examples(examples, n_image_tokens)
-        check_limits(examples, n_image_tokens, limits)
     if mode == "packed":
         batch = collate_packed(examples, n_image_tokens)
     elif mode == "padded":
@@ -537,7 +534,10 @@ def collate(examples: Sequence[Example], n_image_tokens: int, mode: str, *, limi
         batch = collate_static(examples, n_image_tokens, max_samples=max_samples,
                                max_encoder_tokens=max_encoder_tokens, max_decoder_tokens=max_decoder_tokens,
                                max_segment_encoder=max_segment_encoder, max_segment_decoder=max_segment_decoder)
-    return dataclasses.replace(batch, inputs_checked=True) if limits is not None else batch
+    if limits is None:
+        return batch
+    check_limits(examples, n_image_tokens, limits)  # after the collation, whose checks (_check_examples) come first
+    return dataclasses.replace(batch, inputs_checked=True)
 
 
 # ----------------------------------------------------------------------------------------------- Packer

@@ -343,8 +343,20 @@ def test_pipeline_serves_cached_images_without_pixels(data, tmp_path):
     model = model_for()
     pipe = DataPipeline(records, enc, dec, image_size=64, seed=0, group_size=2)
     cache = FeatureCache.for_model(model, tmp_path, 64)
+    puts = []
+    real_put = cache.put
+    cache.put = lambda tokens: puts.append(len(tokens)) or real_put(tokens)
     assert cache.fill(model, pipe, batch=5) == {"cached": 0, "computed": 12, "unreadable": 0}
+    assert puts == [12]  # three batches, one write of every shard
+    one = next(iter(cache._index(cache.shard_of(pipe.image_ids[0]))))
     assert cache.fill(model, pipe) == {"cached": 12, "computed": 0, "unreadable": 0}
+    again = FeatureCache.for_model(model, tmp_path, 64)
+    again.put = lambda tokens: puts.append(len(tokens)) or FeatureCache.put(again, tokens)
+    for name in list(again.root.iterdir()):
+        name.unlink()
+    assert again.fill(model, pipe, batch=5, write_bytes=1) == {"cached": 0, "computed": 12, "unreadable": 0}
+    assert puts[1:] == [5, 5, 2]  # write_bytes reached after every batch
+    assert torch.equal(again.get(one), cache.get(one))
     plain = DataPipeline(records, enc, dec, image_size=64, seed=0, group_size=2)
     pipe.features = cache
     a, b = [next(iter(plain)) for _ in range(4)], [next(iter(pipe)) for _ in range(4)]
