@@ -15,12 +15,9 @@ from collections import Counter
 
 import pytest
 import torch
-import torch.nn as nn
 
 from florenz_fast import generate as gen_mod
-from florenz_fast.config import get_config
 from florenz_fast.convert import save_pretrained
-from florenz_fast.florenz import Florenz
 from florenz_fast.generate import (
     GenerationConfig,
     Job,
@@ -34,8 +31,8 @@ from florenz_fast.generate import (
 )
 from florenz_fast.text import train_decoder_tokenizer, train_encoder_tokenizer
 from tests.helpers.builders import tiny_model
-from tests.helpers.hf_models import randomize_
 from tests.helpers.sync_guard import no_device_host_reads
+from tests.test_generate import live_model
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -44,24 +41,9 @@ MAX_NEW = [3, 19, 5, 3, 2, 5, 11, 19, 5]  # static groups (prompt, max_new): {0,
 ENC_LEN = [7, 4, 9, 5, 7, 6, 8, 4, 9]
 
 
-def _live(name: str, seed: int = 3) -> Florenz:
-    """Random weights where every term matters: parameters ~ N(0, 0.1), LayerNorm weights around 1, the
-    cross-attention gates 1 (so the image reaches the tokens)."""
-    model = Florenz(get_config(name)).eval()
-    randomize_(model, seed=seed, std=0.1)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.LayerNorm):
-                mod.weight.add_(1.0)
-        for layer in model.decoder.layers:
-            if hasattr(layer, "encoder_attn_gate"):
-                layer.encoder_attn_gate.fill_(1.0)
-    return model
-
-
 @pytest.fixture(scope="module", params=["tiny", "tiny-bart"])
 def model64(request):
-    return _live(request.param).double()
+    return live_model(request.param).double()
 
 
 def _jobs(cfg, n=len(MAX_NEW), seed=0):
