@@ -470,7 +470,9 @@ def markdown(report) -> str:
         lines += ["", "syncs / step: device->host reads in one forward + loss + backward + AdamW step "
                   "(florenz_fast.syncs; on the CPU they are counted where a GPU step would wait); aten ops / step: "
                   "the ops dispatched eagerly (compiled: '-', and only the Python-level reads are counted, since "
-                  "torch.compile refuses to run under a dispatch mode)."]
+                  "torch.compile refuses to run under a dispatch mode).",
+                  "published: logits, then the mean cross-entropy (as the published code); the engine's "
+                  "configurations: the training loop's step (no logits, the summed loss backpropagated)."]
         if tr.get("cache_fill_s") is not None:
             lines.append(f"*-cached: the frozen image path's tokens from the feature cache, filled once before the "
                          f"timed passes in {tr['cache_fill_s']:.2f} s (one pass of the tower over the set's images, "
