@@ -43,7 +43,7 @@ def test_config_overrides_rebuild_the_joined_config():
 MINI = ["--image_size=64", "--vision_width=8", "--florence_width=32", "--a_steps=8", "--a_batch_size=8",
         "--probe_images=400", "--sizes=gemma-0.24m,gemma-0.67m", "--b_steps=6", "--b_batch_size=8",
         "--budgets=16,32", "--batch_size=8", "--c_images=24", "--eval_images=4", "--max_new_tokens=6",
-        "--num_beams=1", "--bootstrap=3", "--threads=2"]
+        "--num_beams=1", "--bootstrap=3", "--threads=1"]
 
 
 @pytest.mark.slow

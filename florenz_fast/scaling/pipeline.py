@@ -1,4 +1,5 @@
-"""The paper's experiment in miniature with pretrained parts (issue 18):
+"""The paper's experiment in miniature with pretrained parts (issue 18): a tiny Florence-2 and tiny Gemma-2 language
+models pretrained, joined by prepare, continued (SPEC §7-§8), evaluated for captioning emergence and grounding.
 
     python -m florenz_fast.scaling --pipeline=pretrained               # the default (designed for <= 90 min, 2 cores)
     python -m florenz_fast.scaling --pipeline=pretrained --out=runs/mini --sizes=gemma-0.24m,gemma-0.67m ...
@@ -49,7 +50,9 @@ from .scenes import grounding, heldout_scenes, lm_texts, scene_annotations, writ
 class PipelineConfig:
     out: str = "runs/miniature"
     device: str = "cpu"  # cpu | cuda | auto
-    threads: int = 2  # torch threads on CPU (0: torch's default)
+    # torch threads on CPU (0: torch's default). 1: on the shared 2-core machine a stage-A step took 0.19 s with
+    # one thread and 11 s with two (another job running: the two threads' barriers wait on each other)
+    threads: int = 1
     image_size: int = 128  # 4x4 image-token grid (+ the mean token): resolves left/right/top/bottom/middle
     seed: int = 0
     # stage A: the Florence-2 (vision widths (w, 2w, 4w, 8w); projector, encoder and BART decoder width d)
@@ -57,22 +60,22 @@ class PipelineConfig:
     florence_width: int = 64
     encoder_layers: int = 2
     bart_layers: int = 2
-    a_steps: int = 1200
+    a_steps: int = 5000  # x a_batch_size = 80,000 distinct images, each seen once
     a_batch_size: int = 16
     a_lr: float = 1e-3
     a_seed: int = 100  # scene seed of stage A's images
     probe_images: int = 400  # stage A's colour probe: half fit the centroids, half are scored
     # stage B: Gemma-2 language models, one per size (the ladder's decoder widths and depths)
-    sizes: str = "gemma-0.24m,gemma-0.67m,gemma-1.4m"
-    b_steps: int = 400
+    sizes: str = "gemma-0.24m,gemma-0.67m,gemma-1.4m,gemma-2.0m"
+    b_steps: int = 800
     b_batch_size: int = 32
     b_lr: float = 3e-3
     b_parallel: float = 0.5  # share of stage-B documents that are a parallel pair
     # stage C: continued pre-training (SPEC §7-§8) x budgets of seen samples
-    budgets: str = "800,1600,3200"
+    budgets: str = "1000,2000,4000,8000"
     batch_size: int = 16
     lr: float = 1e-3
-    c_images: int = 3200  # the stage-C image pool (seed c_seed), rendered once, shared by every run
+    c_images: int = 8000  # the stage-C image pool (seed c_seed), rendered once, shared by every run
     c_seed: int = 200
     feature_cache: bool = True  # the frozen image path's tokens computed once per image for all runs
     # evaluation
@@ -407,8 +410,9 @@ def stage_b(cfg: PipelineConfig, out: Path, tok: Path, size: str) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(OptimConfig(warmup_steps=max(1, cfg.b_steps // 10)),
                                                              cfg.b_steps))
     rng = random.Random(f"miniature stage B {cfg.seed} {size}")
-    losses = []
+    losses, step_seconds = [], []
     for _ in range(cfg.b_steps):
+        t_step = time.perf_counter()
         ids, labels = _lm_batch(lm_texts(rng, cfg.b_batch_size, parallel=cfg.b_parallel), dec_tok)
         loss = lm_loss(model, ids.to(device), labels.to(device))
         opt.zero_grad(set_to_none=True)
@@ -417,6 +421,7 @@ def stage_b(cfg: PipelineConfig, out: Path, tok: Path, size: str) -> dict:
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
+        step_seconds.append(time.perf_counter() - t_step)
     model.eval()
     val_rng = random.Random(f"miniature stage B held-out {cfg.seed}")
     with torch.inference_mode():
@@ -434,7 +439,8 @@ def stage_b(cfg: PipelineConfig, out: Path, tok: Path, size: str) -> dict:
                                  "tokenizer.json": (tok / "decoder" / "tokenizer.json").read_text(encoding="utf-8")})
     result = {"checkpoint": str(hf), "size": size, "params": decoder_parameters(c), "steps": cfg.b_steps,
               "documents": cfg.b_steps * cfg.b_batch_size, "first_loss": losses[0], "final_train_loss": losses[-1],
-              "heldout_loss": val, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
+              "heldout_loss": val, "step_seconds_median": sorted(step_seconds)[len(step_seconds) // 2],
+              "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
     _write_json(root / "done.json", result)
     print(f"[miniature] stage B {size}: {result['params']:,} parameters, LM loss {losses[0]:.2f} -> {losses[-1]:.3f}, "
           f"held-out " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()) + f" ({result['seconds']:.0f} s)")
@@ -537,20 +543,22 @@ def stage_c_run(cfg: PipelineConfig, out: Path, size: str, budget: int, init: Pa
 
 
 # ---- the time estimate -------------------------------------------------------------------------------------------
-# Seconds on the 2-core CPU this was written on (2 threads, timed pieces, docs/scaling.md): per stage-A sample at
-# 128 px (train step with the tower trained), per stage-B document per million decoder parameters and fixed,
-# per stage-C sample (frozen tower, cached features) per million decoder parameters and fixed, evaluation.
+# Seconds on the shared 2-core CPU, one thread, medians of timed steps (docs/scaling.md: a 40-step stage A, 40
+# steps of each stage-B size, a 480-sample stage-C run per size): per stage-A sample at 128 px (tower trained),
+# per stage-B document (128 tokens) fixed + per million decoder parameters, per stage-C sample (frozen tower,
+# cached features) likewise, per held-out image of an evaluation (4 languages), a prepare subprocess, rendering and
+# caching one image.
 
-COST = {"a_sample_128": 0.0040, "b_doc": 0.0006, "b_doc_per_m": 0.0016, "c_sample": 0.0035, "c_sample_per_m": 0.0020,
-        "eval_image": 0.30, "eval_image_per_m": 0.10, "prepare": 6.0, "render_image": 0.002}
+COST = {"a_sample_128": 0.0122, "b_doc": 0.0035, "b_doc_per_m": 0.022, "c_sample": 0.003, "c_sample_per_m": 0.022,
+        "eval_image": 0.1, "eval_image_per_m": 0.3, "prepare": 6.0, "render_image": 0.0008, "cache_image": 0.004}
 
 
 def estimate(cfg: PipelineConfig) -> dict[str, float]:
     """Estimated seconds per piece of the plan (the stages, each size's LM, each run)."""
     px = (cfg.image_size / 128) ** 2
     est = {"stage A": cfg.a_steps * cfg.a_batch_size * (COST["a_sample_128"] * px + COST["render_image"])}
-    est["stage A"] += cfg.probe_images * 0.01 + cfg.eval_images * COST["eval_image"]
-    est["stage C data"] = cfg.c_images * COST["render_image"] * 1.5
+    est["stage A"] += 2 * cfg.probe_images * COST["cache_image"] * px + cfg.eval_images * COST["eval_image"]
+    est["stage C data"] = cfg.c_images * (COST["render_image"] + COST["cache_image"] * px)
     for size in cfg.size_list():
         m = decoder_parameters(joined_config(cfg, size)) / 1e6
         est[f"stage B {size}"] = cfg.b_steps * cfg.b_batch_size * (COST["b_doc"] + COST["b_doc_per_m"] * m)
@@ -639,7 +647,9 @@ def _run_pipeline(cfg: PipelineConfig) -> dict:
                   + f" ({row['train_seconds']:.0f} s train, {row['eval_seconds']:.0f} s eval)")
     bar.close()
     report = build_report(cfg, rows, time.perf_counter() - t_start)
-    report["form"] += "; N = the Gemma-2 decoder's parameters (what stage B trained; the frozen tower is fixed)"
+    report["form"] = ("L(N, D) = E + A * N^-alpha + B * D^-beta (N = the Gemma-2 decoder's parameters, what stage B "
+                      "trained, the same tower and encoder in every run; D = samples seen); least squares on log L, "
+                      "L-BFGS from a grid of starts")
     report["stage_a"], report["stage_b"] = a, b
     report["summary"] = summarize(report)
     report["estimate_seconds"] = est
@@ -761,8 +771,9 @@ def pipeline_markdown(report: dict) -> str:
                   f"{g['chance_in_distribution']:.3f}), fr/es (never trained as a task) {g['unseen']:.3f} (chance "
                   f"{g['chance_unseen']:.3f})",
                   f"- distinct-caption share en/de {s['distinct_share_en_de']:.2f}: "
-                  + ("≥ 0.5" if s["stage_a_grounded"] else "< 0.5: the captions do not follow the image, stage A's "
-                     "grounding did not carry through"),
+                  + ("≥ 0.5" if s["stage_a_grounded"] else "< 0.5: stage A has not grounded (its own English "
+                     f"captions: distinct share {ca['distinct_share']:.2f}, grounding {ca['grounding_accuracy']:.3f} "
+                     f"vs chance {ca['grounding_chance']:.3f})"),
                   "- unseen-group fit, held-out largest N: " + (f"mean |rel. error| {held:.1%} ("
                   + ("≤ 25 %: met" if s["unseen_held_out_target_met"] else "> 25 %: not met") + ")"
                   if held is not None else "not computed (too few runs for the held-out fit)")]
