@@ -63,6 +63,11 @@ class PipelineConfig:
     a_steps: int = 5000  # x a_batch_size = 80,000 distinct images, each seen once
     a_batch_size: int = 16
     a_lr: float = 1e-3
+    # no_vision: the tower and image-token projector stay at their random init (a fixed feature extractor), the
+    # BART encoder-decoder learns. all (Florence-2 trains its tower) collapsed the tower here: image tokens'
+    # spread across images 0.004-0.005 on a norm of 8.3-8.5 after 800 and 2,500 steps (0.97 at init), the colour
+    # probe at 0.175 (chance 0.24), caption loss the same with another scene's image (docs/scaling.md)
+    a_trainable: str = "no_vision"
     a_seed: int = 100  # scene seed of stage A's images
     probe_images: int = 400  # stage A's colour probe: half fit the centroids, half are scored
     # stage B: Gemma-2 language models, one per size (the ladder's decoder widths and depths)
@@ -112,6 +117,8 @@ class PipelineConfig:
         for key in ("a_steps", "a_batch_size", "b_steps", "b_batch_size", "batch_size", "c_images"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key} must be >= 1, got {getattr(self, key)}")
+        if self.a_trainable not in ("all", "no_vision"):
+            raise ValueError(f"--a_trainable must be all or no_vision, got {self.a_trainable!r}")
         if self.eval_images < 2 or self.probe_images < 10:
             raise ValueError("--eval_images must be >= 2 and --probe_images >= 10")
         if self.image_size % 32:
@@ -247,7 +254,8 @@ def stage_a(cfg: PipelineConfig, out: Path, tok: Path, heldout) -> dict:
     t_data = time.perf_counter() - t0
     tc = recipe("tiny")
     tc.preset, tc.model = "miniature-florence2", florence2_config(cfg)
-    tc.trainable, tc.steps, tc.out, tc.device, tc.seed = "all", cfg.a_steps, str(root / "run"), cfg.device, cfg.seed
+    tc.trainable, tc.steps, tc.out = cfg.a_trainable, cfg.a_steps, str(root / "run")
+    tc.device, tc.seed = cfg.device, cfg.seed
     tc.save_every, tc.log_every = max(1, cfg.a_steps // 2), 10 ** 9
     tc.data.source, tc.data.path, tc.data.tokenizers = "manifest", str(manifest), str(tok)
     tc.data.mode, tc.data.batch_size = "padded", cfg.a_batch_size
@@ -264,30 +272,35 @@ def stage_a(cfg: PipelineConfig, out: Path, tok: Path, heldout) -> dict:
                     extra_files={"florenz_fast_config.json": json.dumps(model.cfg.to_dict(), indent=2) + "\n"})
     probe = colour_probe(model, cfg)
     captions = stage_a_captions(cfg, root / "run" / "final", tok, heldout)
+    captions.update(image_dependence(cfg, root / "run" / "final", tok, heldout))
     result = {"checkpoint": str(ckpt), "layout": "microsoft", "images": n_images, "steps": cfg.a_steps,
               "final_train_loss": summary["losses"][-1] if summary["losses"] else None,
               "data_seconds": t_data, "train_seconds": t_train, "train_cpu_seconds": c_train, "probe": probe,
               "captions_en": captions, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
     _write_json(root / "done.json", result)
     print(f"[miniature] stage A: {n_images} images, probe {probe['accuracy']:.2f} (chance {probe['chance']:.2f}, "
-          f"random tower {probe['random_init_accuracy']:.2f}), en caption grounding "
+          f"random tower {probe['random_init_accuracy']:.2f}; token spread {probe['spread']:.3g} on "
+          f"{probe['common']:.3g}, at init {probe['random_init_spread']:.3g}), en caption grounding "
           f"{captions['grounding_accuracy']:.2f} (chance {captions['grounding_chance']:.2f}), "
           f"distinct {captions['distinct_share']:.2f}")
     return result
 
 
-def _pooled_tokens(model, images, size: int) -> torch.Tensor:
+def _image_tokens(model, images, size: int) -> torch.Tensor:
     from ..images import preprocess
 
     with torch.inference_mode():
-        return model.image_tokens(preprocess(images, size)).mean(1).float()
+        return model.image_tokens(preprocess(images, size)).float()
 
 
 def colour_probe(model, cfg: PipelineConfig) -> dict:
     """Which colour is the one group of a one-group scene, read off the mean image token by a ridge classifier
-    (standardised tokens, one-vs-rest least squares): half the probe scenes (seed eval_seed + 7, not stage A's)
-    fit it, half are scored; beside chance (the commonest colour's share among the scored) and the same probe on
-    a tower at its random init."""
+    (tokens centred, not rescaled, ridge 1, one-vs-rest least squares): half the probe scenes (seed eval_seed + 7,
+    not stage A's) fit it, half are scored; beside chance (the commonest colour's share among the scored) and the
+    same probe on the tower at its random init. Not rescaling matters: a tower collapsed to one vector for every
+    image (what training it at the run's rate did, issue 10) keeps a tiny spread that per-feature standardising
+    would blow up again (a standardised probe scored 0.66 on a tower whose tokens varied 0.01 on a norm of 8.5).
+    `spread` / `common`: the tokens' mean distance from their mean over the probe images / the mean's norm."""
     from ..data.synthetic import COLOURS, render_scene, synthetic_scene
     from ..florenz import Florenz
 
@@ -301,23 +314,46 @@ def colour_probe(model, cfg: PipelineConfig) -> dict:
     labels = torch.tensor([COLOURS.index(s.groups[0].colour) for s, _ in scenes])
     half = cfg.probe_images // 2
 
-    def probe(m) -> float:
+    def probe(m) -> tuple[float, float, float]:
         m.eval()
-        feats = torch.cat([_pooled_tokens(m, images[i:i + 60], cfg.image_size) for i in range(0, len(images), 60)])
-        feats = feats.double()
-        mu, sd = feats[:half].mean(0), feats[:half].std(0) + 1e-6
-        z = torch.cat([(feats - mu) / sd, torch.ones(len(feats), 1, dtype=feats.dtype)], 1)
+        tokens = torch.cat([_image_tokens(m, images[i:i + 60], cfg.image_size) for i in range(0, len(images), 60)])
+        common = tokens.mean(0)
+        spread = float((tokens - common).norm(dim=-1).mean())
+        feats = tokens.mean(1).double()
+        z = torch.cat([feats - feats[:half].mean(0), torch.ones(len(feats), 1, dtype=feats.dtype)], 1)
         y = torch.nn.functional.one_hot(labels, len(COLOURS)).double() * 2 - 1
         a = z[:half]
         w = torch.linalg.solve(a.T @ a + torch.eye(a.shape[1], dtype=a.dtype), a.T @ y[:half])
-        return float(((z[half:] @ w).argmax(1) == labels[half:]).double().mean())
+        acc = float(((z[half:] @ w).argmax(1) == labels[half:]).double().mean())
+        return acc, spread, float(common.norm(dim=-1).mean())
 
     torch.manual_seed(cfg.seed)
-    fresh = Florenz(model.cfg)
+    acc, spread, common = probe(model)
+    acc0, spread0, common0 = probe(Florenz(model.cfg))
     test = labels[half:]
-    return {"accuracy": probe(model), "random_init_accuracy": probe(fresh), "n_scored": len(test),
+    return {"accuracy": acc, "random_init_accuracy": acc0, "n_scored": len(test),
             "chance": float(torch.bincount(test, minlength=len(COLOURS)).max()) / len(test),
-            "classes": len(COLOURS)}
+            "classes": len(COLOURS), "spread": spread, "common": common, "random_init_spread": spread0,
+            "random_init_common": common0}
+
+
+def image_dependence(cfg: PipelineConfig, final: Path, tok: Path, heldout) -> dict:
+    """Stage A's English caption loss (teacher forcing) on the held-out scenes with their own images and with
+    each caption paired with the next scene's image: equal losses = captions that ignore the image."""
+    from .. import eval as ev
+    from ..data import Record
+    from ..generate import load_pipeline
+
+    records = [Record(image=r.image, annotations=[a for a in r.annotations if a.key == "caption-en"], name=r.name)
+               for r in heldout[0]]
+    shifted = [Record(image=records[(i + 1) % len(records)].image, annotations=r.annotations, name=r.name)
+               for i, r in enumerate(records)]
+    pipe = load_pipeline(final, tokenizers=tok, device=_device(cfg))
+    pipe.model.eval()
+    with torch.inference_mode():
+        own = ev.records_losses(pipe, records, cfg.eval_batch_size)["per_key"]["caption-en"]
+        other = ev.records_losses(pipe, shifted, cfg.eval_batch_size)["per_key"]["caption-en"]
+    return {"caption_loss_own_image": own, "caption_loss_other_image": other}
 
 
 def stage_a_captions(cfg: PipelineConfig, final: Path, tok: Path, heldout) -> dict:
@@ -742,11 +778,14 @@ def pipeline_markdown(report: dict) -> str:
              "## Stage A (Florence-2)", "",
              f"- {a['images']} distinct images, {a['steps']} steps, final train loss {a['final_train_loss']:.3f}; "
              f"{a['seconds']:.0f} s",
-             f"- colour probe (ridge classifier on the mean image token; {p['n_scored']} held-out one-group scenes, "
-             f"{p['classes']} colours): {p['accuracy']:.3f}; chance {p['chance']:.3f}; random-init tower "
-             f"{p['random_init_accuracy']:.3f}",
+             f"- colour probe (ridge classifier on the centred mean image token; {p['n_scored']} held-out one-group "
+             f"scenes, {p['classes']} colours): {p['accuracy']:.3f}; chance {p['chance']:.3f}; random-init tower "
+             f"{p['random_init_accuracy']:.3f}; image tokens' spread across images {p['spread']:.3g} on a norm of "
+             f"{p['common']:.3g} (random init: {p['random_init_spread']:.3g} on {p['random_init_common']:.3g})",
              f"- English captions of the held-out scenes: grounding {ca['grounding_accuracy']:.3f} (chance "
-             f"{ca['grounding_chance']:.3f}), distinct {ca['distinct_share']:.2f}, BLEU {ca['bleu']:.1f}", "",
+             f"{ca['grounding_chance']:.3f}), distinct {ca['distinct_share']:.2f}, BLEU {ca['bleu']:.1f}; caption "
+             f"loss with each scene's own image {ca['caption_loss_own_image']:.4f}, with another's "
+             f"{ca['caption_loss_other_image']:.4f}", "",
              "## Stage B (Gemma-2 language models)", "",
              "| size | params | documents | LM loss first -> last | held-out en / de / fr / es / parallel | s |",
              "|---|---:|---:|---|---|---:|"]
