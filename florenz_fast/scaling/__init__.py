@@ -3,6 +3,7 @@
     python -m florenz_fast.scaling                                   # the default CPU sweep (~40 min, 2 cores)
     python -m florenz_fast.scaling --sizes=gemma-0.24m,gemma-0.67m --budgets=400,800 --out=runs/mini
     python -m florenz_fast.scaling --device=cuda --sizes=gemma-1.4m,gemma-5.6m,gemma-22m --budgets=...
+    python -m florenz_fast.scaling --pipeline=pretrained            # pretrained parts first (scaling.pipeline)
 
 A sweep over model sizes (a ladder of from-scratch Gemma-decoder models and one BART-decoder model) x seen
 samples D. Every run is trained with `florenz_fast.train.train` (recipe `tiny`, AdamW, cosine to the run's own
@@ -33,6 +34,9 @@ checkpoints (<out>/runs/<run>/checkpoints), the same command finishes the sweep.
 #              open_gates_checkpoint, train_run, evaluate_run), run_sweep and main (the CLI; __main__.py calls it)
 #   fit.py     fit_law, predict, bootstrap, fits_for
 #   report.py  build_report, markdown, plot, write_report, write_atomic
+#   pipeline.py  the pretrained-parts miniature (issue 18; `--pipeline=pretrained`): stage A Florence-2, stage B
+#              Gemma-2 language models, prepare, continued pre-training, evaluation with grounding, report
+#   scenes.py  that pipeline's scene manifests, language-model text and grounding score (a per-language lexicon)
 
 from .fit import PARAM_NAMES, bootstrap, fit_law, fits_for, predict
 from .ladder import (

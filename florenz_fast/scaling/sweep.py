@@ -198,7 +198,10 @@ def train_run(tc) -> dict:
     return train(tc)
 
 
-def evaluate_run(cfg: SweepConfig, final: Path, tok_dir: Path, records, vocab) -> dict:
+def evaluate_run(cfg: SweepConfig, final: Path, tok_dir: Path, records, vocab, *, prefixes=(False, True),
+                 score=None) -> dict:
+    """Loss groups and, per language (and per prefix setting in `prefixes`), the captions' BLEU / chrF,
+    in-language and distinct shares; `score(lang, hyps)` (optional) adds its dict to each caption entry."""
     from .. import eval as ev
     from ..generate import load_pipeline
 
@@ -214,17 +217,24 @@ def evaluate_run(cfg: SweepConfig, final: Path, tok_dir: Path, records, vocab) -
             items = [ev.Item(image=Path(rec.image), refs=[a.target for a in rec.annotations
                                                           if a.task == "caption" and a.lang == lang])
                      for rec in records]
-            for prefix in (False, True):
+            for prefix in prefixes:
                 hyps = ev.generate_texts(pipe, items, "caption", lang, cfg.eval_batch_size,
                                          f"caption-{lang}{' +prefix' if prefix else ''}", prefix)
-                refs = [it.refs for it in items]
-                detected = [detect_language(h, vocab) for h in hyps]
                 captions[f"{lang}{'+prefix' if prefix else ''}"] = {
-                    "bleu": ev.bleu(hyps, refs, lang), "chrf": ev.chrf(hyps, refs),
-                    "in_language": sum(d == lang for d in detected) / len(hyps),
-                    "distinct": len(set(hyps)) / len(hyps), "n": len(hyps),
-                    "examples": [{"hyp": h, "ref": r[0]} for h, r in zip(hyps[:2], refs[:2])]}
+                    **caption_metrics(hyps, [it.refs for it in items], lang, vocab),
+                    **(score(lang, hyps) if score is not None else {})}
     return {"loss_groups": losses, "captions": captions}
+
+
+def caption_metrics(hyps: list[str], refs: list[list[str]], lang: str, vocab) -> dict:
+    """BLEU, chrF, the share of captions in `lang` (detect_language over `vocab`), the share of distinct ones."""
+    from .. import eval as ev
+
+    detected = [detect_language(h, vocab) for h in hyps]
+    return {"bleu": ev.bleu(hyps, refs, lang), "chrf": ev.chrf(hyps, refs),
+            "in_language": sum(d == lang for d in detected) / len(hyps),
+            "distinct": len(set(hyps)) / len(hyps), "n": len(hyps),
+            "examples": [{"hyp": h, "ref": r[0]} for h, r in zip(hyps[:2], refs[:2])]}
 
 
 def _device(cfg: SweepConfig) -> str:
@@ -301,8 +311,22 @@ def _run_sweep(cfg: SweepConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m florenz_fast.scaling --key=value ...` through the engine's one CLI layer (--help lists the keys)."""
+    """`python -m florenz_fast.scaling --key=value ...` through the engine's one CLI layer (--help lists the keys);
+    `--pipeline=pretrained` (first or anywhere) runs the pretrained-parts pipeline instead (scaling.pipeline)."""
     from .. import cli
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    choice = [a for a in argv if a.startswith("--pipeline=") or a.startswith("pipeline=")]
+    if choice:
+        value = choice[-1].split("=", 1)[1]
+        rest = [a for a in argv if a not in choice]
+        if value == "pretrained":
+            from .pipeline import main as pipeline_main
+
+            return pipeline_main(rest)
+        if value != "scratch":
+            return cli.report(ValueError(f"--pipeline must be scratch (the default: the from-scratch sweep) or "
+                                         f"pretrained, got {value!r}"), cli.USAGE)
+        argv = rest
     return cli.main(SweepConfig, run_sweep, argv, prog="python -m florenz_fast.scaling",
                     description=sys.modules[__package__].__doc__)
