@@ -68,8 +68,9 @@ class Rotary(nn.Module):
 
 
 def _norm(norm: RMSNorm, w1, x):
-    """norm(x); with w1 = 1 + norm.weight given (the CPU step, fp32 / fp64): torch's fused F.rms_norm, the same math."""
-    return norm(x) if w1 is None else F.rms_norm(x, (x.shape[-1],), w1, norm.eps)
+    """norm(x); with w1 = 1 + norm.weight given (the CPU step, fp32 / fp64): the reference's math in 5 ops, not ~10
+    (no dtype casts, no dispatch, 1 + w made once per generation)."""
+    return norm(x) if w1 is None else x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * w1
 
 
 def _add_norm(norm: RMSNorm, w1, residual, y, scale=None, next_norm: RMSNorm | None = None, next_w1=None):
@@ -216,7 +217,7 @@ class GemmaDecoder(nn.Module):
 
     def step_layers(self, cross) -> list[StepLayer]:
         """The step context of every layer (modules.StepLayer) from its cross (k, v) (B, S, Hk * D) (cross_kv's):
-        built once per generation. On the CPU in fp32 / fp64 the norms run torch's fused RMSNorm (1 + w here)."""
+        built once per generation. On the CPU in fp32 / fp64 the norms run without the ops layer (1 + w here)."""
         c = self.cfg
         out = []
         for layer, (k, v) in zip(self.layers, cross):

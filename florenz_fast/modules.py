@@ -177,7 +177,7 @@ class StepLayer:
     grouped cross-attention reads them as they are, no per-step copy); w_qkv (H*D + 2*Hk*D, d) and b_qkv (or None):
     the self-attention q | k | v projection; w_up (2 * ffn, d) or None: the MLP's gate | up projection (Gemma);
     gate () or None: tanh(encoder_attn_gate) (Gemma); norms: the layer's RMSNorm weights as 1 + w (Gemma), for
-    the step's norms on the CPU (torch's fused F.rms_norm, the reference's math)."""
+    the step's norms on the CPU (the reference's math, without the ops layer's casts and dispatch)."""
 
     cross_k: torch.Tensor
     cross_v: torch.Tensor
