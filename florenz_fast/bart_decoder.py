@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from . import ops
 from .config import DecoderConfig
 from .encoder import BartAttention, BartStack
-from .modules import KVCache, Layout, project_kv_all_layers
+from .modules import KVCache, Layout, StepLayer, attend_cached, cross_attend_step, cross_heads, project_kv_all_layers
 
 
 class BartDecoderLayer(nn.Module):
@@ -38,14 +38,17 @@ class BartDecoderLayer(nn.Module):
         h = drop(self.fc2(drop(F.gelu(self.fc1(x)))))
         return self.final_layer_norm(x + h)
 
-    def step(self, x_N1d, cache: KVCache, pos, cross_kv, enc_layout: Layout, beams: int):
+    def step(self, x_N1d, cache: KVCache, pos, ctx: StepLayer, enc_layout: Layout, beams: int):
         """`forward` (eval mode) for one new token per row with the self-attention cache; the `beams` rows of
-        image b query that image's one cross K/V together (see GemmaDecoderLayer.step)."""
-        x = self.self_attn_layer_norm(x_N1d + self.self_attn.step(x_N1d, cache, pos))
-        N, _, d = x.shape
-        cross = self.encoder_attn(x.view(N // beams, beams, d), Layout(), kv_layout=enc_layout,
-                                  projected_kv=cross_kv)
-        x = self.encoder_attn_layer_norm(x + cross.view(N, 1, d))
+        image b query that image's one cross K/V together (see GemmaDecoderLayer.step; `ctx`: step_layers')."""
+        a, e = self.self_attn, self.encoder_attn
+        d = x_N1d.shape[-1]
+        q, k, v = F.linear(x_N1d, ctx.w_qkv, ctx.b_qkv).split([d, d, d], -1)
+        attn = a.out_proj(attend_cached(q, k, v, cache, pos, heads=a.heads, kv_heads=a.heads, scale=a.scale))
+        x = self.self_attn_layer_norm(x_N1d + attn)
+        cross = cross_attend_step(e.q_proj(x), ctx.cross_k, ctx.cross_v, enc_layout.mask, heads=e.heads, beams=beams,
+                                  scale=e.scale)
+        x = self.encoder_attn_layer_norm(x + e.out_proj(cross))
         return self.final_layer_norm(x + self.fc2(F.gelu(self.fc1(x))))
 
 
@@ -71,13 +74,28 @@ class BartDecoder(BartStack):
         c = self.cfg
         return [KVCache.allocate(n, c.heads, max_len, c.hidden // c.heads, dtype, device) for _ in self.layers]
 
+    def step_layers(self, cross) -> list[StepLayer]:
+        """The step context of every layer (modules.StepLayer) from its cross (k, v) (B, S, d): once per generation."""
+        out = []
+        for layer, (k, v) in zip(self.layers, cross):
+            a = layer.self_attn
+            out.append(StepLayer(cross_k=cross_heads(k, a.heads), cross_v=cross_heads(v, a.heads),
+                                 w_qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                                 b_qkv=torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])))
+        return out
+
     def step(self, ids_N: torch.Tensor, pos: torch.Tensor, caches: list[KVCache], cross, enc_layout: Layout,
              beams: int) -> torch.Tensor:
         """Hidden states (N, 1, d) of one new token per row at position `pos` (int64 tensor, 0-dim for every row or
-        (N,) one per row; the caller checks it against the position table: indexing here would need a host sync)."""
+        (N,) one per row; the caller checks it against the position table: indexing here would need a host sync).
+        `cross`: step_layers' context (or the cross_kv pairs, turned into it here, once per call)."""
+        if enc_layout.packed:
+            raise ValueError("the cached decode step takes a padded encoder layout (B, S), not a packed one")
+        if cross and not isinstance(cross[0], StepLayer):
+            cross = self.step_layers(cross)
         x = self.embed_tokens(ids_N[:, None])
         where = self.embed_positions.weight[pos + self.embed_positions.OFFSET].view(-1, 1, x.shape[-1])  # (1|N, 1, d)
         x = self.layernorm_embedding(x + where.to(x.dtype))
-        for layer, cache, kv in zip(self.layers, caches, cross):
-            x = layer.step(x, cache, pos, kv, enc_layout, beams)
+        for layer, cache, ctx in zip(self.layers, caches, cross):
+            x = layer.step(x, cache, pos, ctx, enc_layout, beams)
         return x

@@ -13,10 +13,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops
 from .config import DecoderConfig
-from .modules import KVCache, Layout, attend, attend_cached, project_kv_all_layers
+from .modules import (
+    KVCache,
+    Layout,
+    StepLayer,
+    attend,
+    attend_cached,
+    cross_attend_step,
+    cross_heads,
+    project_kv_all_layers,
+)
 
 
 class RMSNorm(nn.Module):
@@ -55,6 +65,21 @@ class Rotary(nn.Module):
     @staticmethod
     def rotate(q, k, cos, sin):
         return ops.rope(q, k, cos, sin)  # rotate-half; in place on the triton backend
+
+
+def _norm(norm: RMSNorm, w1, x):
+    """norm(x); with w1 = 1 + norm.weight given (the CPU step, fp32 / fp64): the reference's math in 5 ops, not ~10
+    (no dtype casts, no dispatch, 1 + w made once per generation)."""
+    return norm(x) if w1 is None else x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * w1
+
+
+def _add_norm(norm: RMSNorm, w1, residual, y, scale=None, next_norm: RMSNorm | None = None, next_w1=None):
+    """norm.add(residual, y, scale, next_norm), through _norm when w1 is given."""
+    if w1 is None:
+        return norm.add(residual, y, scale=scale, next_norm=next_norm)
+    n = _norm(norm, w1, y)
+    h = residual + (n if scale is None else scale * n)
+    return h, None if next_norm is None else _norm(next_norm, next_w1, h)
 
 
 class GemmaAttention(nn.Module):
@@ -121,14 +146,24 @@ class GemmaDecoderLayer(nn.Module):
         return self._after_self_attn(x, attn, lambda h: self.encoder_attn(
             h, layout, kv_BSd=enc_BSd, kv_layout=enc_layout, projected_kv=cross_kv))
 
-    def step(self, x_N1d, cache: KVCache, pos, rope, cross_kv, enc_layout: Layout, beams: int):
+    def step(self, x_N1d, cache: KVCache, pos, rope, ctx: StepLayer, enc_layout: Layout, beams: int):
         """`forward` for one new token per row with the self-attention cache (generation). Rows are
         batch-major beams (n = b * beams + k); the cross-attention runs the `beams` rows of image b as `beams`
-        queries against that image's one cross K/V (never copied per beam)."""
-        attn = self.self_attn.step(self.input_layernorm(x_N1d), cache, pos, rope)
-        N, _, d = x_N1d.shape
-        return self._after_self_attn(x_N1d, attn, lambda h: self.encoder_attn(
-            h.view(N // beams, beams, d), Layout(), kv_layout=enc_layout, projected_kv=cross_kv).view(N, 1, d))
+        queries against that image's one cross K/V (never copied per beam). `ctx` (GemmaDecoder.step_layers):
+        the fused q|k|v and gate|up weights and the cross K/V in heads layout."""
+        c = self.self_attn.cfg
+        H, Hk, D = c.heads, c.kv_heads, c.head_dim
+        kw = dict(scale=c.query_pre_attn_scalar ** -0.5, softcap=c.attn_softcap)
+        n_in, n_attn, n_cross, n_pre, n_ff = ctx.norms or (None,) * 5
+        q, k, v = F.linear(_norm(self.input_layernorm, n_in, x_N1d), ctx.w_qkv).split([H * D, Hk * D, Hk * D], -1)
+        attn = self.self_attn.o_proj(attend_cached(q, k, v, cache, pos, heads=H, kv_heads=Hk, rope=rope, **kw))
+        h, _ = _add_norm(self.post_attention_layernorm, n_attn, x_N1d, attn)
+        cross = cross_attend_step(self.encoder_attn.q_proj(h), ctx.cross_k, ctx.cross_v, enc_layout.mask, heads=H,
+                                  beams=beams, **kw)
+        h, ff_in = _add_norm(self.post_encoder_attention_layernorm, n_cross, h, self.encoder_attn.o_proj(cross),
+                             scale=ctx.gate, next_norm=self.pre_feedforward_layernorm, next_w1=n_pre)
+        gate, up = F.linear(ff_in, ctx.w_up).chunk(2, dim=-1)
+        return _add_norm(self.post_feedforward_layernorm, n_ff, h, self.mlp.down_proj(ops.geglu(gate, up)))[0]
 
     def _after_self_attn(self, x, attn, cross_attn):
         """The layer after its self-attention output: the residual adds fused with the norms around them
@@ -180,12 +215,36 @@ class GemmaDecoder(nn.Module):
         return [KVCache.allocate(n, c.kv_heads, min(layer.window, max_len) if layer.window else max_len, c.head_dim,
                                  dtype, device) for layer in self.layers]
 
+    def step_layers(self, cross) -> list[StepLayer]:
+        """The step context of every layer (modules.StepLayer) from its cross (k, v) (B, S, Hk * D) (cross_kv's):
+        built once per generation. On the CPU in fp32 / fp64 the norms run without the ops layer (1 + w here)."""
+        c = self.cfg
+        out = []
+        for layer, (k, v) in zip(self.layers, cross):
+            a, m = layer.self_attn, layer.mlp
+            norms = (layer.input_layernorm, layer.post_attention_layernorm, layer.post_encoder_attention_layernorm,
+                     layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm)
+            w = norms[0].weight
+            cpu = w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64) and k.dtype == w.dtype
+            out.append(StepLayer(
+                cross_k=cross_heads(k, c.kv_heads), cross_v=cross_heads(v, c.kv_heads),
+                w_qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                w_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]),
+                gate=torch.tanh(layer.encoder_attn_gate).to(k.dtype),
+                norms=tuple(1.0 + n.weight for n in norms) if cpu else ()))
+        return out
+
     def step(self, ids_N: torch.Tensor, pos: torch.Tensor, caches: list[KVCache], cross, enc_layout: Layout,
              beams: int) -> torch.Tensor:
         """Final hidden states (N, 1, d) of one new token per row at position `pos` (int64 tensor: 0-dim, shared
-        by every row, or (N,), one per row for continuous batching)."""
+        by every row, or (N,), one per row for continuous batching). `cross`: step_layers' context (or the
+        cross_kv pairs, turned into it here, once per call)."""
+        if enc_layout.packed:
+            raise ValueError("the cached decode step takes a padded encoder layout (B, S), not a packed one")
+        if cross and not isinstance(cross[0], StepLayer):
+            cross = self.step_layers(cross)
         x = self._embed(ids_N[:, None])
         rope = self._rope(pos.view(-1, 1), x.dtype)  # cos / sin (1 or N, 1, 1, D)
-        for layer, cache, kv in zip(self.layers, caches, cross):
-            x = layer.step(x, cache, pos, rope, kv, enc_layout, beams)
+        for layer, cache, ctx in zip(self.layers, caches, cross):
+            x = layer.step(x, cache, pos, rope, ctx, enc_layout, beams)
         return self.norm(x)

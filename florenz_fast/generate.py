@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cli
-from .modules import Layout
+from .modules import Layout, cross_heads
 from .ops.decode import reorder_rows_
 from .text import CAPTION_PREFIXES, IGNORE_INDEX, LANGUAGES, TASKS, encode_prompt, pad_batch, prompt_for, shift_right
 
@@ -118,7 +118,8 @@ class CachedDecoder:
                              f"{cfg.max_positions} learned positions")
         self.model, self.beams, self.enc_layout = model, beams, enc_layout
         self.n = enc_BSd.shape[0] * beams
-        self.cross = model.decoder.cross_kv(enc_BSd)  # once per image; views of one (B, S, layers*2*Hk*D) tensor
+        # once per generation: every layer's cross K/V (one GEMM) in heads layout, and the fused step weights
+        self.cross = model.decoder.step_layers(model.decoder.cross_kv(enc_BSd))
         self.caches = model.decoder.allocate_cache(self.n, max_len, enc_BSd.dtype, enc_BSd.device)
 
     def step(self, ids_N: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -565,8 +566,8 @@ def continuous_step(model, caches, cross, enc_layout: Layout, st: SearchState, c
 
 class SlotDecoder:
     """The decoder side of continuous batching, for StepRunner: B slots x K beams rows of self-attention caches,
-    and per slot the cross K/V of every layer (views of one (B, S, layers * 2 * X) buffer, as decoder.cross_kv
-    returns them) and the encoder key mask (B, S), S = the longest encoder sequence of the run. `load` puts a new
+    and per slot the cross K/V of every layer (in the step context of decoder.step_layers: (B, Hk, S, D) per layer)
+    and the encoder key mask (B, S), S = the longest encoder sequence of the run. `load` puts a new
     request's encoder states into a slot, in place (the addresses a CUDA graph captured stay valid)."""
 
     def __init__(self, model, slots: int, beams: int, enc_len: int, max_len: int, dtype, device):
@@ -577,9 +578,9 @@ class SlotDecoder:
         self.model, self.beams = model, beams
         attns = [layer.encoder_attn for layer in model.decoder.layers]
         widths = [w.shape[0] for a in attns for w in (a.k_proj.weight, a.v_proj.weight)]
-        self.kv = torch.zeros(slots, enc_len, sum(widths), dtype=dtype, device=device)
-        pieces = self.kv.split(widths, dim=-1)
-        self.cross = [(pieces[2 * i], pieces[2 * i + 1]) for i in range(len(attns))]
+        kv = torch.zeros(slots, enc_len, sum(widths), dtype=dtype, device=device).split(widths, dim=-1)
+        # the step context (decoder.step_layers): per layer the cross K/V (slots, Hk, S, D), which `load` fills
+        self.cross = model.decoder.step_layers([(kv[2 * i], kv[2 * i + 1]) for i in range(len(attns))])
         self.mask = torch.zeros(slots, enc_len, dtype=torch.bool, device=device)
         self.mask[:, 0] = True  # an idle slot sees one (zero) key: finite numbers in rows nobody reads
         self.enc_layout = Layout(mask=self.mask)
@@ -588,18 +589,23 @@ class SlotDecoder:
     def load(self, slots: Sequence[int], enc: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None]) -> None:
         """Encoder states enc[j] (S_j, d) with key mask masks[j] (S_j,) bool (None: all real) into slot slots[j]
         (their cross K/V from one GEMM); those slots' self-attention cache rows are cleared."""
-        S = max(e.shape[0] for e in enc)
-        if S > self.kv.shape[1]:
-            raise ValueError(f"encoder sequence of {S} tokens exceeds the {self.kv.shape[1]} slots allocated")
+        S, S_max = max(e.shape[0] for e in enc), self.mask.shape[1]
+        if S > S_max:
+            raise ValueError(f"encoder sequence of {S} tokens exceeds the {S_max} slots allocated")
         enc_BSd = enc[0].new_zeros(len(enc), S, enc[0].shape[-1])
         for j, e in enumerate(enc):
             enc_BSd[j, :e.shape[0]] = e
-        kv = torch.cat([t for pair in self.model.decoder.cross_kv(enc_BSd) for t in pair], dim=-1)
+        pairs = self.model.decoder.cross_kv(enc_BSd)  # one GEMM for every layer
         K = self.beams
+        for ctx, (k, v) in zip(self.cross, pairs):
+            for dst, src in ((ctx.cross_k, k), (ctx.cross_v, v)):
+                src = cross_heads(src, dst.shape[1])  # (len(enc), Hk, S, D)
+                for j, b in enumerate(slots):
+                    n = enc[j].shape[0]
+                    dst[b, :, :n] = src[j, :, :n]
+                    dst[b, :, n:] = 0
         for j, b in enumerate(slots):
             n = enc[j].shape[0]
-            self.kv[b, :n] = kv[j, :n]
-            self.kv[b, n:] = 0
             self.mask[b, :n] = True if masks[j] is None else masks[j]
             self.mask[b, n:] = False
             for cache in self.caches:

@@ -160,3 +160,54 @@ def attend_cached(q_N1X, k_N1X, v_N1X, cache: KVCache, pos: torch.Tensor, *, hea
         cache.v.scatter_(2, slot, v.to(cache.v.dtype))
     out = ops.cached_attention(q, cache.k, cache.v, pos, **kw)
     return out.transpose(1, 2).reshape(N, 1, -1)
+
+
+# ---- the cached decode step's per-call context ----------------------------------------------------------------
+
+
+@dataclass
+class StepLayer:
+    """What one decoder layer's cached step reads besides its self-attention cache, built once per generation
+    (decoder.step_layers), outside the step: weights it would otherwise re-read piece by piece every step are
+    concatenated here, so a step runs one GEMM where it ran two or three. Built from the parameters as they are
+    when generation starts (generation never trains; a training step changes the parameters, and the next
+    generation builds a new context).
+
+    cross_k / cross_v (B, Hk, S, D) contiguous: the layer's cross-attention keys / values per image (the step's
+    grouped cross-attention reads them as they are, no per-step copy); w_qkv (H*D + 2*Hk*D, d) and b_qkv (or None):
+    the self-attention q | k | v projection; w_up (2 * ffn, d) or None: the MLP's gate | up projection (Gemma);
+    gate () or None: tanh(encoder_attn_gate) (Gemma); norms: the layer's RMSNorm weights as 1 + w (Gemma), for
+    the step's norms on the CPU (the reference's math, without the ops layer's casts and dispatch)."""
+
+    cross_k: torch.Tensor
+    cross_v: torch.Tensor
+    w_qkv: torch.Tensor
+    b_qkv: torch.Tensor | None = None
+    w_up: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+    norms: tuple[torch.Tensor, ...] = ()
+
+
+def cross_heads(kv_BSX: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, S, Hk * D) (a strided column slice of decoder.cross_kv's tensor) -> contiguous (B, Hk, S, D)."""
+    B, S, _ = kv_BSX.shape
+    return kv_BSX.view(B, S, kv_heads, -1).transpose(1, 2).contiguous()
+
+
+def cross_attend_step(q_N1X: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, mask_BS, *, heads: int,
+                      beams: int, scale: float, softcap: float = 0.0) -> torch.Tensor:
+    """Cross-attention of one new token per row (N = B * beams rows, batch-major) over its image's K/V (B, Hk, S, D):
+    the beams x (H / Hk) query heads of a KV head are that many query rows against its keys, one batched matmul per
+    product, no copy of K/V. `mask_BS` (B, S) bool (None: every key real); each image has a real key. The math of
+    ops.attention's reference (scores in q's dtype, softcap, softmax in at least fp32). Returns (N, 1, heads * D)."""
+    B, Hk, S, D = k_BKSD.shape
+    G = heads // Hk
+    q = q_N1X.view(B, beams, Hk, G, D).transpose(1, 2).reshape(B, Hk, beams * G, D)
+    scores = torch.matmul(q, k_BKSD.transpose(-1, -2)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask_BS is not None:
+        scores = scores.masked_fill(~mask_BS[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
+    out = torch.matmul(probs, v_BKSD)  # (B, Hk, beams * G, D)
+    return out.view(B, Hk, beams, G, D).transpose(1, 2).reshape(B * beams, 1, heads * D)
