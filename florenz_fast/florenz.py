@@ -194,12 +194,9 @@ class Florenz(nn.Module):
         cap = self.cfg.decoder.final_softcap
         if not (cap and hidden.device.type == "cpu" and hidden.dtype in (torch.float32, torch.float64)):
             return self.logits(hidden)
-        # the softcap c * tanh(z / c) as c * (2 * sigmoid(2 z / c) - 1): the same function in other roundings (fp32:
-        # within 2e-7 of tanh's, times c). fp32 / fp64 only: in bf16 the two roundings picked other beams. On the CPU
-        # torch's tanh is ~4x slower than its sigmoid; on (N, V) logits it was 2 ms of a ~20 ms 4-beam step
-        # (docs/generation-and-eval.md, "The step context")
-        z = F.linear(hidden, self.decoder.embed_tokens.weight)
-        return torch.sigmoid(z.mul_(2.0 / cap)).mul_(2.0 * cap).sub_(cap)
+        # the softcap through its sigmoid form (ops.dense.scaled_tanh_): on (N, V) logits torch's tanh was 2 ms of
+        # a ~20 ms 4-beam step (docs/generation-and-eval.md, "The step context")
+        return ops.dense.scaled_tanh_(F.linear(hidden, self.decoder.embed_tokens.weight), 1.0 / cap, cap)
 
     def token_losses(self, hidden_BLd: torch.Tensor, labels_BL: torch.Tensor, *, labels_checked: bool = False,
                      reduction: str = "none"):
