@@ -229,10 +229,10 @@ def loop_forward_loss(model):
     return forward_loss
 
 
-def train_step(model, opt, batch, backend, device, precision, forward_loss=None):
+def train_step(model, opt, batch, backend, device, precision, forward_loss=None, n_tokens=None):
     """One step. forward_loss None: the published code's (logits, then the mean cross-entropy); else the loop's
-    (loss_sum, token_losses), the sum divided by the batch's target tokens (counted on the host) and
-    backpropagated, and the per-sample sums taken as the loop logs them."""
+    (loss_sum, token_losses), the sum divided by `n_tokens` (the batch's target tokens, counted on the host before
+    the transfer, as the loop does) and backpropagated, and the per-sample sums taken as the loop logs them."""
     ops.set_backend(backend)
     try:
         with _autocast(device, precision):
@@ -241,7 +241,7 @@ def train_step(model, opt, batch, backend, device, precision, forward_loss=None)
                 loss = model(**inputs).loss
             else:
                 total, token_losses = forward_loss(inputs)
-                loss = total / batch.num_target_tokens
+                loss = total / n_tokens
                 batch.per_sample_sums(token_losses)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -315,10 +315,12 @@ def run_training(args, device, cfg, samples, configs, batch_size=None):
     times = {name: [] for name in configs}
     cpu_times = {name: [] for name in configs}  # process CPU seconds: less sensitive to other load on a CPU box
     peak_mem = {}
+    n_tokens = {name: [b.num_target_tokens for b in batches[name]] for name in configs}  # on the host
     for name in configs:  # warm-up: one whole pass (allocator, compiles, and Triton autotuning of every length
-        for b in batches[name]:  # bucket the timed passes meet; the H100 runs of 2026-11-22 warmed 2 batches only)
+        for b, n in zip(batches[name], n_tokens[name]):  # bucket the timed passes meet; the H100 runs of
+            # 2026-11-22 warmed 2 batches only)
             train_step(models[name], opts[name], b.to(device), TRAIN_CONFIGS[name][1], device, args.precision,
-                       steps.get(name))
+                       steps.get(name), n)
     _sync(device)
     for rep in range(args.repeats):
         for name in configs:
@@ -327,9 +329,9 @@ def run_training(args, device, cfg, samples, configs, batch_size=None):
             on_device = [b.to(device) for b in batches[name]]
             _sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
-            for b in on_device:
+            for b, n in zip(on_device, n_tokens[name]):
                 train_step(models[name], opts[name], b, TRAIN_CONFIGS[name][1], device, args.precision,
-                           steps.get(name))
+                           steps.get(name), n)
             _sync(device)
             times[name].append(time.perf_counter() - t0)
             cpu_times[name].append(time.process_time() - c0)
@@ -342,7 +344,8 @@ def run_training(args, device, cfg, samples, configs, batch_size=None):
     for name in configs:
         b = batches[name][0].to(device)
         with HostReads(dispatch=name not in COMPILED) as r:  # compile refuses a dispatch mode
-            train_step(models[name], opts[name], b, TRAIN_CONFIGS[name][1], device, args.precision, steps.get(name))
+            train_step(models[name], opts[name], b, TRAIN_CONFIGS[name][1], device, args.precision, steps.get(name),
+                       n_tokens[name][0])
         _sync(device)
         reads[name] = r
     peak = device_peak_tflops(device)

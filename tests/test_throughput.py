@@ -73,6 +73,8 @@ def test_short_cpu_run_writes_a_valid_report(tmp_path):
     for r in rows.values():
         assert r["samples"] == 8 and r["tokens_per_s"] > 0 and r["first_batch_loss_diff"] <= 1e-4
     assert rows["published"]["speedup_vs_published"] == 1.0
+    assert rows["dense"]["syncs_per_step"] == 0  # the engine's step reads nothing back (the emulation does)
+    assert rows["published"]["syncs_per_step"] > 0
     # the batch sweep: batch 2 and the main run's batch 4, same configs, each row timed
     sweep = report["train_sweep"]
     assert [t["batch"] for t in sweep] == [2, 4] and sweep[1]["rows"] == report["train"]["rows"]
