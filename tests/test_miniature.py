@@ -57,6 +57,7 @@ def test_colour_probe_fails_on_a_collapsed_tower(one_intra_op_thread):
 
 
 MINI = ["--image_size=64", "--vision_width=8", "--florence_width=32", "--a_steps=8", "--a_batch_size=8",
+        "--a_tower_steps=20",
         "--probe_images=400", "--sizes=gemma-0.24m,gemma-0.67m", "--b_steps=6", "--b_batch_size=8",
         "--budgets=16,32", "--batch_size=8", "--c_images=24", "--eval_images=4", "--max_new_tokens=6",
         "--num_beams=1", "--bootstrap=3", "--threads=1"]
@@ -96,6 +97,15 @@ def test_miniature_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):
     p = a["probe"]
     assert p["n_scored"] == 200 and p["accuracy"] >= p["chance"] + 0.1, p
     assert p["spread"] > 0.05 * p["common"], p  # the image tokens differ between images
+    tw = a["tower_pretraining"]  # the tower and projector were pretrained on attributes, then frozen
+    assert tw["steps"] == 20 and tw["images"] == 160 and tw["last_loss"] < tw["first_loss"], tw
+    tower_init = load_pretrained(tw["path"]).state_dict()
+    for name, t in trained_a.state_dict().items():
+        if name.startswith(("vision_tower.", "projector.")):
+            assert torch.equal(tower_init[name], t), name
+    torch.manual_seed(0)  # the init the tower pretraining started from (seed 0): it moved
+    assert not torch.equal(tower_init["projector.image_projection.weight"],
+                           Florenz(trained_a.cfg).state_dict()["projector.image_projection.weight"])
     assert set(a["captions_en"]) >= {"grounding_accuracy", "grounding_chance", "distinct_share",
                                      "caption_loss_own_image", "caption_loss_other_image"}
 

@@ -50,18 +50,23 @@ def scene_annotations(scene: Scene, caption_langs: Sequence[str], translate_lang
 
 
 def write_scene_manifest(out: Path, n_images: int, seed: int, image_size: int, caption_langs: Sequence[str],
-                         translate_langs: Sequence[str] = (), detailed: bool = True) -> Path:
-    """`n_images` scenes (seed, index 0..n-1), each rendered once to out/img/NNNNNN.png, with their annotations
+                         translate_langs: Sequence[str] = (), detailed: bool = True, max_groups: int = 0) -> Path:
+    """`n_images` scenes (seed, index 0, 1, ...), each rendered once to out/img/NNNNNN.png, with their annotations
     in out/manifest.jsonl (train's data.source=manifest); written once (a finished manifest is reused, an
-    interrupted one redone). Returns the manifest path."""
+    interrupted one redone). `max_groups` > 0 keeps only scenes of at most that many groups (the generator's
+    scenes in order, the others skipped). Returns the manifest path."""
     out = Path(out)
     manifest = out / "manifest.jsonl"
     if manifest.is_file():
         return manifest
     (out / "img").mkdir(parents=True, exist_ok=True)
-    lines = []
+    lines, index = [], 0
     for i in range(n_images):
-        scene, rng = synthetic_scene(seed, i)
+        while True:
+            scene, rng = synthetic_scene(seed, index)
+            index += 1
+            if max_groups <= 0 or len(scene.groups) <= max_groups:
+                break
         rel = f"img/{i:06d}.png"
         render_scene(scene, image_size, rng).save(out / rel, format="PNG", compress_level=1)
         for a in scene_annotations(scene, caption_langs, translate_langs, detailed):
