@@ -238,9 +238,9 @@ def build_tokenizers(cfg: PipelineConfig, out: Path) -> Path:
 
 
 def _device(cfg: PipelineConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
+    from .sweep import _device as device_of
+
+    return device_of(cfg)
 
 
 def _done(path: Path) -> dict | None:
@@ -706,13 +706,12 @@ def estimate(cfg: PipelineConfig) -> dict[str, float]:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    """All three stages, the fits and the report; the thread count is restored afterwards (tests run it
-    in-process)."""
-    saved = torch.get_num_threads()
-    try:
+    """All three stages, the fits and the report (the thread count restored afterwards: sweep.run_threads)."""
+    from .sweep import run_threads
+
+    cfg.validate()
+    with run_threads(cfg):
         return _run_pipeline(cfg)
-    finally:
-        torch.set_num_threads(saved)
 
 
 def _run_pipeline(cfg: PipelineConfig) -> dict:
@@ -720,12 +719,8 @@ def _run_pipeline(cfg: PipelineConfig) -> dict:
 
     from .sweep import language_words
 
-    cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads and _device(cfg) == "cpu":
-        torch.set_num_threads(cfg.threads)
-    torch.set_flush_denormal(True)
     _write_json(out / "pipeline_config.json", dataclasses.asdict(cfg))
     est = estimate(cfg)
     pending = {k: v for k, v in est.items() if not _piece_done(out, k)}

@@ -3,6 +3,7 @@ train, evaluate), run_sweep (resumable) and the command line (`python -m florenz
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -237,30 +238,38 @@ def caption_metrics(hyps: list[str], refs: list[list[str]], lang: str, vocab) ->
             "examples": [{"hyp": h, "ref": r[0]} for h, r in zip(hyps[:2], refs[:2])]}
 
 
-def _device(cfg: SweepConfig) -> str:
+def _device(cfg) -> str:
+    """cfg.device with "auto" resolved (a SweepConfig or the pipeline's PipelineConfig)."""
     if cfg.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return cfg.device
 
 
-def run_sweep(cfg: SweepConfig) -> dict:
-    """Train and evaluate every (size, budget) run not finished yet, then fit, plot and write the report.
-    The process's torch thread count is restored afterwards (a test suite runs this in-process: a leftover
-    1-thread setting changed later tests' float results against their 2-thread subprocesses)."""
-    saved_threads = torch.get_num_threads()
+@contextlib.contextmanager
+def run_threads(cfg):
+    """cfg.threads torch threads on the CPU for a run (0: torch's default) and denormals flushed; the process's
+    thread count is restored afterwards (a test suite runs sweeps in-process: a leftover 1-thread setting changed
+    later tests' float results against their 2-thread subprocesses)."""
+    saved = torch.get_num_threads()
     try:
-        return _run_sweep(cfg)
+        if cfg.threads and _device(cfg) == "cpu":
+            torch.set_num_threads(cfg.threads)
+        torch.set_flush_denormal(True)
+        yield
     finally:
-        torch.set_num_threads(saved_threads)
+        torch.set_num_threads(saved)
+
+
+def run_sweep(cfg: SweepConfig) -> dict:
+    """Train and evaluate every (size, budget) run not finished yet, then fit, plot and write the report."""
+    cfg.validate()
+    with run_threads(cfg):
+        return _run_sweep(cfg)
 
 
 def _run_sweep(cfg: SweepConfig) -> dict:
-    cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads and _device(cfg) == "cpu":
-        torch.set_num_threads(cfg.threads)
-    torch.set_flush_denormal(True)
     write_atomic(out / "sweep_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     tok_dir, records = prepare_shared(cfg, out)
     vocab = language_words(records)
