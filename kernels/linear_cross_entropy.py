@@ -149,19 +149,24 @@ def _rows_triton(logits_CV, labels_C, row_scale_C, softcap, ignore_index, z_loss
     return loss
 
 
-def _rows_torch(logits_CV, labels_C, row_scale_C, softcap, ignore_index, z_loss, write_grad):
-    """The same per-row math with in-place torch ops: two C x V buffers (the logits and one more)."""
+def _rows_torch(logits_CV, labels_C, row_scale_C, softcap, ignore_index, z_loss, write_grad, tanh_=None):
+    """The same per-row math with in-place torch ops: two C x V buffers (the logits and one more), one exp pass
+    (p = exp(z - rowmax) gives both the logsumexp and the softmax). `tanh_(x, inner)`: tanh(inner * x) in place
+    (None: torch's; florenz_fast's dense backend passes a faster sigmoid form)."""
     valid = labels_C != ignore_index
-    safe = torch.where(valid, labels_C, 0).long()
+    safe = torch.where(valid, labels_C, 0).long()[:, None]
     work = logits_CV if logits_CV.dtype in (torch.float32, torch.float64) else logits_CV.float()
     t = None
-    if softcap:
-        t = work.div_(softcap).tanh_()  # t = tanh(z / c), in place
+    if softcap:  # t = tanh(z / c), in place
+        t = work.div_(softcap).tanh_() if tanh_ is None else tanh_(work, 1.0 / softcap)
         capped = t * softcap
     else:
         capped = work
-    lse = torch.logsumexp(capped, dim=-1)
-    picked = capped.gather(1, safe[:, None])[:, 0]
+    m = capped.amax(-1, keepdim=True)
+    picked = capped.gather(1, safe)[:, 0]
+    p = capped.sub_(m).exp_()
+    total = p.sum(-1)
+    lse = m[:, 0] + total.log()
     loss = lse - picked
     if z_loss:
         loss = loss + z_loss * lse * lse
@@ -171,10 +176,10 @@ def _rows_torch(logits_CV, labels_C, row_scale_C, softcap, ignore_index, z_loss,
         if row_scale_C is not None:
             scale = scale * row_scale_C.to(capped.dtype)
         p_scale = scale * (1.0 + 2.0 * z_loss * lse) if z_loss else scale
-        d = capped.sub_(lse[:, None]).exp_().mul_(p_scale[:, None])       # softmax * scale (* (1 + 2 z lse))
-        d.scatter_add_(1, safe[:, None], -scale[:, None])
+        d = p.mul_((p_scale / total)[:, None])                             # softmax * scale (* (1 + 2 z lse))
+        d.scatter_add_(1, safe, -scale[:, None])
         if softcap:
-            d.mul_(t.square_().neg_().add_(1.0))                           # * (1 - tanh^2)
+            d = t.square_().neg_().add_(1.0).mul_(d)                       # (1 - tanh^2) * d, in t's buffer
         if d is not logits_CV:
             logits_CV.copy_(d)
     return loss

@@ -12,6 +12,7 @@ passes max_seqlen_q / max_seqlen_k (the padded widths).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -307,45 +308,11 @@ def _add_rms_norm_dense(residual, y, weight, eps, *, scale=None, next_weight=Non
                                                                 else next_eps))
 
 
-def _ce_rows(logits_CV, labels_C, row_scale_C, softcap, ignore_index, z_loss, write_grad):
-    """florenz_kernels.linear_cross_entropy's per-row part (its `rows` interface: the losses returned, the logits
-    gradient written over the logits when write_grad), for fp32 / fp64 on the CPU: the softcap through
-    scaled_tanh_, one exp pass (p = exp(z - max) gives both the logsumexp and the softmax), everything in place
-    but one C x V buffer."""
-    valid = labels_C != ignore_index
-    safe = torch.where(valid, labels_C, 0).long()[:, None]
-    t = None
-    if softcap:
-        t = scaled_tanh_(logits_CV, 1.0 / softcap)
-        z = t * softcap
-    else:
-        z = logits_CV
-    m = z.amax(-1, keepdim=True)
-    picked = z.gather(1, safe)[:, 0]
-    p = z.sub_(m).exp_()
-    total = p.sum(-1)
-    lse = m[:, 0] + total.log()
-    loss = lse - picked
-    if z_loss:
-        loss = loss + z_loss * lse * lse
-    loss = torch.where(valid, loss, 0.0)
-    if write_grad:
-        scale = valid.to(z.dtype) if row_scale_C is None else valid.to(z.dtype) * row_scale_C.to(z.dtype)
-        p_scale = scale * (1.0 + 2.0 * z_loss * lse) if z_loss else scale
-        d = p.mul_((p_scale / total)[:, None])                             # softmax * scale (* (1 + 2 z lse))
-        d.scatter_add_(1, safe, -scale[:, None])
-        if t is None:
-            if d is not logits_CV:
-                logits_CV.copy_(d)
-        else:
-            t.square_().neg_().add_(1.0).mul_(d)                            # (1 - tanh^2) * d, in the logits
-    return loss
-
-
 class _LinearCESum(torch.autograd.Function):
     """(sum, per-token losses) of the cross-entropy of softcap(h @ w^T): the chunked algorithm of
-    florenz_kernels.linear_cross_entropy with _ce_rows for the per-row part, the gradients computed in the
-    forward (3 logits-sized matmuls) and scaled in the backward; the per-token losses carry no gradient."""
+    florenz_kernels.linear_cross_entropy with its torch per-row ops (the softcap through scaled_tanh_), the
+    gradients computed in the forward (3 logits-sized matmuls) and scaled in the backward; the per-token losses
+    carry no gradient."""
 
     @staticmethod
     def forward(ctx, h_TD, w_VD, labels_T, softcap, ignore_index, z_loss):
@@ -354,7 +321,8 @@ class _LinearCESum(torch.autograd.Function):
 
         chunk = _lce.default_chunk_size(h_TD.shape[0], w_VD.shape[0], h_TD.dtype, h_TD.device)
         loss_T, dh, dw = _lce._chunked(h_TD, w_VD, labels_T, None, softcap, ignore_index, z_loss, chunk,
-                                       ctx.needs_input_grad[0], ctx.needs_input_grad[1], rows=_ce_rows)
+                                       ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                                       rows=functools.partial(_lce._rows_torch, tanh_=scaled_tanh_))
         ctx.save_for_backward(dh, dw)
         ctx.mark_non_differentiable(loss_T)
         return loss_T.sum(), loss_T
