@@ -59,6 +59,7 @@ from florenz_fast.florenz import Florenz, apply_trainable_policy, image_features
 from florenz_fast.metrics import NVML, device_peak_tflops, train_flops_per_sample
 from florenz_fast.packing import InputLimits
 from florenz_fast.syncs import HostReads
+from florenz_fast.train import loop_forward_loss
 from florenz_fast.vision import DropPath
 
 TRAIN_CONFIGS = {"published": ("padded", "torch"), "torch": ("packed", "torch"), "dense": ("packed", "sdpa+dense"),
@@ -218,15 +219,6 @@ def build_train_batches(cfg, samples, batch_size, configs, cache_model=None):
         use = plain if name == "published" else cached if name in CACHED else samples
         batches[name] = make_batches(mode, use, n_img, batch_size, budgets, limits, segments)[0]
     return batches, budgets, scale, segments, fill_s
-
-
-def loop_forward_loss(model):
-    """The training loop's forward and loss (train.make_forward_loss, eagerly): no (B, L, V) logits, the summed
-    loss backpropagated (the fused loss keeps the gradients its forward computed), (sum, per-token losses)."""
-    def forward_loss(inputs):
-        out = model(**inputs, return_logits=False, sum_loss=True)
-        return out.loss_sum, out.token_losses
-    return forward_loss
 
 
 def train_step(model, opt, batch, backend, device, precision, forward_loss=None, n_tokens=None):

@@ -286,16 +286,24 @@ def attach_feature_cache(cfg: TrainConfig, model: Florenz, pipeline, world: Worl
     return counts
 
 
+def loop_forward_loss(module: torch.nn.Module):
+    """The loop's eager forward and loss: `fn(inputs) -> (loss_sum, token_losses)`, without (B, L, V) logits; the
+    sum carries the gradient, the per-token losses do not (the fused loss keeps the gradients its forward
+    computed)."""
+    def forward_loss(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        out = module(**inputs, return_logits=False, sum_loss=True)
+        return out.loss_sum, out.token_losses
+
+    return forward_loss
+
+
 def make_forward_loss(module: torch.nn.Module, cfg: TrainConfig, device: torch.device):
     """`fn(inputs) -> (loss_sum, token_losses)`: forward and loss of one micro-batch; the loop backpropagates the
     sum and logs the per-token losses (without gradient: the fused loss keeps its forward's gradients).
     --compile: torch.compile'd with fullgraph=True (a graph break is an error, not a slow step); AOTAutograd
     compiles the backward of the same graph. --cuda_graphs (CUDA): mode="reduce-overhead", the forward and
     backward graphs replayed as CUDA graphs (the optimizer step stays outside: fused AdamW, no host read)."""
-    def forward_loss(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        out = module(**inputs, return_logits=False, sum_loss=True)
-        return out.loss_sum, out.token_losses
-
+    forward_loss = loop_forward_loss(module)
     if cfg.cuda_graphs and device.type != "cuda":
         raise ValueError("cuda_graphs needs a CUDA device")
     if not (cfg.compile or cfg.cuda_graphs):
