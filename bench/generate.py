@@ -35,6 +35,14 @@ GPU memory-bandwidth accounting, per decode step (bytes actually needed, each re
   valid at that step (k and v, every layer, every row), + the cross-attention K/V cache (once per image,
   shared by its beams), + the beam reorder (read + write of the whole self-attention cache, beams > 1).
 Achieved fraction = bytes / decode-step time / peak (H100 SXM: 3.35 TB/s, H200: 4.8 TB/s).
+
+CPU compute accounting (every CPU run): a CPU step is bound by its matmuls, not by memory (the `small` decoder's
+weights, ~26 MB in float32, are read in ~2 ms at the measured step rates; its matmuls take ~7 ms). So each mode's
+matmul FLOPs (torch.utils.flop_counter: mm / addmm / bmm / convolution; elementwise ops, softmax and top-k are
+not counted) are counted in one extra untimed call, and set against the machine's measured GEMM roof: the best
+of a few 1024^3 float matmuls at the same thread count. Per mode: achieved GFLOP/s and its fraction of that
+roof; per batch, `speedup_bound`: the uncached time over the cached path's FLOPs at the roof, the most any
+cached path doing these FLOPs could gain over the uncached path measured in this run.
 """
 
 from __future__ import annotations
@@ -68,6 +76,27 @@ def timed(fn, device):
     out = fn()
     sync(device)
     return out, time.perf_counter() - t
+
+
+def gemm_roof(dtype) -> float:
+    """The CPU's best matmul rate (FLOP/s) at the current thread count: the best of 5 timed 1024^3 matmuls."""
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 1024 ** 3 / (time.perf_counter() - t))
+    return best
+
+
+def matmul_flops(fn) -> int:
+    """Matmul FLOPs of one call of fn (mm, addmm, bmm, convolution; see the module doc)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def decode_bytes(model, batch: int, beams: int, prompt_len: int, new_tokens: int, n_enc: int) -> float:
@@ -173,11 +202,16 @@ def run_continuous(args):
     return row
 
 
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
 def run(args):
     model, cfg, device, dtype = build_model(args)
     gen = GenerationConfig.for_model(cfg, num_beams=args.beams, max_new_tokens=args.new_tokens,
                                      min_new_tokens=args.new_tokens)
     results = []
+    roof = gemm_roof(dtype) if device.type == "cpu" else None
     for batch in [int(b) for b in args.batch.split(",")]:
         g = torch.Generator(device="cpu").manual_seed(batch)
         pixels = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g).to(device, dtype)
@@ -213,13 +247,21 @@ def run(args):
                 row[name] = {"error": f"{type(exc).__name__}: {exc}"}
                 continue
             outs[name] = out
-            dec = max(t - t_enc, 1e-9)
+            # decode = generate minus the encode-only median; under load an encode-only run can take longer than a
+            # whole generate call, and then the decode time is unmeasured (None), not a near-zero division
+            dec = t - t_enc if t > t_enc else None
             rec = {"total_s": t, "encode_s": t_enc, "decode_s": dec, "steps": out.steps,
-                   "image_tokens_per_s": batch * out.steps / dec,
-                   "beam_tokens_per_s": batch * args.beams * out.steps / dec, "all_total_s": times}
+                   "image_tokens_per_s": batch * out.steps / dec if dec else None,
+                   "beam_tokens_per_s": batch * args.beams * out.steps / dec if dec else None, "all_total_s": times}
+            if device.type == "cpu":
+                with torch.no_grad():  # eager: a compiled call does the same math (tokens are compared below)
+                    rec["matmul_flops"] = matmul_flops(lambda: generate(model, pixels, ids, config=gen,
+                                                                        **{**kw, "compile": False}))
+                rec["achieved_GFLOPs"] = rec["matmul_flops"] / t / 1e9
+                rec["compute_fraction"] = rec["matmul_flops"] / t / roof
             if t_first is not None and kw.get("compile"):
                 rec["compile_s"] = t_first - t  # the first call's extra time: dynamo + inductor
-            if device.type == "cuda" and name.startswith("cached"):
+            if device.type == "cuda" and name.startswith("cached") and dec:
                 nbytes = decode_bytes(model, batch, args.beams, 1, out.steps, enc.shape[1])
                 rec["bytes_per_step"] = nbytes
                 rec["achieved_GBps"] = nbytes / (dec / out.steps) / 1e9
@@ -228,10 +270,13 @@ def run(args):
                     rec["bandwidth_fraction"] = nbytes / (dec / out.steps) / peak
                 rec["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
             row[name] = rec
-            print(f"batch {batch} {name:22s} total {t:8.3f} s  decode {dec:8.3f} s  "
-                  f"{rec['beam_tokens_per_s']:10.1f} beam tok/s" +
+            print(f"batch {batch} {name:22s} total {t:8.3f} s  decode " +
+                  (f"{dec:8.3f} s  {rec['beam_tokens_per_s']:10.1f} beam tok/s" if dec else
+                   "unmeasured (an encode-only run took longer than this whole call)") +
                   (f"  {rec['achieved_GBps']:7.1f} GB/s ({100 * rec.get('bandwidth_fraction', 0):.1f}% of peak)"
-                   if "achieved_GBps" in rec else ""), flush=True)
+                   if "achieved_GBps" in rec else "") +
+                  (f"  {rec['achieved_GFLOPs']:6.1f} matmul GFLOP/s ({100 * rec['compute_fraction']:.0f}% of the "
+                   f"GEMM roof)" if "compute_fraction" in rec else ""), flush=True)
         ref = outs.get("cached")
         for name, out in outs.items():
             if ref is None:
@@ -246,15 +291,23 @@ def run(args):
                 if name != "uncached (published)":
                     rec = row[name]
                     rec["speedup_total"] = pub["total_s"] / rec["total_s"]
-                    rec["speedup_decode"] = pub["decode_s"] / rec["decode_s"]
+                    rec["speedup_decode"] = (pub["decode_s"] / rec["decode_s"] if pub["decode_s"] and rec["decode_s"]
+                                             else None)
                     print(f"batch {batch}: {name} is {rec['speedup_total']:.2f}x faster than uncached end to end "
-                          f"({rec['speedup_decode']:.2f}x decode); tokens identical to cached: "
+                          f"({fmt(rec['speedup_decode'], '.2f')}x decode); tokens identical to cached: "
                           f"{rec['tokens_identical_to_cached']}", flush=True)
             if ref is not None:  # the keys of earlier runs (bench/throughput.py reads the cached mode's)
                 row["speedup_total"] = row["cached"]["speedup_total"]
                 row["speedup_decode"] = row["cached"]["speedup_decode"]
                 print(f"batch {batch}: uncached tokens identical: {pub['tokens_identical_to_cached']}, max score "
                       f"diff {pub['max_score_diff_to_cached']:.2e}", flush=True)
+                if "matmul_flops" in row["cached"]:
+                    row["gemm_roof_GFLOPs"] = roof / 1e9
+                    row["speedup_bound"] = pub["total_s"] / (row["cached"]["matmul_flops"] / roof)
+                    print(f"batch {batch}: the cached path's matmuls are {row['cached']['matmul_flops'] / 1e9:.2f} "
+                          f"GFLOP; at this CPU's GEMM roof ({roof / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} "
+                          f"threads) they take {row['cached']['matmul_flops'] / roof:.3f} s, so no cached path doing "
+                          f"them beats the uncached one by more than {row['speedup_bound']:.2f}x", flush=True)
         results.append(row)
     return results
 
@@ -307,17 +360,25 @@ def main(argv=None):
     tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     tmp.replace(out / (name + ".json"))
     lines = ["| preset | batch | beams | new | mode | total s | decode s | beam tok/s | x uncached (total / decode) "
-             "| GB/s | BW frac | same tokens |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---|"]
+             "| GB/s | BW frac | matmul GFLOP/s | GEMM-roof frac | same tokens |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]
     for row in results:
         for mode in ("cached", "cached+compile", "cached+cuda_graph", "uncached (published)"):
             if mode in row and "error" not in row[mode]:
                 r = row[mode]
-                sp = (f"{r['speedup_total']:.2f} / {r['speedup_decode']:.2f}" if "speedup_total" in r else "-")
+                sp = (f"{r['speedup_total']:.2f} / {fmt(r['speedup_decode'], '.2f')}" if "speedup_total" in r
+                      else "-")
                 lines.append(f"| {row['preset']} | {row['batch']} | {row['beams']} | {row['new_tokens']} | {mode} | "
-                             f"{r['total_s']:.3f} | {r['decode_s']:.3f} | {r['beam_tokens_per_s']:.1f} | {sp} | "
-                             f"{r.get('achieved_GBps', 0):.1f} | {r.get('bandwidth_fraction', 0):.3f} | "
+                             f"{r['total_s']:.3f} | {fmt(r['decode_s'], '.3f')} | "
+                             f"{fmt(r['beam_tokens_per_s'], '.1f')} | {sp} | "
+                             f"{fmt(r.get('achieved_GBps'), '.1f')} | {fmt(r.get('bandwidth_fraction'), '.3f')} | "
+                             f"{fmt(r.get('achieved_GFLOPs'), '.1f')} | {fmt(r.get('compute_fraction'), '.2f')} | "
                              f"{r['tokens_identical_to_cached']} |")
+    for row in results:
+        if "speedup_bound" in row:
+            lines.append(f"\nbatch {row['batch']}: GEMM roof {row['gemm_roof_GFLOPs']:.1f} GFLOP/s; the cached "
+                         f"path's matmuls at that roof bound any cached speed-up over uncached at "
+                         f"{row['speedup_bound']:.2f}x")
     tmp = out / (name + ".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(out / (name + ".md"))

@@ -385,7 +385,8 @@ def run_generation(args, device):
                 continue
             sp = f"{pub['total_s'] / r['total_s']:.2f}x" if "total_s" in pub else "-"
             lines.append(f"| {row['batch']} | {row['beams']} | {row['new_tokens']} | {mode} | {r['total_s']:.3f} | "
-                         f"{r['decode_s']:.3f} | {r['beam_tokens_per_s']:.1f} | {sp} | "
+                         f"{bench_generate.fmt(r['decode_s'], '.3f')} | "
+                         f"{bench_generate.fmt(r['beam_tokens_per_s'], '.1f')} | {sp} | "
                          f"{r.get('tokens_identical_to_cached')} |")
     return dict(rows=rows, markdown="\n".join(lines))
 

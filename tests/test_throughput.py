@@ -101,3 +101,24 @@ def test_scaling_estimate_is_labelled_and_consistent(tmp_path):
         assert r["compute_s"] == pytest.approx(base["compute_s"] / r["gpus"])
         assert r["mfu"] <= base["mfu"] + 1e-12
     assert "ESTIMATE" in (tmp_path / "throughput.md").read_text()
+
+
+def test_generation_bench_reports_the_cpu_gemm_roof(tmp_path):
+    """bench/generate.py on the CPU: each mode's matmul FLOPs and fraction of the measured GEMM roof, and the
+    speed-up bound those FLOPs set (uncached time over the cached FLOPs at the roof)."""
+    cmd = [sys.executable, str(ROOT / "bench" / "generate.py"), "--preset=tiny", "--batch=2", "--beams=2",
+           "--new-tokens=4", "--compile=off", "--repeats=1", "--threads=1", f"--out={tmp_path}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    row = json.loads((tmp_path / "generate_tiny_cpu.json").read_text())["results"][0]
+    cached, uncached = row["cached"], row["uncached (published)"]
+    assert cached["tokens_identical_to_cached"] and uncached["tokens_identical_to_cached"]
+    # the uncached path recomputes every position: more matmul work for the same tokens
+    assert 0 < cached["matmul_flops"] < uncached["matmul_flops"]
+    for r in (cached, uncached):
+        assert r["achieved_GFLOPs"] == pytest.approx(r["matmul_flops"] / r["total_s"] / 1e9)
+        assert r["compute_fraction"] == pytest.approx(r["achieved_GFLOPs"] / row["gemm_roof_GFLOPs"])
+        assert r["decode_s"] is None or 0 < r["decode_s"] < r["total_s"]
+    assert row["speedup_bound"] == pytest.approx(
+        uncached["total_s"] / (cached["matmul_flops"] / (row["gemm_roof_GFLOPs"] * 1e9)))
+    assert "GEMM roof" in (tmp_path / "generate_tiny_cpu.md").read_text()
