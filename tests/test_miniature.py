@@ -152,12 +152,16 @@ def test_miniature_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):
             assert 0 < v["loss"] < 20 and 0 <= v["bleu"] <= 100, (r["run"], lang, v)
             for key in ("distinct_share", "in_language_share", "grounding_accuracy", "grounding_chance"):
                 assert 0 <= v[key] <= 1, (r["run"], lang, key, v)
+            # grounding's attribute mentions per caption, as the run's evaluation recorded them
+            assert v["mentions_per_caption"] == r["captions"][lang]["mentions_per_caption"] >= 0
         for g in ("in_distribution", "unseen", "translation"):
             assert 0 < r["loss_groups"][g] < 20
     assert report["runs"][0]["params"] < report["runs"][-1]["params"]  # N = the Gemma decoder's parameters
     assert "skipped" in report["fits"]["unseen"]  # 4 runs: too few for a 5-constant fit
     assert set(report["summary"]["grounding"]) == {"in_distribution", "unseen", "chance_in_distribution",
-                                                   "chance_unseen"}
+                                                   "chance_unseen", "mentions_per_caption_in_distribution",
+                                                   "mentions_per_caption_unseen"}
+    assert 0 <= report["summary"]["in_language_share_unseen"] <= 1
     md = (out / "report.md").read_text()
     assert md.startswith("# Miniature with pretrained parts: 4 runs") and "## Stage A" in md
     for png in ("loss_vs_samples.png", "grounding_vs_compute.png"):

@@ -632,7 +632,8 @@ def language_rows(ev: dict) -> dict:
         c = ev["captions"][lang]
         out[lang] = {"loss": per_key.get(f"caption-{lang}"), "bleu": c["bleu"], "chrf": c["chrf"],
                      "distinct_share": c["distinct"], "in_language_share": c["in_language"],
-                     "grounding_accuracy": c["grounding_accuracy"], "grounding_chance": c["grounding_chance"]}
+                     "grounding_accuracy": c["grounding_accuracy"], "grounding_chance": c["grounding_chance"],
+                     "mentions_per_caption": c["mentions_per_caption"]}
     return out
 
 
@@ -754,7 +755,8 @@ def _run_pipeline(cfg: PipelineConfig) -> dict:
             name = run_name(size, budget)
             eval_path = out / "stage_c" / "runs" / name / "eval.json"
             if eval_path.is_file():
-                rows.append(json.loads(eval_path.read_text()))
+                row = json.loads(eval_path.read_text())
+                rows.append({**row, "languages": language_rows(row)})  # rows of earlier versions: today's fields
                 print(f"[miniature] {name}: done before, skipped")
                 continue
             if cfg.stop_after_runs and trained >= cfg.stop_after_runs:
@@ -826,7 +828,10 @@ def summarize(report: dict) -> dict:
             "grounding": {"in_distribution": mean(IN_LANGS, "grounding_accuracy"),
                           "unseen": mean(UNSEEN_LANGS, "grounding_accuracy"),
                           "chance_in_distribution": mean(IN_LANGS, "grounding_chance"),
-                          "chance_unseen": mean(UNSEEN_LANGS, "grounding_chance")},
+                          "chance_unseen": mean(UNSEEN_LANGS, "grounding_chance"),
+                          "mentions_per_caption_in_distribution": mean(IN_LANGS, "mentions_per_caption"),
+                          "mentions_per_caption_unseen": mean(UNSEEN_LANGS, "mentions_per_caption")},
+            "in_language_share_unseen": mean(UNSEEN_LANGS, "in_language_share"),
             "distinct_share_en_de": mean(IN_LANGS, "distinct_share"),
             "stage_a_grounded": mean(IN_LANGS, "distinct_share") >= 0.5,
             "unseen_held_out_error": held.get("mean_abs_rel_error"),
@@ -886,20 +891,22 @@ def pipeline_markdown(report: dict) -> str:
                      f"{b['final_train_loss']:.3f} | " + " / ".join(f"{v[k]:.3f}" for k in (*ALL_LANGS, "parallel"))
                      + f" | {b['seconds']:.0f} |")
     lines += ["", "## Per language (no prefix)", "",
-              "| run | lang | loss | BLEU | chrF | distinct | in-language | grounding | chance |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| run | lang | loss | BLEU | chrF | distinct | in-language | grounding | chance | mentions / caption |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["runs"]:
         for lang, v in r["languages"].items():
             lines.append(f"| {r['run']} | {lang} | {v['loss']:.3f} | {v['bleu']:.1f} | {v['chrf']:.1f} | "
                          f"{v['distinct_share']:.2f} | {v['in_language_share']:.2f} | {v['grounding_accuracy']:.3f} "
-                         f"| {v['grounding_chance']:.3f} |")
+                         f"| {v['grounding_chance']:.3f} | {v['mentions_per_caption']:.2f} |")
     if s:
         g = s["grounding"]
         held = s["unseen_held_out_error"]
         lines += ["", "## Targets", "",
                   f"- largest run {s['largest_run']}: grounding en/de {g['in_distribution']:.3f} (chance "
                   f"{g['chance_in_distribution']:.3f}), fr/es (never trained as a task) {g['unseen']:.3f} (chance "
-                  f"{g['chance_unseen']:.3f})",
+                  f"{g['chance_unseen']:.3f}; {g['mentions_per_caption_unseen']:.2f} attribute mentions per caption "
+                  f"against {g['mentions_per_caption_in_distribution']:.2f} in en/de, "
+                  f"{s['in_language_share_unseen']:.0%} of the fr/es captions in the asked language)",
                   f"- distinct-caption share en/de {s['distinct_share_en_de']:.2f}: "
                   + ("≥ 0.5" if s["stage_a_grounded"] else "< 0.5: target not met (stage A's own English "
                      f"captions: distinct share {ca['distinct_share']:.2f}, grounding {ca['grounding_accuracy']:.3f} "
