@@ -23,6 +23,24 @@ def test_fit_recovers_known_constants():
     assert torch.allclose(scaling.predict(fit, NN, DD), L, rtol=1e-4)
 
 
+# the miniature's unseen-group losses (N, D, L) of its 20-run default (2026-12-02): one bootstrap resample drove a
+# fit's log-constant past float64's exp range and the whole report raised OverflowError
+_UNSEEN_20 = [(35104, 1008, 0.6693), (35104, 16000, 0.433106), (35104, 2000, 0.585922), (35104, 4000, 0.484083),
+              (35104, 8000, 0.432563), (144192, 1008, 0.516789), (144192, 16000, 0.349676), (144192, 2000, 0.439042),
+              (144192, 4000, 0.41737), (144192, 8000, 0.393796), (382560, 1008, 0.48014), (382560, 16000, 0.389893),
+              (382560, 2000, 0.418365), (382560, 4000, 0.388009), (382560, 8000, 0.390657),
+              (657536, 1008, 0.451116), (657536, 16000, 0.373133), (657536, 2000, 0.417338),
+              (657536, 4000, 0.390743), (657536, 8000, 0.368865)]
+
+
+def test_bootstrap_survives_a_refit_that_diverges():
+    rows = [{"kind": "gemma2", "params": n, "samples": d, "loss_groups": {"unseen": loss}} for n, d, loss in _UNSEEN_20]
+    res = scaling.fits_for(rows, "unseen", 200)
+    assert res["points"] == 20 and 0 < res["bootstrap"]["n"] <= 200
+    for k in ("E", "A", "B"):
+        assert 0 <= res["fit"][k] < 1e305 and all(0 <= x < 1e305 for x in res["bootstrap"][k])
+
+
 def test_fit_refuses_too_few_points():
     with pytest.raises(ValueError, match="need >= 6 points"):
         scaling.fit_law([1e5, 2e5, 1e5, 2e5], [10, 10, 20, 20], [3.0, 2.9, 2.8, 2.7])

@@ -21,6 +21,9 @@ def _log_pred(theta: torch.Tensor, logN: torch.Tensor, logD: torch.Tensor) -> to
     return torch.logsumexp(terms, -1)
 
 
+_MAX_LOG = 700.0  # log of the largest constant a fit may return (exp(709.8) overflows float64)
+
+
 def _lbfgs(theta0: torch.Tensor, logN, logD, logL, iters: int = 200) -> tuple[torch.Tensor, float]:
     theta = theta0.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=iters, tolerance_grad=1e-12, tolerance_change=1e-15,
@@ -56,7 +59,9 @@ def fit_law(N, D, L, starts: torch.Tensor | None = None) -> dict:
     best, best_loss = None, float("inf")
     for s in starts:
         theta, loss = _lbfgs(s, logN, logD, logL)
-        if loss < best_loss and torch.isfinite(theta).all():
+        # a start that ran off to a constant beyond float64's exp (log E, A or B > ~709) has not converged: such a
+        # fit is degenerate (a bootstrap resample of the miniature's unseen group did this), and exp() would raise
+        if loss < best_loss and torch.isfinite(theta).all() and float(theta[[0, 1, 3]].max()) < _MAX_LOG:
             best, best_loss = theta, loss
     if best is None:
         raise RuntimeError("fit_law: no start converged")
